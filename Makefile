@@ -1,0 +1,32 @@
+# Bootstrap: `make demo` runs the whole loop on synthetic data, `make test` runs the test suite.
+# Both create .venv, install the CPU torch first (pinned by constraints.txt on every pip call),
+# then the project with its dev extra.
+PY ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+C := -c constraints.txt
+
+.PHONY: demo test venv sysdeps unit clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(C) torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check $(C) -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+sysdeps:
+	bash scripts/install-system-deps.sh
+
+demo: venv sysdeps
+	$(VENV)/bin/dicom-fusion demo
+
+test: venv sysdeps
+	$(VENV)/bin/python -m pytest -q tests
+
+unit: venv
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) var demo-output

@@ -1,0 +1,1 @@
+"""dicom-fusion inference: model card, transforms, timeline tensors, HybridNet, predict, synthetic cohort."""

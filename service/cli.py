@@ -1,0 +1,110 @@
+"""`dicom-fusion` command line (typer)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from dicom_fusion.service.config import load_settings
+from dicom_fusion.service.errors import ServiceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="DICOM/PACS integration service: studies in, DICOM SR + FHIR DiagnosticReport out.")
+model_app = typer.Typer(no_args_is_help=True, help="Model checkpoints and cards.")
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "
+                                                   "(default: $DICOM_FUSION_CONFIG).")]
+
+
+def _settings(config: Path | None):  # type: ignore[no-untyped-def]
+    try:
+        return load_settings(config)
+    except ServiceError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(config: ConfigOpt = None,
+          worker: Annotated[Optional[bool], typer.Option("--worker/--no-worker",
+                            help="Start an embedded worker (default: worker.embedded).")] = None) -> None:
+    """Run the DICOM listener, study completion, the lease reaper and (by default) a worker."""
+    from dicom_fusion.service.server import configure_logging, serve as _serve
+
+    settings = _settings(config)
+    configure_logging(settings.log_level)
+    try:
+        _serve(settings, config=config, worker=worker)
+    except ServiceError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def worker(config: ConfigOpt = None,
+           queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues: cpu,gpu,io.")] = None,
+           concurrency: Annotated[Optional[int], typer.Option(help="Worker processes/threads.")] = None,
+           pool: Annotated[Optional[str], typer.Option(help="solo | prefork | threads")] = None) -> None:
+    """Run a Celery worker for the given queues."""
+    from dicom_fusion.service.server import configure_logging, run_worker
+
+    settings = _settings(config)
+    configure_logging(settings.log_level)
+    qs = [q.strip() for q in queues.split(",")] if queues else None
+    unknown = set(qs or []) - {"cpu", "gpu", "io"}
+    if unknown:
+        console.print(f"[red]error:[/red] unknown queue(s) {sorted(unknown)}; use cpu, gpu, io")
+        raise typer.Exit(2)
+    run_worker(settings, queues=qs, concurrency=concurrency, pool=pool)
+
+
+@app.command()
+def synth(patients: Annotated[int, typer.Option(min=1, help="Number of synthetic patients.")] = 10,
+          out: Annotated[Path, typer.Option(help="Output folder.")] = Path("synthetic"),
+          seed: Annotated[int, typer.Option(help="Random seed (same seed, same cohort).")] = 0) -> None:
+    """Write a synthetic paired cohort: DICOM studies + one FHIR transaction Bundle per patient."""
+    from dicom_fusion.inference.synth import generate_cohort
+
+    cohort = generate_cohort(patients, out, seed, progress=True)
+    console.print(f"wrote {len(cohort)} patients to {out}")
+
+
+@model_app.command("init")
+def model_init(out: Annotated[Path, typer.Option(help="Folder for card.toml + weights.")],
+               seed: Annotated[int, typer.Option(help="Seed of the deterministic weights.")] = 0) -> None:
+    """Write a deterministic (untrained) checkpoint and its model card."""
+    from dicom_fusion.inference.model import init_model
+
+    card = init_model(out, seed)
+    console.print(f"model {card.name} {card.version} written to {card.path} (sha256 {card.sha256[:12]}…)")
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None) -> None:
+    """Print the effective configuration (secrets masked)."""
+    settings = _settings(config)
+    typer.echo(json.dumps(settings.public_dict(), indent=2, default=str))
+
+
+@app.command()
+def demo(patients: Annotated[int, typer.Option(min=1, max=50, help="Synthetic patients to send.")] = 4,
+         out: Annotated[Path, typer.Option(help="Folder for the run and its results.")] = Path("demo-output"),
+         seed: Annotated[int, typer.Option(help="Cohort seed.")] = 7,
+         timeout: Annotated[float, typer.Option(help="Seconds to wait for all reports.")] = 240.0) -> None:
+    """Run the whole loop on one machine: FHIR server, PACS, listener, worker, synthetic studies."""
+    from dicom_fusion.service.demo import run_demo
+
+    raise typer.Exit(run_demo(patients=patients, out=out, seed=seed, timeout=timeout))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

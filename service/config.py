@@ -1,0 +1,258 @@
+"""Configuration in one place.
+
+Sources, highest priority first: environment variables ``DICOM_FUSION_<SECTION>__<KEY>`` (e.g.
+``DICOM_FUSION_LISTENER__PORT=11113``), then the TOML file given by ``--config`` or
+``DICOM_FUSION_CONFIG``, then the defaults below. Settings are built by :func:`load_settings`, never at
+import time, so importing a module never needs a full environment. Unknown keys in the TOML file are
+errors: a typo in a hospital's config must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dicom_fusion.service.errors import ConfigError
+
+ENV_PREFIX = "DICOM_FUSION_"
+CONFIG_ENV = "DICOM_FUSION_CONFIG"
+_AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+_toml_path: ContextVar[Path | None] = ContextVar("dicom_fusion_toml_path", default=None)
+
+
+def _check_ae(value: str) -> str:
+    value = value.strip()
+    if not _AE_RE.match(value) or "\\" in value:
+        raise ValueError(f"AE title {value!r} must be 1-16 printable ASCII characters without backslash")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Section):
+    """Optional DICOM TLS for the listener; all three paths set turns it on."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+
+class ListenerSettings(_Section):
+    ae_title: str = "DFUSION"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    max_associations: int = Field(16, ge=1)
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_pdu_size: int = Field(0, ge=0)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_allowed(cls, v: list[str]) -> list[str]:
+        return [_check_ae(a) for a in v]
+
+
+class PacsSettings(_Section):
+    """Destination of the DICOM SR (C-STORE SCP, usually the PACS that sent the study)."""
+
+    ae_title: str = "ORTHANC"
+    host: str = "127.0.0.1"
+    port: int = Field(4242, ge=1, le=65535)
+    calling_ae_title: str = "DFUSION"
+    timeout: float = 30.0
+
+    _ae = field_validator("ae_title", "calling_ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class FhirSettings(_Section):
+    """FHIR R4 server holding the EHR timeline and receiving the DiagnosticReport.
+
+    An empty ``base_url`` disables FHIR: predictions are image-only and no report is owed.
+    """
+
+    base_url: str = ""
+    auth_mode: Literal["none", "bearer", "client_credentials"] = "none"
+    token: str = ""
+    token_url: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    scope: str = "system/*.read system/DiagnosticReport.write system/Observation.write"
+    timeout: float = 10.0
+    retries: int = Field(3, ge=0)
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    default_identifier_system: str = "urn:dicom-fusion:mrn"
+    issuer_systems: dict[str, str] = Field(default_factory=dict)
+    unavailable_wait_seconds: float = Field(60.0, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.base_url)
+
+
+class BrokerSettings(_Section):
+    """Celery broker. Empty url = embedded filesystem broker under ``<data_dir>/broker``."""
+
+    url: str = ""
+    visibility_timeout: int = Field(7200, ge=60)
+    polling_interval: float = Field(0.1, gt=0)
+
+
+class LedgerSettings(_Section):
+    """SQLAlchemy URL of the ledger. Empty = SQLite (WAL) at ``<data_dir>/ledger.sqlite``."""
+
+    url: str = ""
+
+
+class SpoolSettings(_Section):
+    dir: Path | None = None
+    fsync: bool = True
+
+
+class CompletionSettings(_Section):
+    quiet_seconds: float = Field(10.0, ge=0)
+    on_release: bool = False
+    poll_seconds: float = Field(0.5, gt=0)
+
+
+class ModelSettings(_Section):
+    """Model card path; empty = the model shipped in the package."""
+
+    card: Path | None = None
+    device: str = "auto"
+
+
+class WorkerSettings(_Section):
+    queues: list[str] = Field(default_factory=lambda: ["cpu", "gpu", "io"])
+    concurrency: int = Field(1, ge=1)
+    pool: Literal["solo", "prefork", "threads"] = "solo"
+    embedded: bool = True
+    lease_seconds: float = Field(60.0, ge=2)
+    queued_lease_seconds: float = Field(300.0, ge=2)
+    reaper_interval_seconds: float = Field(5.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    retry_backoff_seconds: float = Field(2.0, gt=0)
+    retry_backoff_max_seconds: float = Field(300.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Every setting of dicom-fusion. See README "Configuration" for each key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path("var")
+    log_level: str = "INFO"
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    pacs: PacsSettings = Field(default_factory=PacsSettings)
+    fhir: FhirSettings = Field(default_factory=FhirSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # Derived locations: defaults hang off data_dir so one directory holds an embedded install.
+    @property
+    def spool_dir(self) -> Path:
+        return (self.spool.dir or self.data_dir / "spool").resolve()
+
+    @property
+    def ledger_url(self) -> str:
+        return self.ledger.url or f"sqlite:///{(self.data_dir / 'ledger.sqlite').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    def model_card_path(self) -> Path:
+        if self.model.card is not None:
+            return self.model.card
+        from importlib.resources import files
+
+        return Path(str(files("dicom_fusion.inference") / "default_model" / "card.toml"))
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as a dict with secrets masked, for `dicom-fusion config` and logs."""
+        data = self.model_dump(mode="json")
+        for key in ("token", "client_secret"):
+            if data["fhir"].get(key):
+                data["fhir"][key] = "***"
+        return data
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from defaults, the TOML file and the environment.
+
+    ``config`` wins over ``DICOM_FUSION_CONFIG``. ``overrides`` (tests, the demo) win over everything.
+    Raises :class:`ConfigError` with the offending key when validation fails.
+    """
+    raw = config if config is not None else os.environ.get(CONFIG_ENV) or None
+    path = Path(raw).expanduser() if raw else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config PATH or unset {CONFIG_ENV}")
+    token = _toml_path.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        where = f" in {path}" if path else ""
+        raise ConfigError(
+            f"invalid configuration{where}: {problems} "
+            f"(keys can also be set as {ENV_PREFIX}<SECTION>__<KEY>)"
+        ) from exc
+    finally:
+        _toml_path.reset(token)

@@ -1,0 +1,52 @@
+"""Error hierarchy of the service package.
+
+Errors are raised where the cause is known, with a message that says what to do; they are mapped to
+DICOM statuses (listener), job states (tasks) and HTTP statuses (API) at those boundaries only.
+"""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of every error raised by `dicom_fusion.service`."""
+
+
+class ConfigError(ServiceError):
+    """The configuration file or an environment override is invalid."""
+
+
+class SpoolError(ServiceError):
+    """An instance could not be made durable (disk full, unwritable spool directory)."""
+
+
+class MalformedInstanceError(ServiceError):
+    """A received dataset cannot be parsed or lacks the UIDs needed to file it."""
+
+
+class JobError(ServiceError):
+    """A job cannot run (missing files, unsupported study); the job is failed with this reason."""
+
+
+class DeliveryError(ServiceError):
+    """A result could not be delivered to its destination (PACS over DICOM).
+
+    `retryable` tells the task layer whether sending the same objects again later can succeed
+    (connection refused, association rejected or aborted, timeout, peer out of resources) or not
+    (the peer refused the object itself: unsupported SOP class, dataset it cannot understand); a
+    non-retryable delivery goes straight to the dead-letter state instead of burning its retries.
+    """
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        if not isinstance(retryable, bool):
+            raise TypeError(f'Argument "retryable" must be a bool, got {type(retryable).__name__}.')
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+    def __reduce__(self) -> tuple[type[DeliveryError], tuple[str, bool]]:
+        # Celery pickles exceptions raised by tasks; keep `retryable` across that round trip.
+        return (type(self), (self.message, self.retryable))
+
+
+class SRValidationError(ServiceError):
+    """A DICOM SR does not hold what the service writes (structure, codes, values), or it does not
+    match the inference result it was built from; the message names the first offending item."""

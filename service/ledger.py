@@ -1,0 +1,552 @@
+"""The ledger: the source of truth for what was received, what runs and what was delivered.
+
+Brokers lose messages in ways that are easy to miss (see DESIGN), so every job row carries a lease
+(owner + expiry). A task may only work on a job after *claiming* it with one conditional UPDATE; the
+reaper re-enqueues jobs whose lease expired. Every state change writes an audit row. Rows hold UIDs,
+paths and states, never patient names, IDs or birth dates.
+
+SQLite (WAL, synchronous=FULL) is the embedded default; any SQLAlchemy URL (PostgreSQL) works.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+QUEUED_OWNER = "queued"
+
+
+def utcnow() -> datetime:
+    """Naive UTC, so comparisons behave the same on SQLite and PostgreSQL."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"  # instances arriving; completion waits for the quiet period
+    COMPLETE = "complete"  # a job version was created for the instances received so far
+
+
+class JobState(enum.StrEnum):
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    INFERRING = "inferring"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"  # retrying
+    DEAD = "dead"
+
+
+class Stage(enum.StrEnum):
+    PREPARE = "prepare"
+    TIMELINE = "timeline"
+    INFER = "infer"
+    DELIVER = "deliver"
+    FINISHED = "finished"
+
+
+STAGE_STATE = {
+    Stage.PREPARE: JobState.PREPARING,
+    Stage.TIMELINE: JobState.PREPARING,
+    Stage.INFER: JobState.INFERRING,
+    Stage.DELIVER: JobState.DELIVERING,
+}
+TERMINAL = (JobState.DONE, JobState.DEAD)
+
+
+class DeliveryKind(enum.StrEnum):
+    SR = "sr"
+    REPORT = "report"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # retrying
+    DEAD = "dead"
+    SKIPPED = "skipped"  # not owed (e.g. FHIR not configured)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    job_version: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("study_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str] = mapped_column(String(16), default=Stage.PREPARE)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    finding: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    image_only: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    sr_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    target: Mapped[str] = mapped_column(String(256), default="")
+    remote_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[datetime] = mapped_column(DateTime, index=True)
+    entity: Mapped[str] = mapped_column(String(16))
+    entity_id: Mapped[int] = mapped_column(Integer, index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """What a task needs to run a job: ids and paths only."""
+
+    job_id: int
+    study_id: int
+    study_uid: str
+    version: int
+    stage: Stage
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    new: bool  # False: duplicate SOP Instance UID, already acknowledged earlier
+    study_uid: str
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, not just kill -9
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Ledger:
+    """Typed operations on the ledger; each one is a short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, object] = {}
+        if self.is_sqlite:
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)  # type: ignore[arg-type]
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        # SQLite allows one writer; serialising writers in-process avoids busy spins between threads.
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A read session (no commit)."""
+        with self._sessions() as s:
+            yield s
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        lock = self._write_lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            with self._sessions() as s, s.begin():
+                yield s
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @staticmethod
+    def _audit(s: Session, entity: str, entity_id: int, event_name: str, detail: str = "") -> None:
+        s.add(AuditEvent(ts=utcnow(), entity=entity, entity_id=entity_id, event=event_name,
+                         detail=detail[:2000]))
+
+    # ---- ingest -------------------------------------------------------------------------------
+    def has_instance(self, sop_uid: str) -> bool:
+        with self.session() as s:
+            return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
+
+    def record_instance(
+        self,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sop_class_uid: str,
+        modality: str,
+        transfer_syntax: str,
+        path: Path,
+        sha256: str,
+        size: int,
+        calling_ae: str,
+    ) -> RecordOutcome:
+        """Record a durable instance; a late instance reopens a completed study for a new job version."""
+        now = utcnow()
+        try:
+            with self.transaction() as s:
+                if s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None:
+                    return RecordOutcome(new=False, study_uid=study_uid)
+                study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+                if study is None:
+                    study = Study(study_uid=study_uid, state=StudyState.RECEIVING, instance_count=0,
+                                  job_version=0, first_received_at=now, last_received_at=now,
+                                  calling_ae=calling_ae)
+                    s.add(study)
+                    s.flush()
+                    self._audit(s, "study", study.id, "first_instance", f"calling_ae={calling_ae}")
+                elif study.state != StudyState.RECEIVING:
+                    study.state = StudyState.RECEIVING
+                    self._audit(s, "study", study.id, "reopened", "late instance after completion")
+                study.last_received_at = now
+                study.instance_count += 1
+                series = s.scalar(select(Series).where(Series.series_uid == series_uid))
+                if series is None:
+                    series = Series(study_id=study.id, series_uid=series_uid, modality=modality,
+                                    instance_count=0)
+                    s.add(series)
+                    s.flush()
+                series.instance_count += 1
+                inst = Instance(study_id=study.id, series_id=series.id, sop_uid=sop_uid,
+                                sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
+                                path=str(path), sha256=sha256, size=size, received_at=now)
+                s.add(inst)
+                s.flush()
+                self._audit(s, "instance", inst.id, "received", f"calling_ae={calling_ae} size={size}")
+        except IntegrityError:
+            # Another association recorded the same SOP Instance UID between our check and insert.
+            return RecordOutcome(new=False, study_uid=study_uid)
+        return RecordOutcome(new=True, study_uid=study_uid)
+
+    # ---- completion ---------------------------------------------------------------------------
+    def complete_studies(self, *, quiet_before: datetime | None, study_uids: Sequence[str] = ()) -> list[int]:
+        """Close receiving studies (quiet since ``quiet_before``, or named) and create one job each.
+
+        The conditional UPDATE makes this exactly-once even with several listeners polling.
+        """
+        created: list[int] = []
+        with self.session() as s:
+            q = select(Study.id).where(Study.state == StudyState.RECEIVING)
+            if study_uids:
+                q = q.where(Study.study_uid.in_(list(study_uids)))
+            elif quiet_before is not None:
+                q = q.where(Study.last_received_at <= quiet_before)
+            else:
+                return []
+            candidates = list(s.scalars(q))
+        for study_id in candidates:
+            with self.transaction() as s:
+                cond = [Study.id == study_id, Study.state == StudyState.RECEIVING]
+                if not study_uids and quiet_before is not None:
+                    cond.append(Study.last_received_at <= quiet_before)
+                res = s.execute(update(Study).where(*cond).values(
+                    state=StudyState.COMPLETE, job_version=Study.job_version + 1))
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    continue
+                study = s.get(Study, study_id)
+                assert study is not None
+                now = utcnow()
+                job = Job(study_id=study_id, version=study.job_version, state=JobState.COMPLETE,
+                          stage=Stage.PREPARE, attempts=0, instance_count=study.instance_count,
+                          created_at=now, updated_at=now, lease_owner=None, lease_expires=None)
+                s.add(job)
+                s.flush()
+                self._audit(s, "study", study_id, "complete", f"job={job.id} version={job.version}")
+                self._audit(s, "job", job.id, JobState.COMPLETE, f"instances={study.instance_count}")
+                created.append(job.id)
+        return created
+
+    # ---- job leases ---------------------------------------------------------------------------
+    def mark_enqueued(self, job_id: int, *, stage: Stage, lease_seconds: float, requeue: bool = False) -> None:
+        """Record that a message for ``stage`` is in the broker; the lease bounds how long we trust it."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state in TERMINAL:
+                return
+            if job.state == JobState.COMPLETE:
+                job.state = JobState.QUEUED
+            job.lease_owner = QUEUED_OWNER
+            job.lease_expires = utcnow() + timedelta(seconds=lease_seconds)
+            job.updated_at = utcnow()
+            self._audit(s, "job", job_id, "requeued" if requeue else "queued", f"stage={stage}")
+
+    def claim(self, job_id: int, *, stage: Stage, owner: str, lease_seconds: float) -> JobRef | None:
+        """Take the job for ``stage``; None when another worker holds it or the stage is past."""
+        now = utcnow()
+        with self.transaction() as s:
+            res = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.stage == stage,
+                    Job.state.not_in([str(t) for t in TERMINAL]),
+                    or_(Job.lease_owner.is_(None), Job.lease_owner == QUEUED_OWNER,
+                        Job.lease_expires < now),
+                )
+                .values(lease_owner=owner, lease_expires=now + timedelta(seconds=lease_seconds),
+                        state=STAGE_STATE[stage], updated_at=now)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            job = s.get(Job, job_id)
+            assert job is not None
+            study = s.get(Study, job.study_id)
+            assert study is not None
+            self._audit(s, "job", job_id, STAGE_STATE[stage], f"stage={stage} owner={owner}")
+            return JobRef(job_id=job.id, study_id=job.study_id, study_uid=study.study_uid,
+                          version=job.version, stage=Stage(job.stage), attempts=job.attempts,
+                          created_at=job.created_at)
+
+    def renew(self, job_id: int, *, owner: str, lease_seconds: float) -> bool:
+        with self.transaction() as s:
+            res = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner).values(
+                lease_expires=utcnow() + timedelta(seconds=lease_seconds)))
+            return res.rowcount == 1  # type: ignore[attr-defined]
+
+    def advance(self, job_id: int, *, owner: str, next_stage: Stage, lease_seconds: float) -> bool:
+        """Finish the current stage and hand the job to ``next_stage`` (message about to be sent)."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.lease_owner != owner:
+                return False
+            now = utcnow()
+            job.stage = next_stage
+            job.state = STAGE_STATE[next_stage]
+            job.lease_owner = QUEUED_OWNER
+            job.lease_expires = now + timedelta(seconds=lease_seconds)
+            job.attempts = 0
+            job.error = None
+            job.updated_at = now
+            self._audit(s, "job", job_id, "stage_done", f"next={next_stage}")
+            return True
+
+    def finish(self, job_id: int, *, owner: str) -> None:
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.lease_owner != owner:
+                return
+            now = utcnow()
+            job.state = JobState.DONE
+            job.stage = Stage.FINISHED
+            job.lease_owner = None
+            job.lease_expires = None
+            job.error = None
+            job.updated_at = now
+            job.finished_at = now
+            self._audit(s, "job", job_id, JobState.DONE)
+
+    def fail(self, job_id: int, *, owner: str, reason: str, retry_in: float | None,
+             lease_seconds: float) -> JobState:
+        """Record a failure: retrying (``retry_in`` seconds) or dead. Returns the new state."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return JobState.DEAD
+            if job.lease_owner not in (owner, QUEUED_OWNER) and job.state in TERMINAL:
+                return JobState(job.state)
+            now = utcnow()
+            job.attempts += 1
+            job.error = reason[:2000]
+            job.updated_at = now
+            if retry_in is None:
+                job.state = JobState.DEAD
+                job.lease_owner = None
+                job.lease_expires = None
+                job.finished_at = now
+            else:
+                job.state = JobState.FAILED
+                job.lease_owner = QUEUED_OWNER
+                job.lease_expires = now + timedelta(seconds=retry_in + lease_seconds)
+            self._audit(s, "job", job_id, job.state, reason)
+            return JobState(job.state)
+
+    def expired_jobs(self) -> list[tuple[int, Stage]]:
+        """Jobs whose lease ran out (worker killed, message lost) or never got enqueued."""
+        now = utcnow()
+        with self.session() as s:
+            rows = s.execute(
+                select(Job.id, Job.stage, Job.state).where(
+                    Job.state.not_in([str(t) for t in TERMINAL]),
+                    or_(Job.lease_expires < now,
+                        (Job.state == JobState.COMPLETE) & (Job.created_at < now - timedelta(seconds=5))),
+                )
+            ).all()
+        return [(r[0], Stage(r[1])) for r in rows]
+
+    def reset_for_redelivery(self, job_id: int) -> bool:
+        """Operator action: a dead job goes back to its stage with a fresh retry budget."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != JobState.DEAD:
+                return False
+            job.state = JobState.QUEUED
+            job.attempts = 0
+            job.lease_owner = None
+            job.lease_expires = None
+            job.finished_at = None
+            for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id)):
+                if d.state in (DeliveryState.DEAD, DeliveryState.FAILED):
+                    d.state = DeliveryState.PENDING
+            self._audit(s, "job", job_id, "redeliver", "operator")
+            return True
+
+    # ---- results and deliveries ---------------------------------------------------------------
+    def set_result(self, job_id: int, *, finding: str, probability: float, image_only: bool,
+                   sr_uid: str) -> None:
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is not None:
+                job.finding, job.probability, job.image_only, job.sr_uid = finding, probability, image_only, sr_uid
+
+    def ensure_deliveries(self, job_id: int, *, targets: dict[DeliveryKind, str | None]) -> None:
+        """Create the delivery pair; a target of None means the side is not owed (skipped)."""
+        with self.transaction() as s:
+            existing = {d.kind for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id))}
+            for kind, target in targets.items():
+                if kind in existing:
+                    continue
+                state = DeliveryState.PENDING if target else DeliveryState.SKIPPED
+                d = Delivery(job_id=job_id, kind=kind, state=state, attempts=0, target=target or "")
+                s.add(d)
+                s.flush()
+                self._audit(s, "delivery", d.id, state, f"kind={kind}")
+
+    def pending_deliveries(self, job_id: int) -> list[DeliveryKind]:
+        with self.session() as s:
+            rows = s.scalars(select(Delivery.kind).where(
+                Delivery.job_id == job_id,
+                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED])))
+            return [DeliveryKind(k) for k in rows]
+
+    def delivery_result(self, job_id: int, kind: DeliveryKind, *, ok: bool, remote_id: str | None = None,
+                        error: str | None = None, dead: bool = False) -> None:
+        with self.transaction() as s:
+            d = s.scalar(select(Delivery).where(Delivery.job_id == job_id, Delivery.kind == kind))
+            if d is None:
+                return
+            d.attempts += 1
+            if ok:
+                d.state = DeliveryState.DELIVERED
+                d.remote_id = remote_id
+                d.delivered_at = utcnow()
+                d.last_error = None
+            else:
+                d.state = DeliveryState.DEAD if dead else DeliveryState.FAILED
+                d.last_error = (error or "")[:2000]
+            self._audit(s, "delivery", d.id, d.state, f"kind={kind} {error or remote_id or ''}")
+
+    # ---- queries ------------------------------------------------------------------------------
+    def study_files(self, study_id: int) -> list[Path]:
+        with self.session() as s:
+            return [Path(p) for p in s.scalars(
+                select(Instance.path).where(Instance.study_id == study_id).order_by(Instance.id))]
+
+    def job(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def jobs_for_study(self, study_uid: str) -> list[Job]:
+        with self.session() as s:
+            return list(s.scalars(select(Job).join(Study, Study.id == Job.study_id)
+                                  .where(Study.study_uid == study_uid).order_by(Job.version)))
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        with self.session() as s:
+            return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.kind)))
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.session() as s:
+            return {state: n for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+    def audit_events(self, entity: str, entity_id: int) -> list[AuditEvent]:
+        with self.session() as s:
+            return list(s.scalars(select(AuditEvent).where(
+                AuditEvent.entity == entity, AuditEvent.entity_id == entity_id).order_by(AuditEvent.id)))

@@ -1,0 +1,219 @@
+"""Stage bodies of a job: prepare → timeline → infer → deliver.
+
+Each body reads its inputs from, and writes its outputs to, the job's folder in the spool (files
+replaced atomically), so any stage can be re-run after a crash and produce the same result. Bodies
+raise :class:`PermanentError` when retrying cannot help and let anything else propagate to be retried.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+
+from dicom_fusion.service.ledger import DeliveryKind, JobRef, Stage, utcnow
+from dicom_fusion.service.spool import write_durable
+from dicom_fusion.service.tasks import PermanentError, TransientError
+from dicom_fusion.service.wiring import (
+    StudyFacts,
+    derived_uid,
+    identifier_system,
+    report_content,
+    study_facts,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _write_json(path: Path, data: Any, fsync: bool) -> None:
+    write_durable(path, json.dumps(data, indent=2, sort_keys=True).encode(), fsync=fsync, replace=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise PermanentError(f"{path.name} missing in {path.parent}; replay the study") from exc
+
+
+def prepare(rt: Any, job: JobRef) -> Stage:
+    from dicom_fusion.inference.errors import InferenceError
+    from dicom_fusion.inference.transforms import load_study_image
+
+    files = [p for p in rt.ledger.study_files(job.study_id) if p.exists()]
+    if not files:
+        raise PermanentError("no spooled instance files found for the study")
+    try:
+        prepared = load_study_image(files, rt.card)
+    except InferenceError as exc:
+        raise PermanentError(str(exc)) from exc
+    d = rt.spool.job_dir(job.job_id)
+    source_files = [str(p) for p in files]
+    by_sop = {}
+    for p in files:  # map the used SOP Instance UIDs back to their spool files (name starts with the UID)
+        by_sop[p.name.rsplit(".", 2)[0]] = str(p)
+    used = [by_sop[u] for u in prepared.sop_instance_uids if u in by_sop] or source_files[:1]
+    facts = study_facts(Path(used[0]))
+    buf = io.BytesIO()
+    np.save(buf, prepared.array.astype(np.float32), allow_pickle=False)
+    write_durable(d / "image.npy", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    _write_json(d / "prepared.json", {"series_instance_uid": prepared.series_instance_uid,
+                                      "sop_instance_uids": list(prepared.sop_instance_uids),
+                                      "source_files": used, "shape": list(prepared.array.shape)},
+                rt.spool.fsync)
+    _write_json(d / "study.json", facts.to_dict(), rt.spool.fsync)
+    return Stage.TIMELINE
+
+
+def timeline(rt: Any, job: JobRef) -> Stage:
+    """Fetch the EHR timeline; FHIR trouble degrades to image-only once the wait budget is spent."""
+    from dicom_fusion.fhir.errors import AuthenticationError, FHIRError, FHIRUnavailable
+    from dicom_fusion.fhir.timeline import fetch_timeline
+
+    d = rt.spool.job_dir(job.job_id)
+    facts = StudyFacts.from_dict(_read_json(d / "study.json"))
+    fhir = rt.settings.fhir
+    record: dict[str, Any]
+    if not fhir.enabled:
+        record = {"status": "disabled", "reason": "fhir.base_url not set"}
+    elif not facts.patient_id:
+        record = {"status": "no_patient", "reason": "study has no PatientID"}
+    else:
+        system = identifier_system(fhir, facts.issuer)
+        card = rt.card
+        try:
+            with rt.fhir_client() as client:
+                tl, resources = fetch_timeline(
+                    client, identifier_system=system, identifier_value=facts.patient_id,
+                    study_time=facts.time, window_days=card.timeline.window_days,
+                    resource_types=card.timeline.resource_types)
+        except (FHIRUnavailable, AuthenticationError) as exc:
+            waited = utcnow() - job.created_at
+            if waited.total_seconds() < fhir.unavailable_wait_seconds:
+                raise TransientError(f"FHIR unavailable: {exc}") from exc
+            log.warning("job %s: FHIR unavailable for %.0fs, predicting image-only", job.job_id,
+                        waited.total_seconds())
+            record = {"status": "unavailable", "reason": f"FHIR unavailable: {type(exc).__name__}"}
+        except FHIRError as exc:
+            record = {"status": "error", "reason": f"FHIR error: {exc}"}
+        else:
+            blob = json.dumps(resources, sort_keys=True).encode()
+            digest = hashlib.sha256(blob).hexdigest()
+            # The exact resources the prediction saw, content-addressed, for audit and reproduction.
+            write_durable(d / f"resources-{digest[:16]}.json", blob, fsync=rt.spool.fsync, replace=True)
+            record = {"status": tl.status, "timeline": tl.to_dict(), "resources_sha256": digest,
+                      "identifier_system": system}
+    _write_json(d / "timeline.json", record, rt.spool.fsync)
+    return Stage.INFER
+
+
+def infer(rt: Any, job: JobRef) -> Stage:
+    from dicom_fusion.fhir.timeline import Timeline
+    from dicom_fusion.inference.timeline import encode_timeline
+
+    d = rt.spool.job_dir(job.job_id)
+    try:
+        image = np.load(d / "image.npy", allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise PermanentError("image.npy missing; replay the study") from exc
+    facts = StudyFacts.from_dict(_read_json(d / "study.json"))
+    record = _read_json(d / "timeline.json")
+    tensor = None
+    reason: str | None = None
+    if record.get("status") == "ok":
+        tl = Timeline.from_dict(record["timeline"])
+        tensor = encode_timeline(tl.events, facts.time, rt.card.timeline)
+        if tensor is None:
+            reason = "no EHR events in the model's window"
+    else:
+        reason = record.get("reason") or str(record.get("status"))
+    result = rt.predictor.predict(image, tensor, image_only_reason=reason)
+    _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
+    sr_uid = derived_uid(facts.study_uid, result.model_name, result.model_version, job.version, "sr")
+    rt.ledger.set_result(job.job_id, finding=result.finding.name, probability=result.finding.probability,
+                         image_only=result.image_only, sr_uid=sr_uid)
+    return Stage.DELIVER
+
+
+def _pacs_target(rt: Any) -> str:
+    p = rt.settings.pacs
+    return f"{p.ae_title}@{p.host}:{p.port}"
+
+
+def deliver(rt: Any, job: JobRef) -> Stage:
+    """Deliver the pair (SR to PACS, report to FHIR); each side is recorded separately in the ledger."""
+    from dicom_fusion.inference.predict import InferenceResult
+
+    d = rt.spool.job_dir(job.job_id)
+    facts = StudyFacts.from_dict(_read_json(d / "study.json"))
+    result = InferenceResult.from_dict(_read_json(d / "result.json"))
+    fhir = rt.settings.fhir
+    rt.ledger.ensure_deliveries(job.job_id, targets={
+        DeliveryKind.SR: _pacs_target(rt),
+        DeliveryKind.REPORT: fhir.base_url if fhir.enabled else None,
+    })
+    sr_uid = derived_uid(facts.study_uid, result.model_name, result.model_version, job.version, "sr")
+    failures: list[str] = []
+    for kind in rt.ledger.pending_deliveries(job.job_id):
+        try:
+            if kind == DeliveryKind.SR:
+                remote = _deliver_sr(rt, job, d, result, facts, sr_uid)
+            else:
+                remote = _deliver_report(rt, d, result, facts, sr_uid)
+        except PermanentError as exc:
+            rt.ledger.delivery_result(job.job_id, kind, ok=False, error=str(exc), dead=True)
+            raise
+        except Exception as exc:
+            rt.ledger.delivery_result(job.job_id, kind, ok=False, error=f"{type(exc).__name__}: {exc}")
+            failures.append(f"{kind}: {exc}")
+            continue
+        rt.ledger.delivery_result(job.job_id, kind, ok=True, remote_id=remote)
+    if failures:
+        raise TransientError("; ".join(failures))
+    return Stage.FINISHED
+
+
+def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, facts: StudyFacts, sr_uid: str) -> str:
+    from dicom_fusion.service.dispatch import DicomNode, store_to_pacs
+    from dicom_fusion.service.errors import DeliveryError
+    from dicom_fusion.service.sr import build_sr, check_sr
+
+    prepared = _read_json(d / "prepared.json")
+    sources = [dcmread(p, stop_before_pixels=True) for p in prepared["source_files"]]
+    series_uid = derived_uid(facts.study_uid, result.model_name, result.model_version, job.version, "sr-series")
+    ds = build_sr(sources, result, sr_instance_uid=sr_uid, sr_series_uid=series_uid,
+                  content_datetime=job.created_at)
+    check_sr(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    write_durable(d / "sr.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    p = rt.settings.pacs
+    try:
+        store_to_pacs([ds], DicomNode(p.ae_title, p.host, p.port), calling_ae=p.calling_ae_title,
+                      timeout=p.timeout)
+    except DeliveryError as exc:
+        if not exc.retryable:
+            raise PermanentError(str(exc)) from exc
+        raise
+    return sr_uid
+
+
+def _deliver_report(rt: Any, d: Path, result: Any, facts: StudyFacts, sr_uid: str) -> str:
+    from dicom_fusion.fhir.report import post_report
+
+    record = _read_json(d / "timeline.json")
+    patient_id = None
+    if record.get("status") in ("ok", "empty"):
+        patient_id = record.get("timeline", {}).get("patient_id")
+    system = record.get("identifier_system") or identifier_system(rt.settings.fhir, facts.issuer)
+    content = report_content(result, facts, sr_uid=sr_uid, patient_id=patient_id, system=system)
+    with rt.fhir_client() as client:
+        outcome = post_report(client, content)
+    _write_json(d / "report.json", {"report_id": outcome.report_id, "created": outcome.created},
+                rt.spool.fsync)
+    return f"DiagnosticReport/{outcome.report_id}"

@@ -1,0 +1,150 @@
+"""Process entry points: ``serve`` (listener + completion + reaper [+ embedded worker]) and ``worker``.
+
+``serve`` never imports torch: the embedded worker is a child process (restarted if it dies), so the
+listener keeps acknowledging instances whatever happens to inference.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dicom_fusion.service.completion import Completion, PeriodicThread
+from dicom_fusion.service.config import Settings
+from dicom_fusion.service.ledger import Ledger, Stage
+from dicom_fusion.service.listener import Listener
+from dicom_fusion.service.reaper import reap
+from dicom_fusion.service.spool import Spool
+from dicom_fusion.service.tasks import enqueue, make_celery
+
+log = logging.getLogger("dicom_fusion")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    # pynetdicom's INFO/DEBUG output echoes association details and, at DEBUG, whole datasets (PHI).
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class _WorkerSupervisor(threading.Thread):
+    """Keeps one embedded worker process alive (restarts it after a crash or kill -9)."""
+
+    def __init__(self, config: Path | None, stop: threading.Event) -> None:
+        super().__init__(name="worker-supervisor", daemon=True)
+        self.config = config
+        self.stop_event = stop
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "dicom_fusion.service.cli", "worker"]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        return subprocess.Popen(cmd)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            if self.proc is None or self.proc.poll() is not None:
+                if self.proc is not None:
+                    log.warning("embedded worker exited with %s; restarting", self.proc.returncode)
+                self.proc = self._spawn()
+                log.info("embedded worker started (pid %s)", self.proc.pid)
+            self.stop_event.wait(1.0)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def serve(settings: Settings, *, config: Path | None = None, worker: bool | None = None,
+          stop: threading.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set)."""
+    stop = stop or threading.Event()
+    spool = Spool(settings.spool_dir, fsync=settings.spool.fsync)
+    spool.ensure()
+    ledger = Ledger(settings.ledger_url)
+    app = make_celery(settings)
+
+    def enq(job_id: int, stage: Stage) -> None:
+        enqueue(app, ledger, settings, job_id, stage)
+
+    def requeue(job_id: int, stage: Stage) -> None:
+        enqueue(app, ledger, settings, job_id, stage, requeue=True)
+
+    completion = Completion(ledger, enq, quiet_seconds=settings.completion.quiet_seconds)
+    listener = Listener(settings.listener, spool, ledger,
+                        on_release=completion.release if settings.completion.on_release else None)
+    host, port = listener.start()
+    threads = [
+        PeriodicThread("completion", settings.completion.poll_seconds, completion.poll),
+        PeriodicThread("reaper", settings.worker.reaper_interval_seconds, lambda: reap(ledger, requeue)),
+    ]
+    for t in threads:
+        t.start()
+    supervisor = None
+    if worker if worker is not None else settings.worker.embedded:
+        supervisor = _WorkerSupervisor(config, stop)
+        supervisor.start()
+    state = {"ae_title": settings.listener.ae_title, "host": host, "port": port, "pid": os.getpid()}
+    (settings.data_dir / "listener.json").write_text(json.dumps(state))
+    print(f"dicom-fusion listening: {settings.listener.ae_title}@{host}:{port}", flush=True)
+
+    def _signal(signum: int, _frame: object) -> None:
+        log.info("signal %s: shutting down", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        listener.stop()
+        for t in threads:
+            t.stop()
+        if supervisor is not None:
+            supervisor.terminate()
+        ledger.close()
+
+
+def run_worker(settings: Settings, *, queues: list[str] | None = None, concurrency: int | None = None,
+               pool: str | None = None) -> None:
+    """Start a Celery worker on the given queues (default: settings.worker.queues)."""
+    from dicom_fusion.service import runtime
+    from dicom_fusion.service.tasks import register_tasks
+
+    app = make_celery(settings)
+    runtime.install(settings, app)
+    register_tasks(app, runtime.get)
+    qs = ",".join(queues or settings.worker.queues)
+    argv = ["worker", "-Q", qs, "-c", str(concurrency or settings.worker.concurrency),
+            "-P", pool or settings.worker.pool, "-n", f"dfusion-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-l", settings.log_level.upper()]
+    log.info("worker on queues %s", qs)
+    app.worker_main(argv=argv)
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
+    """Block until a TCP port accepts connections (used by the demo and tests)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")

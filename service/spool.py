@@ -1,0 +1,161 @@
+"""Durable, content-addressed storage of received instances.
+
+An instance is acknowledged to the sender only after its bytes are on disk: written to a temp name,
+fsynced, linked to its final name, and the directory fsynced. The final name carries the SOP Instance
+UID and a prefix of the content hash, so two different encodings of one UID never overwrite each
+other (the ledger decides which one is *the* instance) and the same bytes always land on the same
+name (a resend is a no-op). Bytes are stored exactly as received: no decode, no re-encode.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def check_uid(value: object, name: str) -> str:
+    """Validate a DICOM UID before it becomes part of a path (inputs validated at the boundary)."""
+    uid = str(value or "").strip().rstrip("\x00")
+    if not uid:
+        raise MalformedInstanceError(f"{name} is missing")
+    if len(uid) > 64 or not _UID_RE.match(uid):
+        raise MalformedInstanceError(f"{name} {uid[:70]!r} is not a valid DICOM UID")
+    return uid
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    sha256: str
+    size: int
+    created: bool  # False when identical bytes were already stored
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path, *, fsync: bool) -> None:
+    """Create missing directories and fsync each new entry's parent, so the path survives a crash."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        if fsync:
+            _fsync_dir(d.parent)
+
+
+def write_durable(final: Path, data: bytes, *, fsync: bool = True, replace: bool = False) -> bool:
+    """Write ``data`` to ``final`` atomically and durably; returns False if it already existed.
+
+    With ``replace=False`` an existing file is kept (content-addressed names make it identical).
+    """
+    _makedirs_durable(final.parent, fsync=fsync)
+    tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        if replace:
+            os.replace(tmp, final)
+            created = True
+        else:
+            try:
+                os.link(tmp, final)
+                created = True
+            except FileExistsError:
+                created = False
+            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync and created:
+        _fsync_dir(final.parent)
+    return created
+
+
+class Spool:
+    """The spool directory: ``studies/<study>/<series>/<sop>.<sha12>.dcm``, ``quarantine/``, ``jobs/``."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.studies_dir = self.root / "studies"
+        self.quarantine_dir = self.root / "quarantine"
+        self.jobs_dir = self.root / "jobs"
+
+    def ensure(self) -> None:
+        """Create the layout and prove the spool is writable (fails at start-up, not on first C-STORE)."""
+        for d in (self.studies_dir, self.quarantine_dir, self.jobs_dir):
+            _makedirs_durable(d, fsync=self.fsync)
+        probe = self.root / f".probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise SpoolError(f"spool directory {self.root} is not writable: {exc.strerror}; "
+                             "fix its permissions or set spool.dir") from exc
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> Path:
+        return self.studies_dir / study_uid / series_uid / f"{sop_uid}.{sha256[:12]}.dcm"
+
+    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        """Make the received bytes durable. Raises :class:`SpoolError` (→ 0xA700) on any OS error."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.instance_path(study_uid, series_uid, sop_uid, digest)
+        try:
+            created = write_durable(path, data, fsync=self.fsync)
+        except OSError as exc:
+            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            raise SpoolError(f"cannot store instance in {self.root}: {reason}") from exc
+        return StoredFile(path=path, sha256=digest, size=len(data), created=created)
+
+    def quarantine(self, data: bytes, reason: str, *, calling_ae: str) -> Path | None:
+        """Keep a rejected dataset with a reason file beside it, for the operator to inspect.
+
+        Best effort: a quarantine that cannot be written must not stop the listener answering.
+        """
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        base = self.quarantine_dir / f"{stamp}-{uuid.uuid4().hex[:8]}"
+        meta = {"reason": reason, "calling_ae": calling_ae, "received_at": stamp, "size": len(data)}
+        try:
+            write_durable(base.with_suffix(".dcm"), data, fsync=self.fsync)
+            write_durable(base.with_suffix(".json"), json.dumps(meta, indent=2).encode(), fsync=self.fsync)
+        except OSError:
+            return None
+        return base.with_suffix(".dcm")
+
+    def job_dir(self, job_id: int) -> Path:
+        d = self.jobs_dir / f"{job_id:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d

@@ -1,0 +1,81 @@
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
+from dicom_fusion.service.spool import Spool, check_uid, write_durable
+
+STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+
+
+def test_store_is_byte_exact_and_content_addressed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.ensure()
+    a = spool.store_instance(STUDY, SERIES, SOP, b"abc")
+    assert a.created and a.path.read_bytes() == b"abc"
+    again = spool.store_instance(STUDY, SERIES, SOP, b"abc")
+    assert not again.created and again.path == a.path
+    other = spool.store_instance(STUDY, SERIES, SOP, b"different")
+    assert other.path != a.path and a.path.read_bytes() == b"abc"  # first copy never overwritten
+
+
+def test_no_temp_files_left(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.store_instance(STUDY, SERIES, SOP, b"x" * 10000)
+    leftovers = [p for p in tmp_path.rglob(".tmp-*")]
+    assert leftovers == []
+
+
+def test_fsync_called_on_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    write_durable(tmp_path / "a" / "b.dcm", b"data")
+    assert len(synced) >= 3  # file, its directory, and the newly created directory's parent
+
+
+def test_disk_full_becomes_spool_error_and_leaves_nothing(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path)
+    spool.ensure()
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(SpoolError, match="disk full"):
+        spool.store_instance(STUDY, SERIES, SOP, b"abc")
+    monkeypatch.undo()
+    assert [p for p in spool.studies_dir.rglob("*") if p.is_file()] == []
+
+
+def test_unwritable_spool_fails_at_start(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores permissions; use a path below a regular file instead
+        (tmp_path / "file").write_text("x")
+        spool = Spool(tmp_path / "file" / "spool")
+        with pytest.raises((SpoolError, OSError)):
+            spool.ensure()
+        return
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises((SpoolError, OSError)):
+            Spool(tmp_path / "spool").ensure()
+    finally:
+        tmp_path.chmod(0o700)
+
+
+@pytest.mark.parametrize("bad", ["", "1.2.abc", "../../etc", "1." * 40, None])
+def test_check_uid_rejects_unsafe_values(bad: object) -> None:
+    with pytest.raises(MalformedInstanceError):
+        check_uid(bad, "StudyInstanceUID")
+
+
+def test_quarantine_keeps_bytes_and_reason(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.ensure()
+    p = spool.quarantine(b"garbage", "cannot parse", calling_ae="X")
+    assert p is not None and p.read_bytes() == b"garbage"
+    assert "cannot parse" in p.with_suffix(".json").read_text()
