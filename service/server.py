@@ -31,6 +31,9 @@ def configure_logging(level: str) -> None:
                         stream=sys.stderr)
     # pynetdicom's INFO/DEBUG output echoes association details and, at DEBUG, whole datasets (PHI).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # httpx logs full request URLs at INFO, and FHIR search URLs carry patient identifiers.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 class _WorkerSupervisor(threading.Thread):

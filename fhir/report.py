@@ -1,0 +1,311 @@
+"""The FHIR side of a result: a DiagnosticReport with one Observation per class probability and one for the
+finding, posted as a transaction of conditional creates.
+
+Why conditional creates: tasks are redelivered (worker killed, broker restored), so the same report is
+posted more than once. Every resource carries a business identifier derived from the SR SOP Instance UID
+(itself derived from study + model), and each entry is `ifNoneExist` on it, so a retry finds the
+resources already there instead of duplicating them. The builder is pure (same content, same bundle,
+apart from `issued`); looking things up on the server (the ImagingStudy) happens in `post_report`.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from . import codes
+from .client import FhirClient
+from .errors import FHIRError, OperationOutcomeError, ResourceNotFound
+
+log = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: Namespace of the deterministic urn:uuid identifiers and fullUrls derived from the SR UID.
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dicom-fusion:fhir:report")
+
+
+@dataclass(frozen=True)
+class ReportFinding:
+    """One output class of the model with its probability (0..1), coded (SNOMED CT by default)."""
+
+    code: str
+    system: str
+    display: str
+    probability: float
+
+    def __post_init__(self) -> None:
+        if not self.code or not self.system:
+            raise ValueError("ReportFinding needs a code and a code system (see the model card's classes)")
+        if not 0.0 <= float(self.probability) <= 1.0:
+            raise ValueError(f"ReportFinding.probability must be within 0..1, got {self.probability}")
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """Everything the FHIR report says. `identifier` is the SR SOP Instance UID; the patient is referenced by
+    server id when it was resolved, else logically by `patient_identifier` (system, value)."""
+
+    identifier: str
+    patient_id: str | None
+    patient_identifier: tuple[str, str] | None
+    study_instance_uid: str
+    accession_number: str | None
+    effective: datetime
+    model_name: str
+    model_version: str
+    probabilities: tuple[ReportFinding, ...]
+    finding: ReportFinding
+    image_only: bool
+    image_only_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("identifier", "study_instance_uid"):
+            uid = getattr(self, name)
+            if not _UID_RE.match(uid or "") or len(uid) > 64:
+                raise ValueError(f"ReportContent.{name} must be a DICOM UID (digits and dots, <= 64 chars), "
+                                 f"got {uid!r}")
+        if self.effective.tzinfo is None:
+            raise ValueError("ReportContent.effective must be timezone-aware; attach the site's timezone "
+                             "(DICOM TimezoneOffsetFromUTC or the configured default) to the study time")
+        if not self.probabilities:
+            raise ValueError("ReportContent.probabilities is empty; pass one ReportFinding per model class")
+        keys = [(p.system, p.code) for p in self.probabilities]
+        if len(set(keys)) != len(keys):
+            raise ValueError("ReportContent.probabilities has repeated class codes; "
+                             "class codes must be unique")
+        if not self.model_name or not self.model_version:
+            raise ValueError("ReportContent needs model_name and model_version (from the model card)")
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """Server id of the DiagnosticReport, and whether this call created it (False: it already existed)."""
+
+    report_id: str
+    created: bool
+
+
+def report_identifier(content: ReportContent) -> tuple[str, str]:
+    """(system, value) of the DiagnosticReport's business identifier: the SR UID as urn:oid."""
+    return codes.DICOM_UID_SYSTEM, f"urn:oid:{content.identifier}"
+
+
+def build_report_bundle(content: ReportContent, *, issued: datetime | None = None) -> dict[str, Any]:
+    """A transaction Bundle: probability Observations, the finding Observation, then the DiagnosticReport.
+
+    Every resource is validated with the `fhir.resources.R4B` models; a `ValueError` names the failing
+    element path. `issued` defaults to now.
+    """
+    issued_at = (issued or datetime.now(UTC)).astimezone(UTC)
+    common = _observation_common(content, issued_at)
+    entries: list[dict[str, Any]] = []
+    for p in content.probabilities:
+        obs = {**common, "identifier": [_derived_identifier(content, "probability", p.system, p.code)],
+               "code": _concept(p.system, p.code, p.display),
+               "valueQuantity": {"value": round(float(p.probability), 6), "unit": codes.UCUM_UNITY,
+                                 "system": codes.UCUM, "code": codes.UCUM_UNITY}}
+        entries.append(_entry(content, "Observation", obs, "probability", p.system, p.code))
+    f = content.finding
+    finding_obs = {**common, "identifier": [_derived_identifier(content, "finding")],
+                   "code": _concept(codes.DCM, *codes.FINDING_OBSERVATION_CODE),
+                   "valueCodeableConcept": _concept(f.system, f.code, f.display)}
+    entries.append(_entry(content, "Observation", finding_obs, "finding"))
+
+    report = _diagnostic_report(content, issued_at, [e["fullUrl"] for e in entries])
+    system, value = report_identifier(content)
+    entries.append({"fullUrl": _urn(content, "report"), "resource": report,
+                    "request": {"method": "POST", "url": "DiagnosticReport",
+                                "ifNoneExist": _identifier_query(system, value)}})
+    for entry in entries:
+        validate_resource(entry["resource"])
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    _validate(bundle, "Bundle")
+    return bundle
+
+
+def post_report(client: FhirClient, content: ReportContent) -> ReportOutcome:
+    """Post the report transaction; link the ImagingStudy when the server has one for this study.
+
+    Safe to call again for the same content: the second call creates nothing and returns the existing
+    report's id with `created=False`. `FHIRError`s propagate (`FHIRUnavailable` is retryable).
+    """
+    bundle = build_report_bundle(content)
+    report = bundle["entry"][-1]["resource"]
+    study_id = _find_imaging_study(client, content.study_instance_uid)
+    if study_id:
+        report["imagingStudy"] = [{"reference": f"ImagingStudy/{study_id}"}]
+        validate_resource(report)
+    response = client.transaction(bundle)
+    entries = response.get("entry") or []
+    if len(entries) != len(bundle["entry"]):
+        raise FHIRError(f"FHIR server {client.base_url} answered the report transaction with {len(entries)} "
+                        f"entries for {len(bundle['entry'])} requests; it does not follow FHIR transaction "
+                        "semantics — check fhir.base_url")
+    answer = entries[-1]
+    status_line = str((answer.get("response") or {}).get("status", ""))
+    status = int(status_line.split()[0]) if status_line[:3].isdigit() else 0
+    report_id = _entry_id(answer, "DiagnosticReport")
+    if status not in (200, 201) or not report_id:
+        raise FHIRError(f"FHIR server {client.base_url} did not confirm the DiagnosticReport (entry status "
+                        f"{status_line or 'missing'}); check the server's transaction support")
+    created = status == 201
+    log.info("DiagnosticReport %s %s with %d observation(s)%s", report_id,
+             "created" if created else "already present", len(entries) - 1,
+             ", linked to its ImagingStudy" if study_id else "")
+    return ReportOutcome(report_id=report_id, created=created)
+
+
+def validate_resource(resource: dict[str, Any]) -> None:
+    """Validate one resource against its `fhir.resources.R4B` model; ValueError names the element path."""
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str):
+        raise ValueError("resource has no resourceType")
+    _validate(resource, rtype)
+
+
+# ---- builders --------------------------------------------------------------------------------------------
+
+def _diagnostic_report(content: ReportContent, issued: datetime, results: list[str]) -> dict[str, Any]:
+    system, value = report_identifier(content)
+    identifiers: list[dict[str, Any]] = [{"system": system, "value": value}]
+    if content.accession_number:
+        identifiers.append({"type": _concept(codes.V2_IDENTIFIER_TYPE, *codes.ACCESSION_TYPE),
+                            "value": content.accession_number})
+    f = content.finding
+    reason = content.image_only_reason or "EHR timeline not used"
+    conclusion = (f"{f.display} (probability {f.probability:.2f}); model {content.model_name} "
+                  f"{content.model_version}")
+    if content.image_only:
+        conclusion += f"; image-only: {reason}"
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "extension": [{"url": codes.IMAGE_ONLY_EXTENSION_URL, "valueBoolean": content.image_only}],
+        "identifier": identifiers,
+        "status": "final",
+        "category": [_concept(codes.V2_DIAGNOSTIC_SERVICE_SECTION, *codes.CATEGORY_RADIOLOGY)],
+        "code": _concept(codes.LOINC, *codes.REPORT_CODE),
+        "effectiveDateTime": _instant(content.effective),
+        "issued": _instant(issued),
+        "result": [{"reference": url} for url in results],
+        "conclusion": conclusion,
+        "conclusionCode": [_concept(f.system, f.code, f.display)],
+        "presentedForm": [{"contentType": "text/plain", "title": "AI result summary",
+                           "data": base64.b64encode(_summary(content).encode()).decode("ascii")}],
+    }
+    subject = _subject(content)
+    if subject:
+        report["subject"] = subject
+    return report
+
+
+def _observation_common(content: ReportContent, issued: datetime) -> dict[str, Any]:
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [_concept(codes.OBSERVATION_CATEGORY, *codes.OBSERVATION_CATEGORY_IMAGING)],
+        "effectiveDateTime": _instant(content.effective),
+        "issued": _instant(issued),
+        "method": {"text": f"{content.model_name} {content.model_version}"},
+    }
+    subject = _subject(content)
+    if subject:
+        obs["subject"] = subject
+    return obs
+
+
+def _summary(content: ReportContent) -> str:
+    f = content.finding
+    lines = [f"Finding: {f.display} (probability {f.probability:.2f})",
+             "Class probabilities: "
+             + ", ".join(f"{p.display} {p.probability:.2f}" for p in content.probabilities),
+             f"Model: {content.model_name} {content.model_version}"]
+    if content.image_only:
+        lines.append(f"Image-only: {content.image_only_reason or 'EHR timeline not used'}")
+    return "\n".join(lines) + "\n"
+
+
+def _subject(content: ReportContent) -> dict[str, Any] | None:
+    if content.patient_id:
+        return {"reference": f"Patient/{content.patient_id}"}
+    if content.patient_identifier:
+        system, value = content.patient_identifier
+        ident = {"system": system, "value": value} if system else {"value": value}
+        return {"type": "Patient", "identifier": ident}
+    return None
+
+
+def _entry(content: ReportContent, rtype: str, resource: dict[str, Any], *key: str) -> dict[str, Any]:
+    ident = resource["identifier"][0]
+    return {"fullUrl": _urn(content, *key), "resource": resource,
+            "request": {"method": "POST", "url": rtype,
+                        "ifNoneExist": _identifier_query(ident["system"], ident["value"])}}
+
+
+def _derived_identifier(content: ReportContent, *key: str) -> dict[str, str]:
+    return {"system": codes.URI_SYSTEM, "value": _urn(content, *key)}
+
+
+def _urn(content: ReportContent, *key: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(_NAMESPACE, '|'.join((content.identifier, *key)))}"
+
+
+def _identifier_query(system: str, value: str) -> str:
+    return urlencode({"identifier": f"{system}|{value}"}, safe=":|/")
+
+
+def _concept(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+    coding: dict[str, str] = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    return {"coding": [coding], **({"text": display} if display else {})}
+
+
+def _instant(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _validate(resource: dict[str, Any], rtype: str) -> None:
+    try:
+        get_fhir_model_class(rtype).model_validate(resource)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = rtype + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ()))
+        raise ValueError(f"Generated {rtype} is not valid FHIR R4 at {path}: {err.get('msg')} "
+                         f"({len(exc.errors())} error(s) in total); this is a bug in the report builder "
+                         "or in the model card's class codes") from exc
+
+
+# ---- server look-ups -------------------------------------------------------------------------------------
+
+def _find_imaging_study(client: FhirClient, study_uid: str) -> str | None:
+    """Id of the server's ImagingStudy for this Study Instance UID, if exactly one exists."""
+    query = {"identifier": f"{codes.DICOM_UID_SYSTEM}|urn:oid:{study_uid}", "_count": "2"}
+    try:
+        found = list(itertools.islice(client.search("ImagingStudy", query), 2))
+    except (OperationOutcomeError, ResourceNotFound) as exc:  # server without ImagingStudy search
+        log.info("ImagingStudy lookup not supported by the server (HTTP %s); report not linked", exc.status)
+        return None
+    if len(found) != 1:
+        if found:
+            log.warning("%d ImagingStudy resources carry this study UID; report not linked", len(found))
+        return None
+    rid = found[0].get("id")
+    return str(rid) if rid else None
+
+
+def _entry_id(entry: dict[str, Any], rtype: str) -> str | None:
+    resource = entry.get("resource")
+    if isinstance(resource, dict) and resource.get("id"):
+        return str(resource["id"])
+    location = str((entry.get("response") or {}).get("location") or "")
+    m = re.search(rf"(?:^|/){rtype}/([A-Za-z0-9\-.]{{1,64}})", location)
+    return m.group(1) if m else None
