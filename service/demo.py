@@ -103,7 +103,7 @@ def run_demo(*, patients: int = 4, out: Path = Path("demo-output"), seed: int = 
             task = progress.add_task("sending studies (storescu)", total=len(cohort))
             for p in cohort:
                 send_study(sorted(Path(p.study_dir).glob("*.dcm")), port=port, called_ae="DFUSION")
-                sent_at[p.study_uid] = time.monotonic()
+                sent_at[p.study_instance_uid] = time.monotonic()
                 progress.advance(task)
         ledger = Ledger(f"sqlite:///{out / 'var' / 'ledger.sqlite'}")
         finished: dict[str, Job] = {}
@@ -112,11 +112,11 @@ def run_demo(*, patients: int = 4, out: Path = Path("demo-output"), seed: int = 
             task = progress.add_task("waiting for SR + DiagnosticReport", total=len(cohort))
             while len(finished) < len(cohort) and time.monotonic() < deadline:
                 for p in cohort:
-                    if p.study_uid in finished:
+                    if p.study_instance_uid in finished:
                         continue
-                    jobs = ledger.jobs_for_study(p.study_uid)
+                    jobs = ledger.jobs_for_study(p.study_instance_uid)
                     if jobs and jobs[-1].state in (JobState.DONE, JobState.DEAD):
-                        finished[p.study_uid] = jobs[-1]
+                        finished[p.study_instance_uid] = jobs[-1]
                         progress.advance(task)
                 time.sleep(0.3)
         return _report(out, cohort, ledger, pacs, fhir.base_url, finished)
@@ -142,7 +142,7 @@ def _report(out: Path, cohort: list[Any], ledger: Ledger, pacs: Pacs, fhir_url: 
     ok = 0
     with FhirClient(fhir_url) as client:
         for p in cohort:
-            job = finished.get(p.study_uid)
+            job = finished.get(p.study_instance_uid)
             if job is None:
                 table.add_row(p.patient_id, str(p.label), "-", "-", "-", "-", "-", "[red]timeout")
                 continue

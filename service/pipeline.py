@@ -18,10 +18,10 @@ from pydicom import dcmread
 
 from dicom_fusion.service.ledger import DeliveryKind, JobRef, Stage, utcnow
 from dicom_fusion.service.spool import write_durable
+from dicom_fusion.service.sr import derive_sr_uids
 from dicom_fusion.service.tasks import PermanentError, TransientError
 from dicom_fusion.service.wiring import (
     StudyFacts,
-    derived_uid,
     identifier_system,
     report_content,
     study_facts,
@@ -134,7 +134,7 @@ def infer(rt: Any, job: JobRef) -> Stage:
         reason = record.get("reason") or str(record.get("status"))
     result = rt.predictor.predict(image, tensor, image_only_reason=reason)
     _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
-    sr_uid = derived_uid(facts.study_uid, result.model_name, result.model_version, job.version, "sr")
+    _, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
     rt.ledger.set_result(job.job_id, finding=result.finding.name, probability=result.finding.probability,
                          image_only=result.image_only, sr_uid=sr_uid)
     return Stage.DELIVER
@@ -157,12 +157,12 @@ def deliver(rt: Any, job: JobRef) -> Stage:
         DeliveryKind.SR: _pacs_target(rt),
         DeliveryKind.REPORT: fhir.base_url if fhir.enabled else None,
     })
-    sr_uid = derived_uid(facts.study_uid, result.model_name, result.model_version, job.version, "sr")
+    series_uid, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
     failures: list[str] = []
     for kind in rt.ledger.pending_deliveries(job.job_id):
         try:
             if kind == DeliveryKind.SR:
-                remote = _deliver_sr(rt, job, d, result, facts, sr_uid)
+                remote = _deliver_sr(rt, job, d, result, series_uid, sr_uid)
             else:
                 remote = _deliver_report(rt, d, result, facts, sr_uid)
         except PermanentError as exc:
@@ -178,17 +178,16 @@ def deliver(rt: Any, job: JobRef) -> Stage:
     return Stage.FINISHED
 
 
-def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, facts: StudyFacts, sr_uid: str) -> str:
+def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_uid: str) -> str:
     from dicom_fusion.service.dispatch import DicomNode, store_to_pacs
     from dicom_fusion.service.errors import DeliveryError
     from dicom_fusion.service.sr import build_sr, check_sr
 
     prepared = _read_json(d / "prepared.json")
     sources = [dcmread(p, stop_before_pixels=True) for p in prepared["source_files"]]
-    series_uid = derived_uid(facts.study_uid, result.model_name, result.model_version, job.version, "sr-series")
     ds = build_sr(sources, result, sr_instance_uid=sr_uid, sr_series_uid=series_uid,
                   content_datetime=job.created_at)
-    check_sr(ds)
+    check_sr(ds, expected=result)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     write_durable(d / "sr.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)

@@ -1,5 +1,5 @@
 """Glue between the libraries: settings → FHIR client, DICOM header → patient identifier,
-model result → FHIR report content, and the derived (idempotent) UIDs.
+and model result → FHIR report content.
 
 ``inference/`` and ``fhir/`` do not know each other; this is the one place that translates.
 """
@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
-from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 from dicom_fusion.service.config import FhirSettings
 
@@ -19,16 +18,6 @@ if TYPE_CHECKING:
     from dicom_fusion.fhir.client import FhirClient
     from dicom_fusion.fhir.report import ReportContent
     from dicom_fusion.inference.predict import InferenceResult
-
-# Derived UIDs must be stable across re-runs of the same job version: same inputs, same UID.
-UID_PREFIX = PYDICOM_ROOT_UID
-
-
-def derived_uid(study_uid: str, model_name: str, model_version: str, job_version: int, kind: str) -> str:
-    """UID of an output object, a pure function of (study, model, job version, object kind)."""
-    return generate_uid(prefix=UID_PREFIX,
-                        entropy_srcs=[study_uid, model_name, model_version, str(job_version), kind])
-
 
 @dataclass(frozen=True)
 class StudyFacts:

@@ -1,0 +1,120 @@
+"""Every coded concept the DICOM SR emits, in one place.
+
+The SR builder (`sr.py`) and its reader (`check_sr`) both take their concepts from here, so that a
+change of code is one edit and the reader always looks for exactly what the writer wrote. Concepts
+that highdicom's templates fix themselves (e.g. "Tracking Identifier", "Algorithm Name") are not
+repeated here.
+
+Model output classes carry FHIR-style coding systems (``http://snomed.info/sct``) in the model card;
+`coded_concept` maps them to DICOM coding scheme designators (``SCT``) so a class becomes an SR code.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+__all__ = [
+    "ALGORITHM_GROUP_TRACKING_IDENTIFIER",
+    "DOCUMENT_TITLE",
+    "FINDING_EVALUATION",
+    "IMAGE_ONLY_COMMENT",
+    "IMAGE_ONLY_PREFIX",
+    "OBSERVER_TYPE_DEVICE",
+    "PROBABILITY_UNIT",
+    "PROCEDURE_REPORTED",
+    "SCHEME_BY_SYSTEM",
+    "SYSTEM_BY_SCHEME",
+    "coded_concept",
+    "fhir_system",
+]
+
+#: Title of the SR document (CID 7021 "Measurement Report Document Titles").
+DOCUMENT_TITLE: Code = codes.cid7021.ImagingMeasurementReport
+
+#: TID 1500 "Procedure Reported" (CID 100): the report is about an imaging procedure as a whole.
+PROCEDURE_REPORTED: Code = Code("363679005", "SCT", "Imaging procedure")
+
+#: TID 1002 "Observer Type": the observer is the model (a device), not a person.
+OBSERVER_TYPE_DEVICE: Code = codes.cid270.Device
+
+#: Unit of every class probability: a dimensionless ratio in [0, 1] (UCUM "1").
+PROBABILITY_UNIT: Code = codes.UCUM.NoUnits
+
+#: Concept name of the qualitative evaluation that carries the predicted class.
+#: Deliberately *not* (121071, DCM, "Finding"): TID 1501 already uses that concept for the group's
+#: finding type, and highdicom's `get_qualitative_evaluations()` filters it out, so an evaluation
+#: named "Finding" would be written but never read back (see DESIGN "highdicom SR pitfalls").
+FINDING_EVALUATION: Code = Code("404684003", "SCT", "Clinical finding")
+
+#: Concept name of the TEXT item that flags an image-only prediction (EHR timeline not used).
+IMAGE_ONLY_COMMENT: Code = codes.DCM.Comment
+
+#: The image-only TEXT item's value starts with this; the reason follows after ": ".
+IMAGE_ONLY_PREFIX = "EHR timeline not used"
+
+#: Human-readable TID 4108 tracking identifier of the one measurement group the SR holds.
+ALGORITHM_GROUP_TRACKING_IDENTIFIER = "AI classification"
+
+#: FHIR coding system URI -> DICOM coding scheme designator (PS3.16 Section 8).
+SCHEME_BY_SYSTEM: MappingProxyType[str, str] = MappingProxyType(
+    {
+        "http://snomed.info/sct": "SCT",
+        "http://loinc.org": "LN",
+        "http://dicom.nema.org/resources/ontology/DCM": "DCM",
+        "http://unitsofmeasure.org": "UCUM",
+        "http://radlex.org": "RADLEX",
+        "http://hl7.org/fhir/sid/icd-10": "I10",
+        "http://hl7.org/fhir/sid/icd-10-cm": "I10C",
+    }
+)
+
+#: DICOM coding scheme designator -> FHIR coding system URI (inverse of `SCHEME_BY_SYSTEM`).
+SYSTEM_BY_SCHEME: MappingProxyType[str, str] = MappingProxyType(
+    {scheme: system for system, scheme in SCHEME_BY_SYSTEM.items()} | {"SRT": "http://snomed.info/sct"}
+)
+
+
+def _scheme_for(system: str) -> str:
+    if not isinstance(system, str):
+        raise TypeError(f'Coding system must be a str, got {type(system).__name__}.')
+    if system in SCHEME_BY_SYSTEM:
+        return SCHEME_BY_SYSTEM[system]
+    if system in SYSTEM_BY_SCHEME:  # already a DICOM designator, e.g. "SCT"
+        return "SCT" if system == "SRT" else system
+    known = ", ".join(sorted(SCHEME_BY_SYSTEM))
+    raise ValueError(
+        f'Coding system "{system}" has no DICOM coding scheme designator; use one of: {known} '
+        "(set the class system in the model card)."
+    )
+
+
+def coded_concept(system: str, code: str, display: str) -> CodedConcept:
+    """Return the SR code for a model output class given with a FHIR coding system.
+
+    Raises:
+        TypeError: if an argument is not a str.
+        ValueError: if the system is unknown, or the code or display is empty.
+    """
+    for label, value in (("code", code), ("display", display)):
+        if not isinstance(value, str):
+            raise TypeError(f'Class {label} must be a str, got {type(value).__name__}.')
+        if not value.strip():
+            raise ValueError(f"Class {label} must not be empty (system {system!r}, code {code!r}).")
+    return CodedConcept(value=code, scheme_designator=_scheme_for(system), meaning=display)
+
+
+def fhir_system(scheme_designator: str) -> str:
+    """Return the FHIR coding system URI for a DICOM coding scheme designator (``SCT`` -> SNOMED CT).
+
+    Raises:
+        ValueError: if the designator is not one the SR emits.
+    """
+    try:
+        return SYSTEM_BY_SCHEME[scheme_designator]
+    except KeyError:
+        raise ValueError(
+            f'Coding scheme designator "{scheme_designator}" has no known FHIR coding system.'
+        ) from None

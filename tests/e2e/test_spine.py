@@ -1,0 +1,168 @@
+"""The spine, end to end on real components: storescu → dicom-fusion serve (listener + Celery worker)
+→ SR in Orthanc (dciodvfy-clean) + exactly one DiagnosticReport in the FHIR server.
+
+Runs once with the Redis broker and once with the embedded filesystem broker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dicom_fusion.fhir.client import FhirClient
+from dicom_fusion.inference.synth import SyntheticPatient, generate_cohort
+from dicom_fusion.service.components import FhirServer, Pacs, free_port, start_redis
+from dicom_fusion.service.ledger import Job, JobState, Ledger
+from dicom_fusion.service.server import wait_for_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+PHI_STRINGS = ("SYNTH^", "SYN0")  # synthetic names / PatientIDs must never reach the logs
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log: Path
+    ledger: Ledger
+    pacs: Pacs
+    fhir: FhirServer
+
+    def wait_done(self, study_uid: str, timeout: float = 120.0, version: int = 1) -> Job:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = [j for j in self.ledger.jobs_for_study(study_uid) if j.version == version]
+            if jobs and jobs[0].state in (JobState.DONE, JobState.DEAD):
+                return jobs[0]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited early:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        raise AssertionError(f"job for {study_uid} not finished in {timeout}s; "
+                             f"jobs={[(j.state, j.error) for j in self.ledger.jobs_for_study(study_uid)]}\n"
+                             f"{self.log.read_text()[-3000:]}")
+
+
+def _orthanc(pacs: Pacs, path: str, data: bytes | None = None) -> object:
+    req = urllib.request.Request(f"{pacs.http_url}{path}", data=data, method="POST" if data else "GET")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = r.read()
+    return json.loads(body) if body[:1] in (b"[", b"{") else body
+
+
+def _sr_instances(pacs: Pacs, study_uid: str) -> list[str]:
+    hits = [h for h in _orthanc(pacs, "/tools/lookup", study_uid.encode()) if h["Type"] == "Study"]  # type: ignore[union-attr]
+    if not hits:
+        return []
+    out = []
+    for series in _orthanc(pacs, f"/studies/{hits[0]['ID']}/series"):  # type: ignore[union-attr]
+        if series["MainDicomTags"].get("Modality") == "SR":
+            out.extend(series["Instances"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory, fhir_server: FhirServer) -> list[SyntheticPatient]:
+    patients = generate_cohort(3, tmp_path_factory.mktemp("cohort"), seed=11, progress=False)
+    with FhirClient(fhir_server.base_url) as client:
+        for p in patients:
+            client.transaction(json.loads(Path(p.bundle_path).read_text()))
+    return patients
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path, orthanc: Pacs,
+          fhir_server: FhirServer) -> Iterator[Stack]:
+    extra: dict[str, str] = {}
+    redis = None
+    if request.param == "redis":
+        from conftest import require
+        import shutil
+
+        require(shutil.which("redis-server") is not None, "redis-server")
+        redis = start_redis(tmp_path / "redis")
+        extra["DICOM_FUSION_BROKER__URL"] = redis.url
+    port = free_port()
+    data = tmp_path / "var"
+    env = dict(os.environ)
+    env.pop("DICOM_FUSION_CONFIG", None)
+    env.update({
+        "DICOM_FUSION_DATA_DIR": str(data),
+        "DICOM_FUSION_LISTENER__PORT": str(port),
+        "DICOM_FUSION_PACS__AE_TITLE": orthanc.ae_title,
+        "DICOM_FUSION_PACS__PORT": str(orthanc.dicom_port),
+        "DICOM_FUSION_FHIR__BASE_URL": fhir_server.base_url,
+        "DICOM_FUSION_COMPLETION__QUIET_SECONDS": "1",
+        "DICOM_FUSION_WORKER__EMBEDDED": "true",
+        **extra,
+    })
+    log = tmp_path / "serve.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "serve"], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        yield Stack(proc, port, data, log, Ledger(f"sqlite:///{data / 'ledger.sqlite'}"), orthanc, fhir_server)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if redis is not None:
+            redis.stop()
+
+
+def _storescu(storescu: str, stack: Stack, files: list[Path]) -> None:
+    subprocess.run([storescu, "-aet", "TESTPACS", "-aec", "DFUSION", "127.0.0.1", str(stack.port),
+                    *map(str, files)], check=True, capture_output=True, env=dict(os.environ, TCP_NODELAY="1"))
+
+
+def test_study_in_sr_and_report_out(stack: Stack, cohort: list[SyntheticPatient], storescu: str,
+                                    dciodvfy: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # Each broker variant sends a different patient so the counts below are per-run.
+    patient = cohort[0] if "redis" in request.node.callspec.id else cohort[1]
+    files = sorted(Path(patient.study_dir).glob("*.dcm"))
+    _storescu(storescu, stack, files)
+    job = stack.wait_done(patient.study_instance_uid)
+    assert job.state == JobState.DONE, job.error
+    assert job.sr_uid and job.finding
+
+    # SR in the PACS, same study, valid per dciodvfy
+    srs = _sr_instances(stack.pacs, patient.study_instance_uid)
+    assert len(srs) == 1
+    sr_file = tmp_path / "sr.dcm"
+    sr_file.write_bytes(_orthanc(stack.pacs, f"/instances/{srs[0]}/file"))  # type: ignore[arg-type]
+    res = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True)
+    errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
+    assert errors == [], res.stderr
+
+    # Exactly one DiagnosticReport for the patient, identified by the SR UID
+    with FhirClient(stack.fhir.base_url) as client:
+        reports = list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))
+        assert len(reports) == 1
+        ids = [i.get("value") for i in reports[0].get("identifier", [])]
+        assert f"urn:oid:{job.sr_uid}" in ids
+        assert reports[0]["status"] == "final"
+
+    # Sending the same study again duplicates nothing
+    _storescu(storescu, stack, files)
+    time.sleep(3)
+    assert [j.version for j in stack.ledger.jobs_for_study(patient.study_instance_uid)] == [1]
+    assert len(_sr_instances(stack.pacs, patient.study_instance_uid)) == 1
+    with FhirClient(stack.fhir.base_url) as client:
+        assert len(list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))) == 1
+
+    # No patient data in the service's logs
+    text = stack.log.read_text()
+    for phi in PHI_STRINGS:
+        assert phi not in text, f"{phi!r} leaked into serve.log"
