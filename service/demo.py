@@ -27,7 +27,7 @@ from dicom_fusion.service.server import wait_for_port
 
 MARKER = ".dicom-fusion-demo"
 STORESCU = "/usr/bin/storescu"  # DCMTK's; the venv's pynetdicom `storescu` would shadow it on PATH
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def _fresh_dir(out: Path) -> None:
