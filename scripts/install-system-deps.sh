@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo use as real components:
-# redis-server (broker), orthanc (PACS), dcmtk (storescu/storescp/dsrdump), dicom3tools (dciodvfy).
+# redis-server (broker), orthanc (PACS), dcmtk (storescu/storescp/dsrdump), dicom3tools (dciodvfy),
+# chromium (headless check of the dashboard), docker-compose (validates deploy/docker-compose.yml).
 set -euo pipefail
-PKGS=(redis-server orthanc dcmtk dicom3tools)
+PKGS=(redis-server orthanc dcmtk dicom3tools chromium docker-compose)
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 { command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } || need+=(orthanc)
 [ -x /usr/bin/storescu ] || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
   echo "Missing Debian packages: ${need[*]}" >&2
