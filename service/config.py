@@ -158,6 +158,27 @@ class WorkerSettings(_Section):
     retry_backoff_max_seconds: float = Field(300.0, gt=0)
 
 
+class ApiSettings(_Section):
+    """REST API and dashboard (`dicom-fusion api`). Every route but /healthz and /readyz needs the token."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str = ""
+    auth: bool = True
+    refresh_seconds: float = Field(5.0, gt=0)
+
+
+class MetricsSettings(_Section):
+    """Per-process Prometheus endpoints (what only that process knows); 0 = off.
+
+    The API's /metrics serves the ledger-derived metrics that hold across processes and restarts.
+    """
+
+    host: str = "127.0.0.1"
+    listener_port: int = Field(0, ge=0, le=65535)
+    worker_port: int = Field(0, ge=0, le=65535)
+
+
 class Settings(BaseSettings):
     """Every setting of dicom-fusion. See README "Configuration" for each key."""
 
@@ -179,6 +200,8 @@ class Settings(BaseSettings):
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -229,6 +252,8 @@ class Settings(BaseSettings):
         for key in ("token", "client_secret"):
             if data["fhir"].get(key):
                 data["fhir"][key] = "***"
+        if data["api"].get("token"):
+            data["api"]["token"] = "***"
         return data
 
 
