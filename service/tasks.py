@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,19 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
+FAULT_PAUSE_ENV = "DICOM_FUSION_FAULT_PAUSE"
+
+
+def _fault_pause(stage: Stage) -> None:
+    """Fault-injection hook for the reliability suite: ``DICOM_FUSION_FAULT_PAUSE=infer:4`` holds
+    each claimed ``infer`` stage for 4 s (lease held) so a test can kill -9 the worker mid-stage.
+    Never set in production."""
+    spec = os.environ.get(FAULT_PAUSE_ENV, "")
+    name, _, seconds = spec.partition(":")
+    if name == stage.value:
+        time.sleep(float(seconds or 5))
+
+
 def backoff_seconds(settings: Settings, attempt: int) -> float:
     w = settings.worker
     return float(min(w.retry_backoff_seconds * (2 ** max(attempt - 1, 0)), w.retry_backoff_max_seconds))
@@ -124,6 +138,7 @@ def run_stage(task: Task, runtime: Any, job_id: int, stage: Stage,
         return "skipped"
     try:
         with _Heartbeat(ledger, job_id, owner, lease):
+            _fault_pause(stage)
             next_stage = body(runtime, job)
     except PermanentError as exc:
         ledger.fail(job_id, owner=owner, reason=f"{stage}: {exc}", retry_in=None, lease_seconds=lease)

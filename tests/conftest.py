@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, fields
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +97,49 @@ def write_instance(path: Path, *, study_uid: str, series_uid: str, sop_uid: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# ---- fault-injection figures (tests/faults): one table printed at the end of the run ----------
+
+FAULT_ROUNDS = int(os.environ.get("FAULT_ROUNDS", "3"))  # `make faults`: 20
+
+
+@dataclass
+class Figures:
+    fault: str
+    rounds: int = 0
+    sent: int = 0
+    acknowledged: int = 0
+    stored: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    crashes: int = 0
+
+
+_TABLE: list[Figures] = []
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Figures:
+    f = Figures(fault=request.node.name.removeprefix("test_"))
+    _TABLE.append(f)
+    return f
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _TABLE:
+        return
+    cols = [f.name for f in fields(Figures)]
+    width = max(len(f.fault) for f in _TABLE) + 2
+    terminalreporter.section("fault-injection figures")
+    terminalreporter.write_line(f"{'fault':<{width}}" + "".join(f"{c:>13}" for c in cols[1:]))
+    for f in _TABLE:
+        terminalreporter.write_line(f"{f.fault:<{width}}" + "".join(f"{getattr(f, c):>13}" for c in cols[1:]))
+
+
+@pytest.fixture
+def raw_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom SCUs send files' bytes as they are (no decode/re-encode) for this test only."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
