@@ -50,3 +50,16 @@ class DeliveryError(ServiceError):
 class SRValidationError(ServiceError):
     """A DICOM SR does not hold what the service writes (structure, codes, values), or it does not
     match the inference result it was built from; the message names the first offending item."""
+
+
+class BrokerError(ServiceError):
+    """The Celery broker cannot be reached or read (queue depths unknown, nothing can be enqueued)."""
+
+
+class StudyNotFoundError(ServiceError):
+    """No study with this Study Instance UID is in the ledger."""
+
+
+class ActionRefusedError(ServiceError):
+    """An operator action (retry, replay, redeliver) does not apply to the study's current state;
+    the message says why and what to do instead."""

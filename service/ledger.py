@@ -478,6 +478,29 @@ class Ledger:
             self._audit(s, "job", job_id, "redeliver", "operator")
             return True
 
+    def add_job_version(self, study_uid: str, *, reason: str) -> int | None:
+        """Operator replay: a new job version over the instances stored so far.
+
+        None when the study is unknown, still receiving, or has a job that is not finished yet.
+        """
+        with self.transaction() as s:
+            study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None or study.state != StudyState.COMPLETE:
+                return None
+            if s.scalar(select(Job.id).where(Job.study_id == study.id,
+                                             Job.state.not_in([str(t) for t in TERMINAL]))) is not None:
+                return None
+            study.job_version += 1
+            now = utcnow()
+            job = Job(study_id=study.id, version=study.job_version, state=JobState.COMPLETE,
+                      stage=Stage.PREPARE, attempts=0, instance_count=study.instance_count,
+                      created_at=now, updated_at=now, lease_owner=None, lease_expires=None)
+            s.add(job)
+            s.flush()
+            self._audit(s, "study", study.id, "replay", f"job={job.id} version={job.version} {reason}")
+            self._audit(s, "job", job.id, JobState.COMPLETE, f"instances={study.instance_count} replay")
+            return job.id
+
     # ---- results and deliveries ---------------------------------------------------------------
     def set_result(self, job_id: int, *, finding: str, probability: float, image_only: bool,
                    sr_uid: str) -> None:
