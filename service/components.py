@@ -77,6 +77,20 @@ class Component:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    @property
+    def ready_port(self) -> int:
+        """The TCP port that answers once the component serves (set by each subclass)."""
+        raise NotImplementedError(f"{type(self).__name__} has no readiness port")
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start the same command again on the same ports (outage tests: stop, wait, restart)."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        self.stop()
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen(self.proc.args, cwd=self.workdir, stdout=fh, stderr=subprocess.STDOUT)
+        _wait_tcp(self.ready_port, timeout, self.proc, self.log)
+
 
 @dataclass
 class FhirServer(Component):
@@ -85,6 +99,10 @@ class FhirServer(Component):
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/fhir"
+
+    @property
+    def ready_port(self) -> int:
+        return self.port
 
 
 def sekmet_executable() -> str | None:
@@ -126,6 +144,10 @@ class Pacs(Component):
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}" if self.http_port else ""
+
+    @property
+    def ready_port(self) -> int:
+        return self.dicom_port
 
     @property
     def is_orthanc(self) -> bool:
@@ -215,6 +237,10 @@ class RedisServer(Component):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def ready_port(self) -> int:
+        return self.port
 
 
 def start_redis(workdir: Path, timeout: float = 30.0) -> RedisServer:
