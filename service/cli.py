@@ -102,6 +102,12 @@ def demo(patients: Annotated[int, typer.Option(min=1, max=50, help="Synthetic pa
     raise typer.Exit(run_demo(patients=patients, out=out, seed=seed, timeout=timeout))
 
 
+# Operator commands: api, status, retry, replay, send (service/opscli.py).
+from dicom_fusion.service.opscli import register as _register_operator_commands  # noqa: E402
+
+_register_operator_commands(app)
+
+
 def main() -> None:
     app()
 

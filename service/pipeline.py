@@ -132,7 +132,14 @@ def infer(rt: Any, job: JobRef) -> Stage:
             reason = "no EHR events in the model's window"
     else:
         reason = record.get("reason") or str(record.get("status"))
-    result = rt.predictor.predict(image, tensor, image_only_reason=reason)
+    import time
+
+    from dicom_fusion.service.metrics import observe_inference
+
+    predictor = rt.predictor  # loaded on first use: not part of the inference time
+    started = time.perf_counter()
+    result = predictor.predict(image, tensor, image_only_reason=reason)
+    observe_inference(result.model_name, result.model_version, time.perf_counter() - started)
     _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
     _, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
     rt.ledger.set_result(job.job_id, finding=result.finding.name, probability=result.finding.probability,

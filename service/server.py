@@ -88,6 +88,9 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     listener = Listener(settings.listener, spool, ledger,
                         on_release=completion.release if settings.completion.on_release else None)
     host, port = listener.start()
+    from dicom_fusion.service.metrics import instrument_listener
+
+    instrument_listener(listener, settings.metrics)
     threads = [
         PeriodicThread("completion", settings.completion.poll_seconds, completion.poll),
         PeriodicThread("reaper", settings.worker.reaper_interval_seconds, lambda: reap(ledger, requeue)),
@@ -129,6 +132,9 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, concurren
 
     app = make_celery(settings)
     runtime.install(settings, app)
+    from dicom_fusion.service.metrics import install_worker_metrics
+
+    install_worker_metrics(settings, pool=pool or settings.worker.pool)
     register_tasks(app, runtime.get)
     qs = ",".join(queues or settings.worker.queues)
     argv = ["worker", "-Q", qs, "-c", str(concurrency or settings.worker.concurrency),

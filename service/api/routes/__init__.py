@@ -1,0 +1,1 @@
+"""API routers, one module per area: health, studies, queues, metrics, dashboard."""

@@ -1,0 +1,150 @@
+"""REST API and dashboard through FastAPI's test client, on a real SQLite ledger and the embedded broker."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from opshelpers import add_study, complete, run_to_dead, run_to_done
+
+from dicom_fusion.service.api.main import create_app
+from dicom_fusion.service.api.routes import dashboard, health, metrics, queues, studies
+from dicom_fusion.service.components import free_port
+from dicom_fusion.service.config import Settings, load_settings
+from dicom_fusion.service.errors import ConfigError
+from dicom_fusion.service.ledger import Ledger, Stage
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+OPEN = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # PACS on a port nobody listens on: readiness must say so.
+    return load_settings(data_dir=tmp_path / "var", api={"token": TOKEN}, pacs={"port": free_port()})
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Ledger:
+    return Ledger(settings.ledger_url)
+
+
+@pytest.fixture
+def client(settings: Settings) -> TestClient:
+    return TestClient(create_app(settings))
+
+
+def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="DICOM_FUSION_API__TOKEN"):
+        create_app(load_settings(data_dir=tmp_path))
+    app = create_app(load_settings(data_dir=tmp_path, api={"auth": False}))
+    assert TestClient(app).get("/api/queues").status_code == 200  # auth off: no token needed
+
+
+def test_every_route_but_health_needs_the_token(client: TestClient) -> None:
+    routes = [r for module in (health, studies, queues, metrics, dashboard) for r in module.router.routes
+              if isinstance(r, APIRoute) and r.path not in OPEN]
+    assert len(routes) >= 12
+    for r in routes:
+        path = r.path.replace("{study_uid}", "1.2.3")
+        for method in r.methods:
+            res = client.request(method, path)
+            assert res.status_code == 401, (method, path, res.status_code)
+            res = client.request(method, path, headers={"Authorization": "Bearer wrong"})
+            assert res.status_code == 401, (method, path)
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_openapi_documents_bearer_auth(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path in ("/api/studies", "/api/studies/{study_uid}", "/api/queues", "/api/studies/{study_uid}/retry",
+                 "/api/studies/{study_uid}/replay", "/api/dead-letter/redeliver", "/metrics", "/readyz"):
+        assert path in spec["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_readyz_reports_each_dependency(client: TestClient) -> None:
+    res = client.get("/readyz")
+    assert res.status_code == 503
+    checks = {c["name"]: c for c in res.json()["checks"]}
+    assert set(checks) == {"ledger", "broker", "spool", "pacs", "fhir"}
+    assert [n for n, c in checks.items() if not c["ok"]] == ["pacs"]
+    assert "C-ECHO" in checks["pacs"]["detail"] and "disabled" in checks["fhir"]["detail"]
+
+
+def test_studies_list_detail_and_errors(client: TestClient, ledger: Ledger) -> None:
+    add_study(ledger, "1.2.1", n=3)
+    add_study(ledger, "1.2.2")
+    run_to_done(ledger, complete(ledger, "1.2.1"))
+    page = client.get("/api/studies", headers=AUTH).json()
+    assert page["total"] == 2 and [s["study_uid"] for s in page["items"]] == ["1.2.2", "1.2.1"]
+    done = client.get("/api/studies", params={"state": "done"}, headers=AUTH).json()
+    assert [s["study_uid"] for s in done["items"]] == ["1.2.1"]
+    assert client.get("/api/studies", params={"state": "bogus"}, headers=AUTH).status_code == 422
+    assert client.get("/api/studies", params={"page_size": 0}, headers=AUTH).status_code == 422
+    d = client.get("/api/studies/1.2.1", headers=AUTH).json()
+    assert (d["state"], d["instances"], d["errors"]) == ("done", 3, [])
+    [job] = d["jobs"]
+    assert job["report_id"].startswith("DiagnosticReport/") and job["latency_seconds"] >= 0
+    assert [e["event"] for e in job["history"]][-1] == "done"
+    assert client.get("/api/studies/9.9.9", headers=AUTH).status_code == 404
+    assert client.get("/api/studies/not-a-uid", headers=AUTH).status_code == 422
+
+
+def test_actions_map_refusals_to_http(client: TestClient, ledger: Ledger, settings: Settings) -> None:
+    add_study(ledger, "1.3.1")
+    add_study(ledger, "1.3.2")
+    run_to_done(ledger, complete(ledger, "1.3.1"))
+    dead = complete(ledger, "1.3.2")
+    run_to_dead(ledger, dead, stage=Stage.INFER, reason="infer: model card invalid")
+    res = client.post("/api/studies/1.3.1/retry", headers=AUTH)
+    assert res.status_code == 409 and "use replay" in res.json()["detail"]
+    assert client.post("/api/studies/7.7/retry", headers=AUTH).status_code == 404
+    assert [f["study_uid"] for f in client.get("/api/dead-letter", headers=AUTH).json()] == ["1.3.2"]
+    res = client.post("/api/studies/1.3.2/retry", headers=AUTH)
+    assert res.status_code == 200 and res.json()["stage"] == "infer"
+    assert len(list((settings.broker_dir / "queue").glob("*.gpu.msg"))) == 1
+    res = client.post("/api/studies/1.3.1/replay", headers=AUTH)
+    assert res.status_code == 200 and res.json()["job_version"] == 2
+    assert client.post("/api/studies/1.3.1/replay", headers=AUTH).status_code == 409
+    assert client.post("/api/dead-letter/redeliver", headers=AUTH).json() == {"redelivered": []}
+
+
+def test_queues_and_metrics(client: TestClient, ledger: Ledger) -> None:
+    add_study(ledger, "1.4.1")
+    complete(ledger, "1.4.1")
+    q = client.get("/api/queues", headers=AUTH).json()
+    assert q["broker"] == "filesystem" and q["workers"] is None
+    assert {x["name"]: x["waiting"] for x in q["queues"]} == {"cpu": 1, "gpu": 0, "io": 0}
+    res = client.get("/metrics", headers=AUTH)
+    assert res.headers["content-type"].startswith("text/plain")
+    assert 'dicom_fusion_jobs_waiting{queue="cpu"} 1.0' in res.text
+
+
+def _number(html: str, element_id: str) -> str:
+    m = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', html)
+    assert m, element_id
+    return m.group(1).strip()
+
+
+def test_dashboard_login_token_and_fragments(client: TestClient, ledger: Ledger) -> None:
+    add_study(ledger, "1.5.1", n=4)
+    run_to_done(ledger, complete(ledger, "1.5.1"))
+    res = client.get("/dashboard")
+    assert res.status_code == 401 and 'name="token"' in res.text
+    res = client.get("/dashboard", params={"token": "nope"})
+    assert res.status_code == 401 and "not accepted" in res.text
+    res = client.get("/dashboard", params={"token": TOKEN, "study": "1.5.1"})
+    assert res.status_code == 200
+    assert (_number(res.text, "kpi-done"), _number(res.text, "kpi-instances")) == ("1", "4")
+    assert _number(res.text, "study-state") == "done" and 'data-study="1.5.1"' in res.text
+    assert client.get("/dashboard/fragments/overview").status_code == 401  # the query token is page-only
+    assert client.get("/dashboard/fragments/overview", params={"token": TOKEN}).status_code == 401
+    frag = client.get("/dashboard/fragments/overview", headers=AUTH)
+    assert frag.status_code == 200 and _number(frag.text, "kpi-done") == "1"
+    assert client.get("/dashboard/fragments/study/1.5.1", headers=AUTH).status_code == 200
+    assert client.get("/dashboard/fragments/study/4.4", headers=AUTH).status_code == 404
