@@ -164,6 +164,7 @@ class ApiSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     token: str = ""
+    token_file: Path | None = None  # a file holding the token (Docker/Kubernetes secret); wins over token
     auth: bool = True
     refresh_seconds: float = Field(5.0, gt=0)
 

@@ -43,7 +43,7 @@ def api(config: ConfigOpt = None,
         updated = settings.api.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
         settings = settings.model_copy(update={"api": updated})
     try:
-        check_api_settings(settings)
+        settings = check_api_settings(settings)
     except ServiceError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc

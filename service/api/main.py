@@ -23,17 +23,25 @@ Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <api.to
 """
 
 
-def check_api_settings(settings: Settings) -> None:
-    """Refuse to serve with authentication on and no token."""
-    if settings.api.auth and not settings.api.token.strip():
+def check_api_settings(settings: Settings) -> Settings:
+    """Settings with ``api.token`` read from ``api.token_file`` when set; refuses to serve with
+    authentication on and no token (:class:`ConfigError`)."""
+    api = settings.api
+    if api.token_file is not None:
+        try:
+            api = api.model_copy(update={"token": api.token_file.read_text().strip()})
+        except OSError as exc:
+            raise ConfigError(f"cannot read api.token_file {api.token_file}: {exc.strerror}") from exc
+    if api.auth and not api.token.strip():
         raise ConfigError("api.token is empty while api.auth is on: set DICOM_FUSION_API__TOKEN=<a long random "
-                          "secret> (or token under [api] in the config file); api.auth = false turns "
-                          "authentication off (development only)")
+                          "secret> (or token / token_file under [api] in the config file); api.auth = false "
+                          "turns authentication off (development only)")
+    return settings.model_copy(update={"api": api})
 
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; raises :class:`ConfigError` when the settings are unsafe to serve."""
-    check_api_settings(settings)
+    settings = check_api_settings(settings)
     ledger = Ledger(settings.ledger_url)
     ctx = ApiContext(settings=settings, ledger=ledger, celery=make_celery(settings),
                      registry=api_registry(ledger, settings))

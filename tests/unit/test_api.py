@@ -42,6 +42,11 @@ def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:
         create_app(load_settings(data_dir=tmp_path))
     app = create_app(load_settings(data_dir=tmp_path, api={"auth": False}))
     assert TestClient(app).get("/api/queues").status_code == 200  # auth off: no token needed
+    with pytest.raises(ConfigError, match="cannot read api.token_file"):
+        create_app(load_settings(data_dir=tmp_path, api={"token_file": tmp_path / "missing"}))
+    (tmp_path / "token").write_text("from-a-secret\n")
+    client = TestClient(create_app(load_settings(data_dir=tmp_path, api={"token_file": tmp_path / "token"})))
+    assert client.get("/api/queues", headers={"Authorization": "Bearer from-a-secret"}).status_code == 200
 
 
 def test_every_route_but_health_needs_the_token(client: TestClient) -> None:

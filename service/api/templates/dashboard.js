@@ -67,10 +67,13 @@
     if (btn) { ev.stopPropagation(); act(btn.dataset.action, btn.dataset.uid); return; }
     if (ev.target.closest("button[data-close]")) { closeStudy(); return; }
     var row = ev.target.closest("tr[data-study]");
-    if (row) { showStudy(row.dataset.study); }
+    if (row) { showStudy(row.dataset.study).then(function () { study.scrollIntoView({ behavior: "smooth" }); }); }
   });
   setInterval(function () {
     refreshOverview();
-    if (selected && !study.hidden) { showStudy(selected); }
+    var st = document.getElementById("study-state");  // finished studies do not change by themselves
+    if (selected && !study.hidden && !(st && (st.textContent === "done" || st.textContent === "dead"))) {
+      showStudy(selected);
+    }
   }, every);
 })();
