@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, literal_column, select
+from sqlalchemy import case, extract, func, select
 
 from dicom_fusion.service.config import MetricsSettings, Settings
 from dicom_fusion.service.ledger import Delivery, DeliveryKind, DeliveryState, Instance, Job, JobState, Ledger, Study
@@ -150,7 +150,7 @@ def install_worker_metrics(settings: Settings, *, pool: str) -> None:
 def _seconds_between(ledger: Ledger, start: Any, end: Any) -> Any:
     if ledger.engine.dialect.name == "sqlite":
         return (func.julianday(end) - func.julianday(start)) * 86400.0
-    return func.extract(literal_column("'epoch'"), end - start)
+    return extract("epoch", end - start)  # PostgreSQL: EXTRACT(epoch FROM interval)
 
 
 class LedgerCollector(Collector):
