@@ -6,7 +6,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 C := -c constraints.txt
 
-.PHONY: demo test venv sysdeps unit clean
+.PHONY: demo test venv sysdeps unit faults clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: venv sysdeps
 
 test: venv sysdeps
 	$(VENV)/bin/python -m pytest -q tests
+
+# The fault-injection suite at full strength (20 rounds); `make test` runs it with 3.
+faults: venv sysdeps
+	FAULT_ROUNDS=20 $(VENV)/bin/python -m pytest -q -p no:logging tests/faults
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit
