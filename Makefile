@@ -6,7 +6,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 C := -c constraints.txt
 
-.PHONY: demo test venv sysdeps unit faults clean
+.PHONY: demo test venv sysdeps unit faults bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: venv sysdeps
 # The fault-injection suite at full strength (20 rounds); `make test` runs it with 3.
 faults: venv sysdeps
 	FAULT_ROUNDS=20 $(VENV)/bin/python -m pytest -q -p no:logging tests/faults
+
+# Benchmarks print ratios against a reference run in the same invocation (not part of the tests).
+bench: venv sysdeps
+	$(VENV)/bin/python bench/ingest.py --instances 600 --memory 10000
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit

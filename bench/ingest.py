@@ -1,0 +1,214 @@
+"""Ingest benchmark: our listener vs DCMTK storescp (tuned) on the same files, same run.
+
+    .venv/bin/python bench/ingest.py [--instances 600] [--rows 512] [--memory 10000]
+
+Sender: DCMTK storescu with TCP_NODELAY=1 (one process per association). Reference receiver:
+storescp with TCP_NODELAY=1, +B (bit-preserving write), --fork. Ours: `dicom-fusion serve --no-worker`
+with the full durability contract (fsync file + dir, ledger commit before the ack). Prints inst/s,
+MB/s, the ratio ours/storescp for 1 and 4 associations, and the listener's peak RSS (all processes).
+``--memory N`` also sends N small instances and prints the listener's RSS growth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicom_fusion.service.components import free_port
+from dicom_fusion.service.server import wait_for_port
+
+STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+
+
+def make_corpus(out: Path, n: int, rows: int, studies: int = 4) -> list[Path]:
+    """n CT slices of rows×rows 16-bit (512² ≈ 0.5 MB), spread over a few studies."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 4096, size=(rows, rows), dtype=np.uint16).tobytes()
+    study_uids = [generate_uid() for _ in range(studies)]
+    series_uids = {st: generate_uid() for st in study_uids}
+    files = []
+    for i in range(n):
+        st = study_uids[i % studies]
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = st, series_uids[st]
+        ds.PatientName, ds.PatientID, ds.Modality = "BENCH^PATIENT", "BENCH1", "CT"
+        ds.StudyDate, ds.StudyTime, ds.InstanceNumber = "20260101", "120000", i + 1
+        ds.Rows = ds.Columns = rows
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels
+        p = out / f"{i:06d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        files.append(p)
+    return files
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of a process and its descendants, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak_kb, self.last_kb = pid, 0, 0
+        self._stop_event = threading.Event()
+
+    def _tree(self) -> list[int]:
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        tree, frontier = [self.pid], [self.pid]
+        while frontier:
+            frontier = [p for p, pp in parents.items() if pp in frontier]
+            tree.extend(frontier)
+        return tree
+
+    def rss_kb(self) -> int:
+        total = 0
+        for pid in self._tree():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                continue
+        return total
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.05):
+            self.last_kb = self.rss_kb()
+            self.peak_kb = max(self.peak_kb, self.last_kb)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def send(files: list[Path], port: int, associations: int, aec: str) -> float:
+    env = dict(os.environ, TCP_NODELAY="1")
+    chunks = [files[i::associations] for i in range(associations)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([STORESCU, "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, c)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - t0
+
+
+def start_storescp(out: Path) -> tuple[subprocess.Popen[bytes], int]:
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([STORESCP, "+B", "--fork", "-od", str(out), str(port)],
+                            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_port("127.0.0.1", port)
+    return proc, port
+
+
+def start_ours(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = dict(os.environ, DICOM_FUSION_DATA_DIR=str(work), DICOM_FUSION_LISTENER__PORT=str(port),
+               DICOM_FUSION_COMPLETION__QUIET_SECONDS="3600", DICOM_FUSION_LOG_LEVEL="WARNING")
+    env.pop("DICOM_FUSION_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "serve", "--no-worker"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_port("127.0.0.1", port, timeout=60)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_one(name: str, files: list[Path], associations: int, tmp: Path) -> tuple[float, int]:
+    work = tmp / f"{name}-{associations}"
+    proc, port = start_ours(work) if name == "ours" else start_storescp(work)
+    sampler = RssSampler(proc.pid)
+    sampler.start()
+    try:
+        secs = send(files, port, associations, "DFUSION" if name == "ours" else "STORESCP")
+    finally:
+        sampler.stop()
+        stop(proc)
+    shutil.rmtree(work, ignore_errors=True)
+    return secs, sampler.peak_kb
+
+
+def memory_growth(n: int, tmp: Path) -> tuple[int, int]:
+    files = make_corpus(tmp / "small", 500, rows=64)
+    proc, port = start_ours(tmp / "mem")
+    sampler = RssSampler(proc.pid)
+    try:
+        send(files[:100], port, 1, "DFUSION")  # warm-up
+        start = sampler.rss_kb()
+        sent = 0
+        while sent < n:
+            # new SOP UIDs each pass so every instance is stored, not deduplicated
+            batch = make_corpus(tmp / f"small-{sent}", min(500, n - sent), rows=64)
+            send(batch, port, 4, "DFUSION")
+            shutil.rmtree(tmp / f"small-{sent}")
+            sent += len(batch)
+        end = sampler.rss_kb()
+    finally:
+        stop(proc)
+    return start, end
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--instances", type=int, default=600)
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--memory", type=int, default=0, help="also send N small instances and report RSS growth")
+    args = ap.parse_args()
+    for tool in (STORESCU, STORESCP):
+        if not Path(tool).exists():
+            print(f"{tool} missing: run `make sysdeps`", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as d:
+        tmp = Path(d)
+        files = make_corpus(tmp / "corpus", args.instances, args.rows)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        print(f"corpus: {len(files)} instances, {mb:.0f} MB ({mb / len(files):.2f} MB each)")
+        print(f"{'receiver':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'peak RSS MB':>13}")
+        rates: dict[tuple[str, int], float] = {}
+        for assocs in (1, 4):
+            for name in ("storescp", "ours"):
+                secs, peak = run_one(name, files, assocs, tmp)
+                rates[(name, assocs)] = len(files) / secs
+                print(f"{name:<10}{assocs:>7}{secs:>9.2f}{len(files) / secs:>9.0f}{mb / secs:>8.1f}{peak / 1024:>13.0f}")
+        for assocs in (1, 4):
+            print(f"ratio ours/storescp, {assocs} association(s): {rates[('ours', assocs)] / rates[('storescp', assocs)]:.2f}")
+        if args.memory:
+            start, end = memory_growth(args.memory, tmp)
+            print(f"listener RSS over {args.memory} instances: {start / 1024:.0f} MB → {end / 1024:.0f} MB "
+                  f"(growth {(end - start) / 1024:.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
