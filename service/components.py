@@ -157,6 +157,16 @@ class Pacs(Component):
         with urllib.request.urlopen(f"{self.http_url}{path}", timeout=10) as r:
             return json.loads(r.read())
 
+    def lookup(self, uid: str) -> list[dict[str, str]]:
+        """Orthanc's /tools/lookup: which resources (Patient/Study/Series/Instance) carry this UID."""
+        req = urllib.request.Request(f"{self.http_url}/tools/lookup", data=uid.encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return list(json.loads(r.read()))
+
+    def instance_count(self, sop_uid: str) -> int:
+        """How many instances with this SOP Instance UID the PACS holds (0 or 1 for a sane PACS)."""
+        return sum(1 for hit in self.lookup(sop_uid) if hit.get("Type") == "Instance")
+
     def stored_files(self) -> list[Path]:
         """Files received by the fallback storage SCP (Orthanc: use its REST API instead)."""
         return sorted((self.workdir / "received").glob("*.dcm"))

@@ -160,7 +160,7 @@ def _report(out: Path, cohort: list[Any], ledger: Ledger, pacs: Pacs, fhir_url: 
                 (dest / "diagnostic-report.json").write_text(json.dumps(client.read(rtype, rid), indent=2))
             in_pacs = sr.state if sr else "-"
             if sr and sr.state == "delivered" and pacs.is_orthanc:
-                in_pacs = "stored" if _orthanc_has(pacs, job.sr_uid) else "missing"
+                in_pacs = "stored" if job.sr_uid and pacs.instance_count(job.sr_uid) else "missing"
             state = str(job.state)
             if state == JobState.DONE:
                 ok += 1
@@ -173,13 +173,3 @@ def _report(out: Path, cohort: list[Any], ledger: Ledger, pacs: Pacs, fhir_url: 
     console.print(f"{ok}/{len(cohort)} studies returned an SR and a DiagnosticReport")
     return 0 if ok == len(cohort) else 1
 
-
-def _orthanc_has(pacs: Pacs, sop_uid: str | None) -> bool:
-    import urllib.request
-
-    if not sop_uid:
-        return False
-    req = urllib.request.Request(f"{pacs.http_url}/tools/lookup", data=sop_uid.encode(),
-                                 method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return any(x.get("Type") == "Instance" for x in json.loads(r.read()))

@@ -2,9 +2,7 @@
 budget the job and its SR delivery are `dead` with a reason, and re-delivery completes them."""
 from __future__ import annotations
 
-import json
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,12 +21,6 @@ def _study(tmp: Path, n: int) -> tuple[str, list[Path]]:
     study = f"1.2.826.0.1.3680043.8.498.55.{n}"
     return study, [write_instance(tmp / "in" / f"{study}.1.{i}.dcm", study_uid=study, series_uid=f"{study}.1",
                                   sop_uid=f"{study}.1.{i}") for i in range(1, 3)]
-
-
-def _sr_count(pacs: components.Pacs, sr_uid: str) -> int:
-    req = urllib.request.Request(f"{pacs.http_url}/tools/lookup", data=sr_uid.encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return sum(1 for h in json.loads(r.read()) if h["Type"] == "Instance")
 
 
 @pytest.fixture
@@ -67,7 +59,7 @@ def test_pacs_down_then_back(tmp_path: Path, pacs: components.Pacs, storescu: st
         assert job.state == JobState.DONE, job.error
         [sr] = [d for d in ledger.deliveries(job.id) if d.kind == "sr"]
         assert sr.state == DeliveryState.DELIVERED and sr.attempts >= 2
-        n = _sr_count(pacs, str(job.sr_uid))
+        n = pacs.instance_count(str(job.sr_uid))
         figures.rounds, figures.sent, figures.acknowledged, figures.stored = 1, 1, 1, n
         figures.lost, figures.duplicates = int(n == 0), max(n - 1, 0)
         assert n == 1
@@ -94,7 +86,7 @@ def test_pacs_down_past_retry_budget_is_dead_then_redelivered(tmp_path: Path, pa
         assert ledger.reset_for_redelivery(job.id)
         enqueue(make_celery(settings), ledger, settings, job.id, Stage.DELIVER)
         wait_until(lambda: ledger.jobs_for_study(study)[0].state == JobState.DONE, 60, "re-delivered job")
-        n = _sr_count(pacs, str(job.sr_uid))
+        n = pacs.instance_count(str(job.sr_uid))
         figures.rounds, figures.sent, figures.acknowledged, figures.stored = 1, 1, 1, n
         figures.lost, figures.duplicates = int(n == 0), max(n - 1, 0)
         assert n == 1

@@ -43,14 +43,6 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _sr_count(pacs: Pacs, sr_uid: str) -> int:
-    import urllib.request
-
-    req = urllib.request.Request(f"{pacs.http_url}/tools/lookup", data=sr_uid.encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return sum(1 for h in json.loads(r.read()) if h["Type"] == "Instance")
-
-
 @pytest.mark.parametrize("broker,stage", CASES, ids=[f"{b}-{s.value}" for b, s in CASES])
 def test_worker_kill9(broker: str, stage: Stage, tmp_path: Path, patients: list[SyntheticPatient],
                       orthanc: Pacs, fhir_server: FhirServer, storescu: str, figures: Figures) -> None:
@@ -98,7 +90,7 @@ def test_worker_kill9(broker: str, stage: Stage, tmp_path: Path, patients: list[
         assert job.state == JobState.DONE, job.error
         events = [e.event for e in ledger.audit_events("job", job.id)]
         assert "requeued" in events, events
-        srs = _sr_count(orthanc, str(job.sr_uid))
+        srs = orthanc.instance_count(str(job.sr_uid))
         with FhirClient(fhir_server.base_url) as client:
             reports = list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))
         figures.acknowledged = figures.stored = len(files)

@@ -7,8 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-import json
 from pathlib import Path
 
 import pytest
@@ -74,9 +72,7 @@ def test_lost_message_is_reenqueued_by_the_reaper(tmp_path: Path, orthanc: Pacs,
         assert job.state == JobState.DONE, job.error
         events = [e.event for e in ledger.audit_events("job", job.id)]
         assert "requeued" in events
-        req = urllib.request.Request(f"{orthanc.http_url}/tools/lookup", data=job.sr_uid.encode(), method="POST")
-        with urllib.request.urlopen(req) as r:
-            assert [h["Type"] for h in json.loads(r.read())] == ["Instance"]
+        assert orthanc.instance_count(str(job.sr_uid)) == 1
     finally:
         for p in (worker, serve):
             if p is not None and p.poll() is None:
