@@ -222,7 +222,8 @@ def _observation_common(content: ReportContent, issued: datetime) -> dict[str, A
     return obs
 
 
-def _summary(content: ReportContent) -> str:
+def summary_lines(content: ReportContent) -> list[str]:
+    """The short human-readable summary (presentedForm here, NTE segments in the HL7 v2 ORU)."""
     f = content.finding
     lines = [f"Finding: {f.display} (probability {f.probability:.2f})",
              "Class probabilities: "
@@ -230,7 +231,11 @@ def _summary(content: ReportContent) -> str:
              f"Model: {content.model_name} {content.model_version}"]
     if content.image_only:
         lines.append(f"Image-only: {content.image_only_reason or 'EHR timeline not used'}")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _summary(content: ReportContent) -> str:
+    return "\n".join(summary_lines(content)) + "\n"
 
 
 def _subject(content: ReportContent) -> dict[str, Any] | None:

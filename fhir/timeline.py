@@ -4,19 +4,23 @@ The model's timeline encoder wants plain typed events (kind, code, time, value) 
 the study; this module turns Observations, Conditions, MedicationRequests and Encounters into exactly that
 and nothing more. Servers differ in which search parameters they honour, so every server-side filter is
 repeated client side: the time window (a server may ignore `date`) and the subject (a server that ignored
-`subject` would otherwise hand us other patients' data).
+`subject` would otherwise hand us other patients' data). Numeric values are brought to the units the model
+expects (`target_units`, see `units.py`); a value that cannot be converted is dropped and counted.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast, get_args
 
-from . import codes
+from . import codes, units
 from .client import FhirClient
 
 log = logging.getLogger(__name__)
@@ -74,13 +78,15 @@ class TimelineEvent:
 class Timeline:
     """The patient's events in the window before the study, and why there are none when there are none.
 
-    `resource_count` counts the FHIR resources that contributed at least one event.
+    `resource_count` counts the FHIR resources that contributed at least one event; `dropped_values`
+    counts values left out because their unit could not be converted to the model's (see `units.py`).
     """
 
     status: TimelineStatus
     patient_id: str | None
     events: tuple[TimelineEvent, ...] = ()
     resource_count: int = 0
+    dropped_values: int = 0
 
     def __post_init__(self) -> None:
         if self.status not in get_args(TimelineStatus):
@@ -89,13 +95,14 @@ class Timeline:
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "patient_id": self.patient_id, "resource_count": self.resource_count,
-                "events": [e.to_dict() for e in self.events]}
+                "dropped_values": self.dropped_values, "events": [e.to_dict() for e in self.events]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Timeline:
         return cls(status=cast(TimelineStatus, data["status"]), patient_id=data.get("patient_id"),
                    events=tuple(TimelineEvent.from_dict(e) for e in data.get("events") or ()),
-                   resource_count=int(data.get("resource_count", 0)))
+                   resource_count=int(data.get("resource_count", 0)),
+                   dropped_values=int(data.get("dropped_values", 0)))
 
 
 @dataclass(frozen=True)
@@ -132,9 +139,16 @@ def resolve_patient(client: FhirClient, system: str | None, value: str) -> Patie
 
 
 def fetch_timeline(client: FhirClient, *, identifier_system: str | None, identifier_value: str,
-                   study_time: datetime, window_days: int,
-                   resource_types: Sequence[str]) -> tuple[Timeline, list[dict[str, Any]]]:
+                   study_time: datetime, window_days: int, resource_types: Sequence[str],
+                   target_units: Mapping[str, str] | None = None,
+                   elements: bool = False) -> tuple[Timeline, list[dict[str, Any]]]:
     """Resolve the patient and return its events in [study_time - window_days, study_time].
+
+    `target_units` maps `system|code` (e.g. `http://loinc.org|2345-7`) to the UCUM unit the model expects:
+    numeric values of those codes are converted to it (`units.convert`), and values whose unit cannot be
+    converted — or that carry no unit — are dropped and counted in `Timeline.dropped_values`, never passed
+    on mis-scaled. `elements=True` asks the server for only the elements the extraction reads
+    (`_elements`), which shrinks the pages; the returned resources are then the subsets the server sent.
 
     Returns the timeline and the raw resources that contributed events (for audit storage). `FHIRError`s
     (e.g. `FHIRUnavailable`) propagate: whether to retry or degrade to image-only is the caller's call.
@@ -155,12 +169,16 @@ def fetch_timeline(client: FhirClient, *, identifier_system: str | None, identif
         return Timeline("ambiguous_patient", None), []
     patient_id = match.patient_id
 
+    units = _UnitNormaliser(target_units or {})
     events: list[TimelineEvent] = []
     used: list[dict[str, Any]] = []
     for rtype in types:
         seen: set[str] = set()
         fetched = foreign = kept = 0
-        for res in client.search(rtype, _query(rtype, patient_id, start, end)):
+        query = _query(rtype, patient_id, start, end)
+        if elements:
+            query.append(("_elements", ",".join(_ELEMENTS[rtype])))
+        for res in client.search(rtype, query):
             rid = str(res.get("id", ""))
             if rid in seen:  # offset paging can repeat a resource when data changes between pages
                 continue
@@ -169,7 +187,7 @@ def fetch_timeline(client: FhirClient, *, identifier_system: str | None, identif
             if not _is_subject(res, patient_id):
                 foreign += 1
                 continue
-            in_window = [e for e in events_from_resource(res) if start <= e.time <= end]
+            in_window = units.apply(e for e in events_from_resource(res) if start <= e.time <= end)
             if in_window:
                 events.extend(in_window)
                 used.append(res)
@@ -178,10 +196,11 @@ def fetch_timeline(client: FhirClient, *, identifier_system: str | None, identif
             log.warning("%s search returned %d resource(s) of other subjects; the server may ignore the "
                         "'subject' parameter — dropped them", rtype, foreign)
         log.info("timeline %s: %d fetched, %d in window", rtype, fetched, kept)
+    units.warn()
     events.sort(key=lambda e: (e.time, e.kind, e.system, e.code))
     status: TimelineStatus = "ok" if events else "empty"
     log.info("timeline: %s, %d events from %d resources", status, len(events), len(used))
-    return Timeline(status, patient_id, tuple(events), len(used)), used
+    return Timeline(status, patient_id, tuple(events), len(used), units.dropped_total), used
 
 
 def normalise_resource_types(resource_types: Iterable[str]) -> tuple[str, ...]:
@@ -234,7 +253,58 @@ def parse_fhir_datetime(value: str | None) -> datetime | None:
     return dt.astimezone(UTC)
 
 
+# ---- units -----------------------------------------------------------------------------------------------
+
+
+class _UnitNormaliser:
+    """Converts valued events of the targeted codes to the target unit and counts what it must drop."""
+
+    def __init__(self, target_units: Mapping[str, str]) -> None:
+        self.targets = dict(target_units)
+        self.dropped: Counter[tuple[str, str]] = Counter()  # (system|code, unit as sent) -> count
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def apply(self, events: Iterable[TimelineEvent]) -> list[TimelineEvent]:
+        out: list[TimelineEvent] = []
+        for e in events:
+            key = f"{e.system}|{e.code}"
+            target = self.targets.get(key)
+            if target is None or e.value is None:
+                out.append(e)
+                continue
+            value = units.convert(e.value, e.unit, target, system=e.system, code=e.code)
+            if value is None or not math.isfinite(value):
+                self.dropped[(key, e.unit or "")] += 1
+                continue
+            out.append(dataclasses.replace(e, value=value, unit=target))
+        return out
+
+    def warn(self) -> None:
+        if not self.dropped:
+            return
+        detail = ", ".join(f"{key} in {unit or 'no unit'!r} ×{n} (model expects {self.targets[key]!r})"
+                           for (key, unit), n in sorted(self.dropped.items()))
+        log.warning("timeline: dropped %d value(s) whose unit cannot be converted to the model's: %s. "
+                    "Add the unit to dicom_fusion.fhir.units if it is convertible, or fix the source system",
+                    self.dropped_total, detail)
+
+
 # ---- queries ---------------------------------------------------------------------------------------------
+
+#: What `events_from_resource` reads, per type, for `_elements`. Choice elements are listed by their JSON
+#: names and their base name (servers differ in which they accept); `subject` is needed for the subject check.
+_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Observation": ("status", "subject", "code", "effective", "effectiveDateTime", "effectiveInstant",
+                    "effectivePeriod", "value", "valueQuantity", "valueInteger", "component"),
+    "Condition": ("subject", "code", "verificationStatus", "onset", "onsetDateTime", "onsetPeriod",
+                  "recordedDate"),
+    "MedicationRequest": ("status", "subject", "authoredOn", "medication", "medicationCodeableConcept",
+                          "medicationReference", "contained"),
+    "Encounter": ("status", "subject", "class", "period"),
+}
 
 _DATE_RE = re.compile(r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<t>\d{2}:\d{2}.*))?)?)?$")
 
@@ -277,7 +347,9 @@ def _quantity(element: dict[str, Any]) -> tuple[float | None, str | None]:
     if isinstance(q, dict):
         number = q.get("value")
         if isinstance(number, (int, float)) and not isinstance(number, bool):
-            return float(number), q.get("unit") or q.get("code")
+            # the UCUM code is the machine-readable unit; `unit` is display text and only a fallback
+            ucum = q.get("code") if q.get("system") == codes.UCUM else None
+            return float(number), ucum or q.get("unit") or q.get("code")
     v = element.get("valueInteger")
     if isinstance(v, int) and not isinstance(v, bool):
         return float(v), None

@@ -102,6 +102,43 @@ def demo(patients: Annotated[int, typer.Option(min=1, max=50, help="Synthetic pa
     raise typer.Exit(run_demo(patients=patients, out=out, seed=seed, timeout=timeout))
 
 
+@app.command()
+def redeliver(target: Annotated[str, typer.Argument(metavar="JOB_ID|STUDY_UID",
+                                                    help="Job id (digits) or Study Instance UID.")],
+              config: ConfigOpt = None) -> None:
+    """Send a dead job back to the stage it died at, with a fresh retry budget.
+
+    Its dead deliveries (SR, report, HL7) become pending again; delivered ones are not sent twice.
+    With a Study Instance UID, the study's latest job is re-delivered.
+    """
+    from dicom_fusion.service.ledger import JobState, Ledger, Stage
+    from dicom_fusion.service.tasks import enqueue, make_celery
+
+    settings = _settings(config)
+    ledger = Ledger(settings.ledger_url)
+    try:
+        if target.isdigit():
+            job = ledger.job(int(target))
+        else:
+            jobs = ledger.jobs_for_study(target)
+            job = jobs[-1] if jobs else None
+        if job is None:
+            console.print(f"[red]error:[/red] no job {target} in the ledger {settings.ledger_url}; pass a job "
+                          "id or a Study Instance UID from `dicom-fusion status` (and the same --config)")
+            raise typer.Exit(1)
+        if job.state != JobState.DEAD:
+            console.print(f"[red]error:[/red] job {job.id} (v{job.version}) is {job.state}; only dead jobs "
+                          "are re-delivered")
+            raise typer.Exit(1)
+        if not ledger.reset_for_redelivery(job.id):
+            console.print(f"[red]error:[/red] job {job.id} changed state meanwhile; run the command again")
+            raise typer.Exit(1)
+        enqueue(make_celery(settings), ledger, settings, job.id, Stage(job.stage), requeue=True)
+    finally:
+        ledger.close()
+    typer.echo(f"job {job.id} (v{job.version}) re-enqueued at stage {job.stage} with a fresh retry budget")
+
+
 # Operator commands: api, status, retry, replay, send (service/opscli.py).
 from dicom_fusion.service.opscli import register as _register_operator_commands  # noqa: E402
 

@@ -107,10 +107,26 @@ class FhirSettings(_Section):
     default_identifier_system: str = "urn:dicom-fusion:mrn"
     issuer_systems: dict[str, str] = Field(default_factory=dict)
     unavailable_wait_seconds: float = Field(60.0, ge=0)
+    page_size: int = Field(1000, ge=1)
+    search_elements: bool = False
 
     @property
     def enabled(self) -> bool:
         return bool(self.base_url)
+
+
+class Hl7Settings(_Section):
+    """Optional HL7 v2.5.1 ORU^R01 to a RIS over MLLP, beside the FHIR report; off by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(2575, ge=1, le=65535)
+    sending_app: str = "DFUSION"
+    sending_facility: str = ""
+    receiving_app: str = ""
+    receiving_facility: str = ""
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(2, ge=0)
 
 
 class BrokerSettings(_Section):
@@ -195,6 +211,7 @@ class Settings(BaseSettings):
     listener: ListenerSettings = Field(default_factory=ListenerSettings)
     pacs: PacsSettings = Field(default_factory=PacsSettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)

@@ -81,6 +81,7 @@ TERMINAL = (JobState.DONE, JobState.DEAD)
 class DeliveryKind(enum.StrEnum):
     SR = "sr"
     REPORT = "report"
+    HL7 = "hl7"  # optional HL7 v2 ORU^R01 over MLLP (skipped unless hl7.enabled)
 
 
 class DeliveryState(enum.StrEnum):

@@ -70,8 +70,17 @@ def prepare(rt: Any, job: JobRef) -> Stage:
     return Stage.TIMELINE
 
 
+#: Why a prediction is image-only, per timeline status; written into the SR, the report and the ORU.
+IMAGE_ONLY_REASONS = {
+    "no_patient": "no FHIR Patient has the study's patient identifier",
+    "ambiguous_patient": "several FHIR Patients share the study's patient identifier; none was used",
+    "empty": "no EHR events in the model's window",
+}
+
+
 def timeline(rt: Any, job: JobRef) -> Stage:
-    """Fetch the EHR timeline; FHIR trouble degrades to image-only once the wait budget is spent."""
+    """Fetch the EHR timeline; FHIR trouble degrades to image-only once the wait budget is spent
+    (``fhir.unavailable_wait_seconds`` since the job was created, or the stage's last retry)."""
     from dicom_fusion.fhir.errors import AuthenticationError, FHIRError, FHIRUnavailable
     from dicom_fusion.fhir.timeline import fetch_timeline
 
@@ -86,15 +95,18 @@ def timeline(rt: Any, job: JobRef) -> Stage:
     else:
         system = identifier_system(fhir, facts.issuer)
         card = rt.card
+        units = {f"{f.system}|{f.code}": f.unit for f in card.timeline.features if f.unit}
         try:
             with rt.fhir_client() as client:
                 tl, resources = fetch_timeline(
                     client, identifier_system=system, identifier_value=facts.patient_id,
                     study_time=facts.time, window_days=card.timeline.window_days,
-                    resource_types=card.timeline.resource_types)
+                    resource_types=card.timeline.resource_types, target_units=units,
+                    elements=fhir.search_elements)
         except (FHIRUnavailable, AuthenticationError) as exc:
             waited = utcnow() - job.created_at
-            if waited.total_seconds() < fhir.unavailable_wait_seconds:
+            last_try = job.attempts + 1 > rt.settings.worker.max_retries
+            if waited.total_seconds() < fhir.unavailable_wait_seconds and not last_try:
                 raise TransientError(f"FHIR unavailable: {exc}") from exc
             log.warning("job %s: FHIR unavailable for %.0fs, predicting image-only", job.job_id,
                         waited.total_seconds())
@@ -108,6 +120,8 @@ def timeline(rt: Any, job: JobRef) -> Stage:
             write_durable(d / f"resources-{digest[:16]}.json", blob, fsync=rt.spool.fsync, replace=True)
             record = {"status": tl.status, "timeline": tl.to_dict(), "resources_sha256": digest,
                       "identifier_system": system}
+            if tl.status in IMAGE_ONLY_REASONS:
+                record["reason"] = IMAGE_ONLY_REASONS[tl.status]
     _write_json(d / "timeline.json", record, rt.spool.fsync)
     return Stage.INFER
 
@@ -160,9 +174,11 @@ def deliver(rt: Any, job: JobRef) -> Stage:
     facts = StudyFacts.from_dict(_read_json(d / "study.json"))
     result = InferenceResult.from_dict(_read_json(d / "result.json"))
     fhir = rt.settings.fhir
+    hl7 = rt.settings.hl7
     rt.ledger.ensure_deliveries(job.job_id, targets={
         DeliveryKind.SR: _pacs_target(rt),
         DeliveryKind.REPORT: fhir.base_url if fhir.enabled else None,
+        DeliveryKind.HL7: f"{hl7.host}:{hl7.port}" if hl7.enabled else None,
     })
     series_uid, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
     failures: list[str] = []
@@ -170,6 +186,8 @@ def deliver(rt: Any, job: JobRef) -> Stage:
         try:
             if kind == DeliveryKind.SR:
                 remote = _deliver_sr(rt, job, d, result, series_uid, sr_uid)
+            elif kind == DeliveryKind.HL7:
+                remote = _deliver_hl7(rt, d, result, facts, sr_uid)
             else:
                 remote = _deliver_report(rt, d, result, facts, sr_uid)
         except PermanentError as exc:
@@ -223,3 +241,26 @@ def _deliver_report(rt: Any, d: Path, result: Any, facts: StudyFacts, sr_uid: st
     _write_json(d / "report.json", {"report_id": outcome.report_id, "created": outcome.created},
                 rt.spool.fsync)
     return f"DiagnosticReport/{outcome.report_id}"
+
+
+def _deliver_hl7(rt: Any, d: Path, result: Any, facts: StudyFacts, sr_uid: str) -> str:
+    """ORU^R01 to the RIS over MLLP; a rejection (AR) is permanent, anything else is retried."""
+    from dicom_fusion.fhir.hl7v2 import Hl7Error, Hl7Header, build_oru, message_control_id
+    from dicom_fusion.fhir.mllp import MllpTarget, send_message
+
+    h = rt.settings.hl7
+    record = _read_json(d / "timeline.json")
+    system = record.get("identifier_system") or identifier_system(rt.settings.fhir, facts.issuer)
+    content = report_content(result, facts, sr_uid=sr_uid, patient_id=None, system=system)
+    header = Hl7Header(h.sending_app, h.sending_facility, h.receiving_app, h.receiving_facility)
+    message = build_oru(content, header)
+    control_id = message_control_id(content)
+    write_durable(d / "oru.hl7", message.encode(), fsync=rt.spool.fsync, replace=True)
+    try:
+        send_message(message, control_id, MllpTarget(h.host, h.port, timeout=h.timeout, retries=h.retries),
+                     redact=(facts.patient_id, facts.accession_number))
+    except Hl7Error as exc:
+        if not exc.retryable:
+            raise PermanentError(str(exc)) from exc
+        raise TransientError(str(exc)) from exc
+    return f"MSH-10 {control_id}"

@@ -86,7 +86,8 @@ def make_fhir_client(fhir: FhirSettings) -> FhirClient:
                         client_id=fhir.client_id or None, client_secret=fhir.client_secret or None,
                         scope=fhir.scope)
     verify: bool | str = str(fhir.ca_file) if fhir.ca_file else fhir.verify_tls
-    return FhirClient(fhir.base_url, timeout=fhir.timeout, auth=auth, retries=fhir.retries, verify=verify)
+    return FhirClient(fhir.base_url, timeout=fhir.timeout, auth=auth, retries=fhir.retries, verify=verify,
+                      page_size=fhir.page_size)
 
 
 def report_content(result: InferenceResult, facts: StudyFacts, *, sr_uid: str, patient_id: str | None,

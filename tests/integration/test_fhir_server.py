@@ -22,7 +22,7 @@ from dicom_fusion.fhir import codes
 from dicom_fusion.fhir.client import FhirAuth, FhirClient
 from dicom_fusion.fhir.errors import AuthenticationError, FHIRUnavailable
 from dicom_fusion.fhir.report import ReportContent, ReportFinding, post_report
-from dicom_fusion.fhir.timeline import fetch_timeline
+from dicom_fusion.fhir.timeline import Timeline, fetch_timeline
 from dicom_fusion.service import components
 
 pytestmark = pytest.mark.integration
@@ -367,3 +367,72 @@ def test_oauth2_client_credentials(secured_server, caplog):
     with _client(base, auth=wrong) as client:
         with pytest.raises(AuthenticationError, match="fhir.auth.client_id"):
             client.read("Patient", "x")
+
+
+# ---- units and _elements -----------------------------------------------------------------------------------
+
+
+def _glucose_patient(client: FhirClient) -> str:
+    """A patient whose labs come in every unit shape seen in the wild; returns its identifier value."""
+    mrn = f"UNITS-{RUN}"
+    pat = "urn:uuid:" + str(uuid.uuid4())
+    rows = [  # (LOINC, value, valueQuantity unit fields, days before the study)
+        ("2345-7", 100.0, {"unit": "mg/dL", "system": codes.UCUM, "code": "mg/dL"}, 1),
+        ("2345-7", 5.5, {"unit": "mmol/l", "system": codes.UCUM, "code": "mmol/L"}, 2),
+        ("2345-7", 90.0, {"unit": "mg/dl"}, 3),  # display text only, non-UCUM spelling
+        ("2345-7", 7.0, {"unit": "mg", "system": codes.UCUM, "code": "mg"}, 4),  # a mass: not convertible
+        ("2345-7", 6.0, {}, 5),  # no unit at all: ambiguous
+        ("8480-6", 16.0, {"unit": "kPa", "system": codes.UCUM, "code": "kPa"}, 6),
+        ("8480-6", 121.0, {"unit": "mmHg"}, 7),
+        ("4548-4", 48.0, {"unit": "mmol/mol", "system": codes.UCUM, "code": "mmol/mol"}, 8),  # not targeted
+    ]
+    entries: list[dict[str, Any]] = [{"fullUrl": pat, "resource": {
+        "resourceType": "Patient", "identifier": [{"system": ISSUER, "value": mrn}]},
+        "request": {"method": "POST", "url": "Patient"}}]
+    for code, value, unit, days in rows:
+        entries.append({"resource": {
+            "resourceType": "Observation", "status": "final", "subject": {"reference": pat},
+            "code": {"coding": [{"system": codes.LOINC, "code": code}]},
+            "effectiveDateTime": (STUDY_TIME - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "valueQuantity": {"value": value, **unit}}, "request": {"method": "POST", "url": "Observation"}})
+    client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    return mrn
+
+
+def test_units_are_normalised_to_the_models_and_unconvertible_values_dropped(fhir_server, caplog):
+    targets = {f"{codes.LOINC}|2345-7": "mg/dL", f"{codes.LOINC}|8480-6": "mm[Hg]"}
+    with _client(fhir_server.base_url) as client:
+        mrn = _glucose_patient(client)
+        with caplog.at_level("WARNING", logger="dicom_fusion"):
+            timeline, resources = fetch_timeline(client, identifier_system=ISSUER, identifier_value=mrn,
+                                                 study_time=STUDY_TIME, window_days=30,
+                                                 resource_types=["Observation"], target_units=targets)
+    got = sorted(((e.code, round(e.value, 2), e.unit) for e in timeline.events), reverse=True)
+    assert got == [("8480-6", 121.0, "mm[Hg]"), ("8480-6", 120.01, "mm[Hg]"), ("4548-4", 48.0, "mmol/mol"),
+                   ("2345-7", 100.0, "mg/dL"), ("2345-7", 99.09, "mg/dL"), ("2345-7", 90.0, "mg/dL")]
+    assert timeline.dropped_values == 2
+    assert len(resources) == timeline.resource_count == 6  # the dropped values' resources were not used
+    assert "dropped 2 value(s)" in caplog.text
+    assert "2345-7 in 'mg' ×1" in caplog.text and "in 'no unit' ×1" in caplog.text
+    assert mrn not in caplog.text
+    assert Timeline.from_dict(timeline.to_dict()) == timeline
+
+
+def test_elements_fetch_the_same_timeline_with_smaller_resources(fhir_server, cohort):
+    log = RequestLog()
+    with _client(fhir_server.base_url, log) as client:
+        full, full_resources = fetch_timeline(client, identifier_system=ISSUER, identifier_value=MRN,
+                                              study_time=STUDY_TIME, window_days=WINDOW_DAYS,
+                                              resource_types=ALL_TYPES)
+        lean, lean_resources = fetch_timeline(client, identifier_system=ISSUER, identifier_value=MRN,
+                                              study_time=STUDY_TIME, window_days=WINDOW_DAYS,
+                                              resource_types=ALL_TYPES, elements=True)
+    assert lean == full and len(lean_resources) == len(full_resources)
+    assert any("_elements" in r.url.params for r in log.requests)
+    # the server sent subsets: e.g. the Observations' local coding is kept but nothing else outside the list
+    assert all(set(r) <= {"resourceType", "id", "meta", "status", "subject", "code", "effectiveDateTime",
+                          "effectivePeriod", "effectiveInstant", "valueQuantity", "valueInteger", "component",
+                          "onsetDateTime", "onsetPeriod", "recordedDate", "verificationStatus", "authoredOn",
+                          "medicationCodeableConcept", "medicationReference", "contained", "class", "period"}
+               for r in lean_resources)
+    assert any("intent" in r for r in full_resources) and not any("intent" in r for r in lean_resources)
