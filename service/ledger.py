@@ -547,6 +547,20 @@ class Ledger:
                 d.last_error = (error or "")[:2000]
             self._audit(s, "delivery", d.id, d.state, f"kind={kind} {error or remote_id or ''}")
 
+    def bury_deliveries(self, job_id: int, *, reason: str) -> int:
+        """The job died: every side not yet delivered becomes `dead`, keeping its own last error
+        (the attempt count is not touched: burying is not an attempt). Returns how many."""
+        n = 0
+        with self.transaction() as s:
+            for d in s.scalars(select(Delivery).where(
+                    Delivery.job_id == job_id,
+                    Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]))):
+                d.state = DeliveryState.DEAD
+                d.last_error = d.last_error or reason[:2000]
+                self._audit(s, "delivery", d.id, DeliveryState.DEAD, f"kind={d.kind} job dead: {reason[:200]}")
+                n += 1
+        return n
+
     # ---- queries ------------------------------------------------------------------------------
     def study_files(self, study_id: int) -> list[Path]:
         with self.session() as s:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from dicom_fusion.service.config import Settings
-from dicom_fusion.service.ledger import DeliveryKind, DeliveryState, Ledger, Stage
+from dicom_fusion.service.ledger import Ledger, Stage
 from dicom_fusion.service.spool import Spool
 
 if TYPE_CHECKING:
@@ -49,11 +49,8 @@ class WorkerRuntime:
 
     def on_dead(self, job_id: int, stage: Stage, reason: str) -> None:
         """A dead job at delivery leaves the undelivered side visibly dead, never silently pending."""
-        if stage != Stage.DELIVER:
-            return
-        for d in self.ledger.deliveries(job_id):
-            if d.state in (DeliveryState.PENDING, DeliveryState.FAILED):
-                self.ledger.delivery_result(job_id, DeliveryKind(d.kind), ok=False, error=reason, dead=True)
+        if stage == Stage.DELIVER:
+            self.ledger.bury_deliveries(job_id, reason=reason)
 
 
 _runtime: WorkerRuntime | None = None

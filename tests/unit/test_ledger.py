@@ -117,3 +117,15 @@ def test_fhir_disabled_report_is_skipped(ledger: Ledger) -> None:
     [job] = ledger.complete_studies(quiet_before=utcnow() + timedelta(seconds=1))
     ledger.ensure_deliveries(job, targets={DeliveryKind.SR: "PACS@h:1", DeliveryKind.REPORT: None})
     assert ledger.pending_deliveries(job) == [DeliveryKind.SR]
+
+
+def test_burying_keeps_each_sides_error_and_attempts(ledger: Ledger) -> None:
+    _receive(ledger, "1.1", "1.1.1.1")
+    [job] = ledger.complete_studies(quiet_before=utcnow() + timedelta(seconds=1))
+    ledger.ensure_deliveries(job, targets={DeliveryKind.SR: "PACS@h:1", DeliveryKind.REPORT: "http://f"})
+    ledger.delivery_result(job, DeliveryKind.SR, ok=True, remote_id="1.2")
+    ledger.delivery_result(job, DeliveryKind.REPORT, ok=False, error="FHIR 503")
+    assert ledger.bury_deliveries(job, reason="retries exhausted") == 1
+    d = {x.kind: x for x in ledger.deliveries(job)}
+    assert d["sr"].state == DeliveryState.DELIVERED
+    assert (d["report"].state, d["report"].attempts, d["report"].last_error) == (DeliveryState.DEAD, 1, "FHIR 503")
