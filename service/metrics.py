@@ -51,10 +51,17 @@ PROCESS_METRICS = (STORE_RESPONSES, ASSOCIATIONS, TASK_DURATION, INFERENCE_SECON
 
 
 def _serve(port: int, host: str, what: str) -> None:
+    """Start the endpoint; a port that cannot be bound is logged, never fatal (ingest and tasks go on)."""
     disable_created_metrics()
-    if port:
+    if not port:
+        return
+    try:
         start_http_server(port, addr=host)
-        log.info("%s metrics on http://%s:%s/metrics", what, host, port)
+    except OSError as exc:
+        log.error("%s metrics endpoint not started: cannot bind %s:%s (%s); set metrics.%s_port to a free "
+                  "port or 0", what, host, port, exc.strerror, what)
+        return
+    log.info("%s metrics on http://%s:%s/metrics", what, host, port)
 
 
 # ---- listener -------------------------------------------------------------------------------

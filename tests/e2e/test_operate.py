@@ -225,7 +225,7 @@ def test_operator_sees_and_acts_on_a_real_run(ops: Ops, cohort: list[SyntheticPa
     # The dashboard, as a browser renders it (scripts run; the token leaves the URL)
     url = f"http://127.0.0.1:{ops.api_port}/dashboard?token={TOKEN}&study={uid}"
     shot = Path(os.environ.get("DICOM_FUSION_SCREENSHOT") or tmp_path / "dashboard.png")
-    chromium(url, tmp_path, f"--screenshot={shot}")
+    chromium(url, tmp_path, f"--screenshot={shot}", "--virtual-time-budget=2000")
     assert shot.stat().st_size > 20_000
     dom = chromium(url, tmp_path, "--dump-dom")
     assert _text(dom, "kpi-done") == "1"

@@ -125,3 +125,14 @@ def test_worker_task_timing_by_stage_and_outcome() -> None:
     assert (count("ok") - ok0, count("retry") - retry0, count("skipped") - skipped0) == (1, 1, 1)
     metrics.observe_inference("hybrid", "1.0.0", 0.02)
     assert _value("dicom_fusion_model_inference_seconds_count", model="hybrid", version="1.0.0") >= 1
+
+
+def test_a_busy_metrics_port_is_logged_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        metrics._serve(port, "127.0.0.1", "worker")
+    assert "cannot bind 127.0.0.1" in caplog.text and "metrics.worker_port" in caplog.text

@@ -41,7 +41,13 @@ def _ago(ts: datetime | None, now: datetime) -> str:
     return "–" if ts is None else f"{_duration(max((now - ts).total_seconds(), 0.0))} ago"
 
 
+def _short_uid(uid: str) -> str:
+    """Long UIDs in narrow columns: head…tail (the full UID is in the title and the drill-down)."""
+    return uid if len(uid) <= 26 else f"{uid[:10]}…{uid[-12:]}"
+
+
 templates.env.filters["duration"] = _duration
+templates.env.filters["short_uid"] = _short_uid
 templates.env.globals["ago"] = _ago
 
 
