@@ -139,8 +139,12 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, concurren
     qs = ",".join(queues or settings.worker.queues)
     argv = ["worker", "-Q", qs, "-c", str(concurrency or settings.worker.concurrency),
             "-P", pool or settings.worker.pool, "-n", f"dfusion-{os.getpid()}@%h",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-l", settings.log_level.upper()]
+            "--without-mingle", "-l", settings.log_level.upper()]
+    if settings.embedded_broker:
+        # The filesystem transport has no fanout exchange: no gossip, heartbeats or events.
+        argv += ["--without-gossip", "--without-heartbeat"]
+    else:
+        argv += ["-E"]  # task events + heartbeats, so Flower sees workers and tasks
     log.info("worker on queues %s", qs)
     app.worker_main(argv=argv)
 
