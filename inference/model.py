@@ -38,7 +38,11 @@ CARD_NAME = "card.toml"
 
 
 class SmallCNN(nn.Module):
-    """Four strided MONAI convolution blocks + global average pool: ~60 k parameters, 2 ms on 128² CPU.
+    """Four strided MONAI convolution blocks + global max pool: ~60 k parameters, 2 ms on 128² CPU.
+
+    Max rather than average pooling: the finding is a small lesion (~1 % of the image), which an
+    average over the whole map dilutes; on the synthetic cohort the image-only CNN reached
+    cross-validated ROC-AUC ~0.64 with average and ~0.78 with max pooling (same recipe, 800 patients).
 
     GroupNorm rather than BatchNorm: serving runs one study at a time and training batches are small,
     and with BatchNorm the running statistics made eval-mode predictions swing between epochs on the
@@ -65,7 +69,7 @@ class SmallCNN(nn.Module):
             )
             prev = width
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.pool = nn.AdaptiveMaxPool2d(1) if spatial_dims == 2 else nn.AdaptiveMaxPool3d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)
@@ -141,7 +145,24 @@ class HybridNet(nn.Module):
     ) -> torch.Tensor:
         """Logits for a batch. image [B, C, *size]; values/mask [B, T, F]; deltas [B, T]; lengths,
         has_timeline [B] (bool or 0/1)."""
-        image_features = self.image_act(self.image_encoder(image))
+        return self.fuse(self.encode_image(image), values, mask, deltas, lengths, has_timeline)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Image branch features [B, image_features]."""
+        features: torch.Tensor = self.image_act(self.image_encoder(image))
+        return features
+
+    def fuse(
+        self,
+        image_features: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        deltas: torch.Tensor,
+        lengths: torch.Tensor,
+        has_timeline: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits from precomputed image features and the timeline inputs; `forward` without the CNN, so
+        timeline attributions (explain.py) can run many timeline variants against one image pass."""
         flag = has_timeline.to(image_features.dtype).reshape(-1, 1)
         timeline_features = self.encode_timeline(values, mask, deltas, lengths) * flag
         logits: torch.Tensor = self.head(torch.cat([image_features, timeline_features, flag], dim=1))
