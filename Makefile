@@ -32,6 +32,7 @@ faults: venv sysdeps
 # Benchmarks print ratios against a reference run in the same invocation (not part of the tests).
 bench: venv sysdeps
 	$(VENV)/bin/python bench/ingest.py --instances 600 --memory 10000
+	$(VENV)/bin/python bench/fhir_timeline.py
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit
