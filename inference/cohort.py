@@ -97,7 +97,7 @@ def _parse_time(value: Any) -> datetime | None:
     elif len(text) == 7 and text[4] == "-":
         text += "-01"
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text)
     except ValueError:
         return None
     if moment.tzinfo is None:
@@ -186,7 +186,9 @@ def read_bundle_events(path: Path) -> tuple[EhrEvent, ...]:
     try:
         bundle = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise CohortError(f"{path}: not a readable JSON FHIR Bundle ({exc}); regenerate or remove it") from exc
+        raise CohortError(
+            f"{path}: not a readable JSON FHIR Bundle ({exc}); regenerate or remove it"
+        ) from exc
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise CohortError(f"{path}: expected a FHIR Bundle, got {type(bundle).__name__}")
     events = [
@@ -280,9 +282,7 @@ def load_images(
     return images
 
 
-def load_cohort(
-    cohort_dir: Path, card: ModelCard, *, cache: bool = True, progress: bool = True
-) -> Cohort:
+def load_cohort(cohort_dir: Path, card: ModelCard, *, cache: bool = True, progress: bool = True) -> Cohort:
     """Read cohort.csv, every study (cached) and every bundle of `cohort_dir`."""
     cohort_dir = Path(cohort_dir)
     records = read_cohort_csv(cohort_dir)

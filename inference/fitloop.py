@@ -149,9 +149,7 @@ def _batches(n: int, size: int, rng: np.random.Generator | None) -> list[np.ndar
     return [order[i : i + size] for i in range(0, n, size)]
 
 
-def _mean_loss(
-    model: HybridNet, data: FitData, idx: np.ndarray, mode: str, loss_fn: nn.Module
-) -> float:
+def _mean_loss(model: HybridNet, data: FitData, idx: np.ndarray, mode: str, loss_fn: nn.Module) -> float:
     model.eval()
     total = 0.0
     with torch.no_grad():

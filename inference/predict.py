@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from .model import HybridNet, build_model, collate_timelines
 from .modelcard import REGENERATE_HINT, ModelCard, load_card, verify_weights
 from .timeline import TimelineTensor
 from .transforms import PreparedImage
+
+if TYPE_CHECKING:
+    from .explain import Explanation
 
 NO_TIMELINE = "no_timeline"
 
@@ -178,6 +181,18 @@ class Predictor:
             image_only=image_only,
             image_only_reason=(image_only_reason or NO_TIMELINE) if image_only else None,
         )
+
+    def explain(self, image: PreparedImage | np.ndarray, timeline: TimelineTensor | None) -> Explanation:
+        """Grad-CAM saliency map [*size] of the image branch and, with a timeline, integrated-gradients
+        attributions per timeline feature (`Explanation.top_features()` for the report text).
+
+        A separate call rather than a flag on `predict`, so `InferenceResult` stays a plain JSON value;
+        costs about one extra forward/backward pass (see explain.py).
+        """
+        from .explain import explain
+
+        array = self._image_tensor(image)[0].cpu().numpy()
+        return explain(self.model, self.card, array, timeline)
 
 
 __all__ = [

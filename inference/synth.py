@@ -81,6 +81,9 @@ class SyntheticPatient:
     bundle_path: Path
     image_score: float
     ehr_score: float
+    lesion: tuple[float, float, float] = (0.5, 0.5, 0.0)
+    """Planted lesion in the first image (the one the model reads): centre row, centre column and mean
+    radius, as fractions of the image height/width; ground truth for checking Grad-CAM."""
 
 
 def _sigmoid(x: float) -> float:
@@ -110,6 +113,11 @@ def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, body_p
     return np.asarray(base, dtype=np.float64)
 
 
+def lesion_radius(z: float) -> float:
+    """Mean lesion radius for image score z, in the [-1, 1] image coordinates of `synth_image`."""
+    return float(np.clip(0.11 + 0.045 * z, 0.04, 0.25))
+
+
 def _lesion(
     rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, z: float, centre: tuple[float, float]
 ) -> np.ndarray:
@@ -117,7 +125,7 @@ def _lesion(
     dy, dx = yy - centre[0], xx - centre[1]
     dist = np.hypot(dy, dx)
     theta = np.arctan2(dy, dx)
-    radius = float(np.clip(0.11 + 0.045 * z, 0.04, 0.25))
+    radius = lesion_radius(z)
     irregularity = 0.05 + 0.35 * _sigmoid(2.0 * z)
     border = np.ones_like(theta)
     for k in (3, 5, 7, 11):
@@ -393,6 +401,7 @@ def generate_patient(
         bundle_path=bundle_path,
         image_score=z_img,
         ehr_score=z_ehr,
+        lesion=((centre[0] + 1.0) / 2.0, (centre[1] + 1.0) / 2.0, lesion_radius(z_img) / 2.0),
     )
 
 
@@ -404,7 +413,8 @@ def generate_cohort(
     *,
     transfer_syntax: str = ExplicitVRLittleEndian,
 ) -> list[SyntheticPatient]:
-    """Write `n_patients` patients and `out_dir/cohort.csv` (patient_id, label, study_uid, study_time).
+    """Write `n_patients` patients and `out_dir/cohort.csv` (patient_id, label, study_uid, study_time,
+    lesion_row, lesion_col, lesion_radius: the planted lesion in image fractions, see SyntheticPatient).
 
     `transfer_syntax` (default Explicit VR Little Endian) may name any syntax pydicom can encode here
     (Implicit VR LE, RLE Lossless, JPEG-LS Lossless, JPEG 2000 Lossless), for decoder tests.
@@ -426,9 +436,12 @@ def generate_cohort(
     ]
     with open(out_dir / "cohort.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["patient_id", "label", "study_uid", "study_time"])
+        writer.writerow(
+            ["patient_id", "label", "study_uid", "study_time", "lesion_row", "lesion_col", "lesion_radius"]
+        )
         for sp in patients:
-            writer.writerow([sp.patient_id, sp.label, sp.study_instance_uid, _ts(sp.study_time)])
+            lesion = (f"{v:.4f}" for v in sp.lesion)
+            writer.writerow([sp.patient_id, sp.label, sp.study_instance_uid, _ts(sp.study_time), *lesion])
     return patients
 
 

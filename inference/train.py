@@ -59,8 +59,8 @@ class TrainConfig:
     """Training settings; every field is a key of the TOML file given to `dicom-fusion train --config`."""
 
     folds: int = 5
-    max_epochs: int = 16
-    patience: int = 4
+    max_epochs: int = 30
+    patience: int = 6
     batch_size: int = 32
     learning_rate: float = 5e-4
     weight_decay: float = 1e-4
@@ -79,7 +79,10 @@ class TrainConfig:
             (self.folds >= 2, "folds must be at least 2"),
             (self.max_epochs >= 1 and self.patience >= 1, "max_epochs and patience must be at least 1"),
             (self.batch_size >= 2, "batch_size must be at least 2"),
-            (self.learning_rate > 0 and self.weight_decay >= 0, "learning_rate must be > 0, weight_decay >= 0"),
+            (
+                self.learning_rate > 0 and self.weight_decay >= 0,
+                "learning_rate must be > 0, weight_decay >= 0",
+            ),
             (0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)"),
             (0 <= self.modality_dropout < 1, "modality_dropout must be in [0, 1)"),
             (self.encoder in ENCODERS, f"encoder must be one of {', '.join(ENCODERS)}"),
@@ -121,7 +124,8 @@ def load_train_config(path: Path | None, **overrides: Any) -> TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
-                f"training config {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+                f"training config {path}: unknown key(s) {', '.join(unknown)}; "
+                f"known keys: {', '.join(sorted(known))}"
             )
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -154,7 +158,9 @@ def make_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, 
     return [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), labels)]
 
 
-def inner_split(labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def inner_split(
+    labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) positions within `idx`, stratified; validation drives early stopping only."""
     fit_idx, val_idx = train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed)
     return np.sort(fit_idx), np.sort(val_idx)
@@ -241,7 +247,9 @@ def new_model(card: ModelCard, config: TrainConfig) -> HybridNet:
         try:
             state = torch.load(config.encoder_weights, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"encoder_weights {config.encoder_weights}: not a loadable state_dict ({exc})") from exc
+            raise ValueError(
+                f"encoder_weights {config.encoder_weights}: not a loadable state_dict ({exc})"
+            ) from exc
         prefix = "image_encoder."
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -326,11 +334,15 @@ def cross_validate(
     with progress_bar(progress) as bar:
         for k, (train_idx, test_idx) in enumerate(folds, start=1):
             spec = fit_timeline_scaler(
-                [cohort.events[i] for i in train_idx], [cohort.study_times[i] for i in train_idx], card.timeline
+                [cohort.events[i] for i in train_idx],
+                [cohort.study_times[i] for i in train_idx],
+                card.timeline,
             )
             fold_card = dataclasses.replace(card, timeline=spec)
             data = fit_data(cohort, fold_card, spec)
-            fit_idx, val_idx = inner_split(cohort.labels, train_idx, config.val_fraction, derive_seed(config.seed, k))
+            fit_idx, val_idx = inner_split(
+                cohort.labels, train_idx, config.val_fraction, derive_seed(config.seed, k)
+            )
             result = FoldResult(k, train_idx, test_idx, spec)
             for m, mode in enumerate(modes):
                 task = bar.add_task(f"fold {k}/{config.folds} {mode:8s}", total=config.max_epochs, status="")
@@ -341,12 +353,16 @@ def cross_validate(
                 seed = derive_seed(config.seed, k, m)
                 with deterministic(seed):
                     model = new_model(fold_card, config)
-                    outcome = fit(model, data, fit_idx, val_idx, mode, config.fit_settings, seed=seed, on_epoch=on_epoch)
+                    outcome = fit(
+                        model, data, fit_idx, val_idx, mode, config.fit_settings, seed=seed, on_epoch=on_epoch
+                    )
                 bar.update(task, completed=config.max_epochs, status=f"best epoch {outcome.best_epoch}")
                 result.histories[mode], result.best_epochs[mode] = outcome.history, outcome.best_epoch
                 result.probs[mode] = predict_positive(model, data, test_idx, mode, card.positive_index)
                 if mode == "fusion":
-                    result.probs[NO_EHR] = predict_positive(model, data, test_idx, "image", card.positive_index)
+                    result.probs[NO_EHR] = predict_positive(
+                        model, data, test_idx, "image", card.positive_index
+                    )
                     result.fusion_state = outcome.state
             results.append(result)
     return CVResult(config, card, cohort.labels, results, time.monotonic() - started)
@@ -424,19 +440,29 @@ def train_model(
         task = bar.add_task("final model (all patients)", total=epochs, status="")
         model = new_model(final_card, config)
         outcome = fit(
-            model, data, np.arange(len(cohort)), None, "fusion", config.fit_settings, seed=seed, epochs=epochs,
+            model,
+            data,
+            np.arange(len(cohort)),
+            None,
+            "fusion",
+            config.fit_settings,
+            seed=seed,
+            epochs=epochs,
             on_epoch=lambda s: bar.update(task, advance=1, status=f"train {s.train_loss:.3f}"),
         )
     saved = save_model(model, final_card, card_metrics(cv, epochs))
     seconds = time.monotonic() - started
     summary = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
-        "cohort": str(Path(cohort_dir).resolve()),
+        "cohort": str(cohort_dir),
         "seconds": round(seconds, 1),
         "cv_seconds": round(cv.seconds, 1),
         "folds": [
-            {"fold": f.fold, "best_epochs": f.best_epochs,
-             "metrics": {v: f.metrics(cv.labels, v, card.threshold) for v in cv.variants}}
+            {
+                "fold": f.fold,
+                "best_epochs": f.best_epochs,
+                "metrics": {v: f.metrics(cv.labels, v, card.threshold) for v in cv.variants},
+            }
             for f in cv.folds
         ],
         "final_history": [dataclasses.asdict(s) for s in outcome.history],
