@@ -84,6 +84,89 @@ def model_init(out: Annotated[Path, typer.Option(help="Folder for card.toml + we
     console.print(f"model {card.name} {card.version} written to {card.path} (sha256 {card.sha256[:12]}…)")
 
 
+TrainConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="Training TOML; keys are the fields of TrainConfig (folds, max_epochs, patience, "
+    "seed, ...; see README 'Model').")]
+CohortOpt = Annotated[Path, typer.Option(help="Cohort folder: cohort.csv, <patient>/study/*.dcm, "
+                                         "<patient>/bundle.json (as `dicom-fusion synth` writes it).")]
+FoldsOpt = Annotated[Optional[int], typer.Option(help="Cross-validation folds (default 5).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Maximum epochs per fit; early stopping ends sooner.")]
+TrainSeedOpt = Annotated[Optional[int], typer.Option(help="Seed of folds, weights, augmentation (default 0)")]
+EncoderOpt = Annotated[Optional[str], typer.Option(help="smallcnn | densenet121 | efficientnet-b0.")]
+
+
+def _train_config(config: Path | None, **overrides: object):  # type: ignore[no-untyped-def]
+    from dicom_fusion.inference.train import load_train_config
+
+    try:
+        return load_train_config(config, **overrides)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _print_comparison(summary: dict) -> None:  # type: ignore[type-arg]
+    from rich.table import Table
+
+    from dicom_fusion.inference.evaluate import LABELS
+    from dicom_fusion.inference.metrics import format_mean_sd
+
+    table = Table("model", "ROC-AUC", "F1", "ECE", title="cross-validation, mean ± sd over folds")
+    for variant, metrics in summary.items():
+        cells = (format_mean_sd(metrics[m]) for m in ("roc_auc", "f1", "ece"))
+        table.add_row(LABELS.get(variant, variant), *cells)
+    Console().print(table)
+
+
+@app.command()
+def train(cohort: CohortOpt,
+          out: Annotated[Path, typer.Option(help="Folder for card.toml, weights.pt and training.json.")],
+          config: TrainConfigOpt = None, folds: FoldsOpt = None, epochs: EpochsOpt = None,
+          seed: TrainSeedOpt = None, encoder: EncoderOpt = None,
+          report: Annotated[Optional[Path], typer.Option(
+              help="Also cross-validate image-only, timeline-only and the baselines on the same folds and "
+              "write the evaluation report here.")] = None) -> None:
+    """Cross-validate the hybrid model, train it on every patient, write checkpoint + model card."""
+    from dicom_fusion.inference.errors import InferenceError
+    from dicom_fusion.inference.evaluate import evaluate_cv
+    from dicom_fusion.inference.fitloop import MODES
+    from dicom_fusion.inference.train import train_model
+
+    settings = _train_config(config, folds=folds, max_epochs=epochs, seed=seed, encoder=encoder)
+    try:
+        result = train_model(cohort, out, settings, modes=MODES if report else ("fusion",), progress=True)
+        evaluation = evaluate_cv(result.cohort, result.cv, report, cohort_dir=cohort) if report else None
+    except (InferenceError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    card, m = result.card, result.card.metrics
+    if evaluation is not None:
+        _print_comparison(evaluation.summary)
+        console.print(f"evaluation report: {evaluation.report}")
+    console.print(f"model {card.name} {card.version} written to {card.path} (sha256 {card.sha256[:12]}…) "
+                  f"in {result.seconds:.0f} s; CV ROC-AUC {m['cv_roc_auc_mean']:.3f} ± "
+                  f"{m['cv_roc_auc_sd']:.3f}")
+
+
+@app.command()
+def evaluate(cohort: CohortOpt,
+             out: Annotated[Path, typer.Option(help="Folder for report.md/.html, metrics.json, PNGs.")],
+             config: TrainConfigOpt = None, folds: FoldsOpt = None, epochs: EpochsOpt = None,
+             seed: TrainSeedOpt = None, encoder: EncoderOpt = None) -> None:
+    """k-fold report: fusion vs image-only CNN vs timeline-only LSTM vs sklearn baselines, explanations."""
+    from dicom_fusion.inference.errors import InferenceError
+    from dicom_fusion.inference.evaluate import evaluate_cohort
+
+    settings = _train_config(config, folds=folds, max_epochs=epochs, seed=seed, encoder=encoder)
+    try:
+        evaluation = evaluate_cohort(cohort, out, settings, progress=True)
+    except (InferenceError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    _print_comparison(evaluation.summary)
+    console.print(f"evaluation report: {evaluation.report} ({evaluation.seconds:.0f} s)")
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the effective configuration (secrets masked)."""
