@@ -6,7 +6,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 C := -c constraints.txt
 
-.PHONY: demo test venv sysdeps unit faults bench clean
+.PHONY: demo test venv sysdeps unit faults bench model clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: venv sysdeps
 
 test: venv sysdeps
 	$(VENV)/bin/python -m pytest -q tests
+
+# Retrain the packaged model (README "Model"): synthetic cohort, 5-fold CV report, final checkpoint + card.
+model: venv
+	$(VENV)/bin/dicom-fusion synth --patients 600 --out var/cohort --seed 0
+	$(VENV)/bin/dicom-fusion train --cohort var/cohort --out inference/default_model --report var/model-report
 
 # The fault-injection suite at full strength (20 rounds); `make test` runs it with 3.
 faults: venv sysdeps

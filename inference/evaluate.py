@@ -24,6 +24,7 @@ import numpy as np
 
 from .baseline import BASELINES, baseline_probs, tabular_features
 from .cohort import Cohort, load_cohort
+from .crossval import NO_EHR, CVResult, cross_validate, derive_seed, encode_timelines
 from .document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from .explain import explain, save_overlay
 from .fitloop import MODES
@@ -37,7 +38,7 @@ from .plots import (
     reliability_diagram,
     roc_curves,
 )
-from .train import NO_EHR, CVResult, TrainConfig, base_card, cross_validate, derive_seed, encode_timelines
+from .trainconfig import TrainConfig, base_card
 
 LABELS = {
     "fusion": "Fusion CNN+LSTM (image + EHR)",

@@ -38,11 +38,14 @@ CARD_NAME = "card.toml"
 
 
 class SmallCNN(nn.Module):
-    """Four strided MONAI convolution blocks + global max pool: ~60 k parameters, 2 ms on 128² CPU.
+    """Four strided MONAI convolution blocks + global average *and* max pool: ~42 k parameters, ~2 ms
+    on 128² CPU.
 
-    Max rather than average pooling: the finding is a small lesion (~1 % of the image), which an
-    average over the whole map dilutes; on the synthetic cohort the image-only CNN reached
-    cross-validated ROC-AUC ~0.64 with average and ~0.78 with max pooling (same recipe, 800 patients).
+    Both pools, concatenated: the finding is a small lesion (~1 % of the image). Max pooling keeps
+    "is there a lesion-like spot and how strong", which an average over the whole map dilutes;
+    average pooling keeps "how much of the image looks like that", i.e. lesion size. On the synthetic
+    cohort (600 patients, 3 folds, same recipe) the image-only CNN reached ROC-AUC 0.67 with max and
+    0.72 with both; average alone collapsed to constant predictions in some folds.
 
     GroupNorm rather than BatchNorm: serving runs one study at a time and training batches are small,
     and with BatchNorm the running statistics made eval-mode predictions swing between epochs on the
@@ -51,7 +54,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_features: int = IMAGE_FEATURES) -> None:
         super().__init__()
-        widths = (16, 32, 64, out_features)
+        if out_features % 16:
+            raise ValueError(f"SmallCNN out_features must be a multiple of 16, got {out_features}")
+        widths = (16, 32, 64, out_features // 2)  # the two pools double the last width
         layers: list[nn.Module] = []
         prev = in_channels
         for width in widths:
@@ -69,10 +74,15 @@ class SmallCNN(nn.Module):
             )
             prev = width
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveMaxPool2d(1) if spatial_dims == 2 else nn.AdaptiveMaxPool3d(1)
+        if spatial_dims == 2:
+            self.avg_pool, self.max_pool = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
+        else:
+            self.avg_pool, self.max_pool = nn.AdaptiveAvgPool3d(1), nn.AdaptiveMaxPool3d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.pool(self.features(x)), 1)
+        maps = self.features(x)
+        pooled = (torch.flatten(self.avg_pool(maps), 1), torch.flatten(self.max_pool(maps), 1))
+        return torch.cat(pooled, dim=1)
 
 
 def build_image_encoder(spec: ImageSpec, out_features: int = IMAGE_FEATURES) -> nn.Module:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -101,11 +100,19 @@ def test_model_init_is_deterministic(tmp_path: Path) -> None:
     build_model(a).load_state_dict(state, strict=True)
 
 
-def test_model_shipped_default_is_init_seed_0(tmp_path: Path) -> None:
+def test_model_shipped_default_is_trained_and_verified(tmp_path: Path) -> None:
+    """The packaged model is the trained one (README "Model"), not an init: its card names the sha256 of
+    its weights, carries the cross-validated metrics, and its timeline scaler was fitted on data."""
     shipped = load_card(default_card_path())
-    regenerated = init_model(tmp_path, seed=0)
-    assert sha256_file(shipped.weights) == shipped.sha256 == regenerated.sha256
-    assert dataclasses.replace(regenerated, weights=shipped.weights, path=shipped.path) == shipped
+    verify_weights(shipped)
+    assert sha256_file(shipped.weights) == shipped.sha256 != init_model(tmp_path, seed=0).sha256
+    for key in ("cv_roc_auc_mean", "cv_roc_auc_sd", "cv_no_ehr_roc_auc_mean", "cv_f1_mean", "cv_ece_mean",
+                "n_patients", "cv_folds"):
+        assert key in shipped.metrics, key
+    assert 0.5 < shipped.metrics["cv_roc_auc_mean"] <= 1.0 and shipped.metrics["cv_folds"] >= 2
+    assert shipped.timeline != DEFAULT_TIMELINE  # feature mean/std fitted, not the hand-set defaults
+    assert shipped.weights.stat().st_size < 2_000_000
+    build_model(shipped).load_state_dict(torch.load(shipped.weights, weights_only=True), strict=True)
 
 
 def test_model_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,9 +23,11 @@ from dicom_fusion.inference.train import (
     TrainResult,
     base_card,
     cross_validate,
+    fit_data,
     fit_timeline_scaler,
     load_train_config,
     make_folds,
+    new_model,
     train_model,
 )
 
@@ -206,3 +208,34 @@ def test_cohort_images_are_cached(cohort_dir: Path, trained: TrainResult) -> Non
     assert list((cohort_dir / ".cache").glob("images-*.npy"))
     again: Cohort = load_cohort(cohort_dir, card, progress=False)
     np.testing.assert_array_equal(again.images, trained.cohort.images)
+
+
+def test_cli_train_and_evaluate_report_bad_input(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dicom_fusion.service.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["train", "--cohort", str(tmp_path / "nope"), "--out", str(tmp_path / "m")])
+    assert missing.exit_code == 1 and "cohort.csv" in missing.output
+    bad = tmp_path / "train.toml"
+    bad.write_text("epochs = 3\n")
+    typo = runner.invoke(app, ["evaluate", "--cohort", str(tmp_path), "--out", str(tmp_path), "-c", str(bad)])
+    assert typo.exit_code == 2 and "unknown key" in typo.output
+
+
+def test_encoder_weights_transfer_and_freeze(trained: TrainResult, tmp_path: Path) -> None:
+    card = trained.card
+    config = dataclasses.replace(TINY, encoder_weights=card.weights, freeze_encoder=True)
+    model = new_model(card, config)
+    shipped = torch.load(card.weights, weights_only=True)
+    for name, tensor in model.image_encoder.state_dict().items():
+        assert torch.equal(tensor, shipped[f"image_encoder.{name}"]), name
+    before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    data = fit_data(trained.cohort, card, card.timeline)
+    fit(model, data, np.arange(12), None, "fusion", config.fit_settings, seed=0, epochs=1)
+    assert all(torch.equal(v, before[k]) for k, v in model.image_encoder.state_dict().items())
+    bad = tmp_path / "bad.pt"
+    torch.save({"nonsense": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="do not fit encoder"):
+        new_model(card, dataclasses.replace(TINY, encoder_weights=bad))
