@@ -126,10 +126,21 @@ def start_storescp(out: Path) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def start_ours(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+# Our receivers: name -> settings (environment overrides) on top of the defaults.
+OURS: dict[str, dict[str, str]] = {
+    "ours": {},  # the defaults: one listener process, group commit, spool.sync_mode=file
+    "ours-2p": {"DICOM_FUSION_LISTENER__PROCESSES": "2"},  # two listener processes (SO_REUSEPORT)
+    "ours-syncfs": {"DICOM_FUSION_SPOOL__SYNC_MODE": "filesystem"},  # one syncfs per batch
+    "ours-percommit": {"DICOM_FUSION_LISTENER__COMMIT_MAX_BATCH": "1"},  # group commit off: 1 per batch
+    "ours-nofsync": {"DICOM_FUSION_SPOOL__FSYNC": "false"},  # NOT durable: what the syncs cost
+}
+
+
+def start_ours(work: Path, overrides: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = dict(os.environ, DICOM_FUSION_DATA_DIR=str(work), DICOM_FUSION_LISTENER__PORT=str(port),
-               DICOM_FUSION_COMPLETION__QUIET_SECONDS="3600", DICOM_FUSION_LOG_LEVEL="WARNING")
+               DICOM_FUSION_COMPLETION__QUIET_SECONDS="3600", DICOM_FUSION_LOG_LEVEL="WARNING",
+               **(overrides or {}))
     env.pop("DICOM_FUSION_CONFIG", None)
     proc = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "serve", "--no-worker"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -147,11 +158,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run_one(name: str, files: list[Path], associations: int, tmp: Path) -> tuple[float, int]:
     work = tmp / f"{name}-{associations}"
-    proc, port = start_ours(work) if name == "ours" else start_storescp(work)
+    proc, port = start_ours(work, OURS[name]) if name in OURS else start_storescp(work)
     sampler = RssSampler(proc.pid)
     sampler.start()
     try:
-        secs = send(files, port, associations, "DFUSION" if name == "ours" else "STORESCP")
+        secs = send(files, port, associations, "DFUSION" if name in OURS else "STORESCP")
     finally:
         sampler.stop()
         stop(proc)
@@ -184,7 +195,15 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=600)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--memory", type=int, default=0, help="also send N small instances and report RSS growth")
+    ap.add_argument("--receivers", default="ours,ours-2p",
+                    help=f"comma-separated receivers besides storescp, from {','.join(OURS)}")
+    ap.add_argument("--assocs", default="1,4", help="association counts to run, e.g. 1,4")
     args = ap.parse_args()
+    receivers = ["storescp", *[r for r in args.receivers.split(",") if r]]
+    unknown = [r for r in receivers[1:] if r not in OURS]
+    if unknown:
+        ap.error(f"unknown receiver(s) {unknown}; choose from {sorted(OURS)}")
+    assoc_counts = [int(a) for a in args.assocs.split(",")]
     for tool in (STORESCU, STORESCP):
         if not Path(tool).exists():
             print(f"{tool} missing: run `make sysdeps`", file=sys.stderr)
@@ -194,15 +213,18 @@ def main() -> int:
         files = make_corpus(tmp / "corpus", args.instances, args.rows)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"corpus: {len(files)} instances, {mb:.0f} MB ({mb / len(files):.2f} MB each)")
-        print(f"{'receiver':<10}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'peak RSS MB':>13}")
+        print(f"{'receiver':<15}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'peak RSS MB':>13}")
         rates: dict[tuple[str, int], float] = {}
-        for assocs in (1, 4):
-            for name in ("storescp", "ours"):
+        for assocs in assoc_counts:
+            for name in receivers:
                 secs, peak = run_one(name, files, assocs, tmp)
                 rates[(name, assocs)] = len(files) / secs
-                print(f"{name:<10}{assocs:>7}{secs:>9.2f}{len(files) / secs:>9.0f}{mb / secs:>8.1f}{peak / 1024:>13.0f}")
-        for assocs in (1, 4):
-            print(f"ratio ours/storescp, {assocs} association(s): {rates[('ours', assocs)] / rates[('storescp', assocs)]:.2f}")
+                print(f"{name:<15}{assocs:>7}{secs:>9.2f}{len(files) / secs:>9.0f}{mb / secs:>8.1f}"
+                      f"{peak / 1024:>13.0f}", flush=True)
+        for assocs in assoc_counts:
+            for name in receivers[1:]:
+                print(f"ratio {name}/storescp, {assocs} association(s): "
+                      f"{rates[(name, assocs)] / rates[('storescp', assocs)]:.2f}")
         if args.memory:
             start, end = memory_growth(args.memory, tmp)
             print(f"listener RSS over {args.memory} instances: {start / 1024:.0f} MB → {end / 1024:.0f} MB "

@@ -45,6 +45,16 @@ def serve(config: ConfigOpt = None,
         raise typer.Exit(1) from exc
 
 
+@app.command(hidden=True)
+def listen(config: ConfigOpt = None) -> None:
+    """An extra listener process on serve's port (started by serve when listener.processes > 1)."""
+    from dicom_fusion.service.server import configure_logging, listen as _listen
+
+    settings = _settings(config)
+    configure_logging(settings.log_level)
+    _listen(settings)
+
+
 @app.command()
 def worker(config: ConfigOpt = None,
            queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues: cpu,gpu,io.")] = None,

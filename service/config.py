@@ -65,6 +65,9 @@ class ListenerSettings(_Section):
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_pdu_size: int = Field(0, ge=0)
+    processes: int = Field(1, ge=1, le=64)  # listener processes sharing the port (SO_REUSEPORT; Linux)
+    commit_max_batch: int = Field(64, ge=1)  # instances per group commit (one sync + one ledger transaction)
+    commit_max_delay_ms: float = Field(0.0, ge=0, le=1000)  # wait this long for more instances (0 = never)
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
@@ -146,6 +149,9 @@ class LedgerSettings(_Section):
 class SpoolSettings(_Section):
     dir: Path | None = None
     fsync: bool = True
+    # How a group commit makes received data durable: "file" = fdatasync each file in its receiving
+    # thread (associations sync concurrently); "filesystem" = one syncfs of the spool per batch.
+    sync_mode: Literal["file", "filesystem"] = "file"
 
 
 class CompletionSettings(_Section):

@@ -29,11 +29,12 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     or_,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -191,6 +192,22 @@ class JobRef:
 
 
 @dataclass(frozen=True)
+class InstanceRecord:
+    """One durable instance to record (what the listener learnt from the header and the spool)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    transfer_syntax: str
+    path: Path
+    sha256: str
+    size: int
+    calling_ae: str
+
+
+@dataclass(frozen=True)
 class RecordOutcome:
     new: bool  # False: duplicate SOP Instance UID, already acknowledged earlier
     study_uid: str
@@ -271,41 +288,118 @@ class Ledger:
         calling_ae: str,
     ) -> RecordOutcome:
         """Record a durable instance; a late instance reopens a completed study for a new job version."""
-        now = utcnow()
+        return self.record_instances([InstanceRecord(
+            study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class_uid=sop_class_uid,
+            modality=modality, transfer_syntax=transfer_syntax, path=path, sha256=sha256, size=size,
+            calling_ae=calling_ae)])[0]
+
+    def existing_instances(self, sop_uids: Sequence[str]) -> set[str]:
+        """Which of these SOP Instance UIDs are recorded already (one query)."""
+        if not sop_uids:
+            return set()
+        t = Instance.__table__
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(t.c.sop_uid).where(t.c.sop_uid.in_(list(sop_uids)))).scalars())
+
+    @contextmanager
+    def _write_connection(self) -> Iterator[Connection]:
+        """A Core connection in a transaction, serialised like :meth:`transaction` (hot ingest path)."""
+        lock = self._write_lock
+        if lock is not None:
+            lock.acquire()
         try:
-            with self.transaction() as s:
-                if s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None:
-                    return RecordOutcome(new=False, study_uid=study_uid)
-                study = s.scalar(select(Study).where(Study.study_uid == study_uid))
-                if study is None:
-                    study = Study(study_uid=study_uid, state=StudyState.RECEIVING, instance_count=0,
-                                  job_version=0, first_received_at=now, last_received_at=now,
-                                  calling_ae=calling_ae)
-                    s.add(study)
-                    s.flush()
-                    self._audit(s, "study", study.id, "first_instance", f"calling_ae={calling_ae}")
-                elif study.state != StudyState.RECEIVING:
-                    study.state = StudyState.RECEIVING
-                    self._audit(s, "study", study.id, "reopened", "late instance after completion")
-                study.last_received_at = now
-                study.instance_count += 1
-                series = s.scalar(select(Series).where(Series.series_uid == series_uid))
-                if series is None:
-                    series = Series(study_id=study.id, series_uid=series_uid, modality=modality,
-                                    instance_count=0)
-                    s.add(series)
-                    s.flush()
-                series.instance_count += 1
-                inst = Instance(study_id=study.id, series_id=series.id, sop_uid=sop_uid,
-                                sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
-                                path=str(path), sha256=sha256, size=size, received_at=now)
-                s.add(inst)
-                s.flush()
-                self._audit(s, "instance", inst.id, "received", f"calling_ae={calling_ae} size={size}")
+            with self.engine.begin() as conn:
+                yield conn
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def record_instances(self, records: Sequence[InstanceRecord]) -> list[RecordOutcome]:
+        """Record a batch of durable instances in one transaction (one commit, one WAL fsync).
+
+        Outcomes are in the order of ``records``: ``new=False`` for a SOP Instance UID recorded
+        before or earlier in the batch (the first copy is kept). If another process inserts one of
+        the UIDs concurrently, the batch is retried one record per transaction, so the others still
+        land. Any other database error propagates: nothing of the batch is recorded then.
+        Written with SQLAlchemy Core (a handful of statements per batch, whatever its size): this is
+        the listener's hot path.
+        """
+        if not records:
+            return []
+        try:
+            with self._write_connection() as conn:
+                return self._record_batch(conn, records)
         except IntegrityError:
-            # Another association recorded the same SOP Instance UID between our check and insert.
-            return RecordOutcome(new=False, study_uid=study_uid)
-        return RecordOutcome(new=True, study_uid=study_uid)
+            if len(records) == 1:
+                # Another association recorded the same SOP Instance UID between our check and insert.
+                return [RecordOutcome(new=False, study_uid=records[0].study_uid)]
+            return [self.record_instances([r])[0] for r in records]
+
+    def _record_batch(self, conn: Connection, records: Sequence[InstanceRecord]) -> list[RecordOutcome]:
+        now = utcnow()
+        ti, tst, tse, ta = Instance.__table__, Study.__table__, Series.__table__, AuditEvent.__table__
+        seen = set(conn.execute(select(ti.c.sop_uid).where(
+            ti.c.sop_uid.in_([r.sop_uid for r in records]))).scalars())
+        outcomes: list[RecordOutcome] = []
+        fresh: list[InstanceRecord] = []
+        for r in records:
+            outcomes.append(RecordOutcome(new=r.sop_uid not in seen, study_uid=r.study_uid))
+            if r.sop_uid not in seen:
+                seen.add(r.sop_uid)
+                fresh.append(r)
+        if not fresh:
+            return outcomes
+        audits: list[dict[str, object]] = []
+        per_study: dict[str, list[InstanceRecord]] = {}
+        per_series: dict[str, list[InstanceRecord]] = {}
+        for r in fresh:
+            per_study.setdefault(r.study_uid, []).append(r)
+            per_series.setdefault(r.series_uid, []).append(r)
+        known = {uid: (sid, state) for sid, uid, state in conn.execute(
+            select(tst.c.id, tst.c.study_uid, tst.c.state).where(tst.c.study_uid.in_(list(per_study))))}
+        study_ids: dict[str, int] = {}
+        for uid, group in per_study.items():
+            if uid not in known:
+                sid = conn.execute(insert(tst).values(
+                    study_uid=uid, state=StudyState.RECEIVING, instance_count=len(group), job_version=0,
+                    first_received_at=now, last_received_at=now, calling_ae=group[0].calling_ae,
+                )).inserted_primary_key[0]  # type: ignore[index]
+                audits.append(self._audit_row(now, "study", sid, "first_instance",
+                                              f"calling_ae={group[0].calling_ae}"))
+            else:
+                sid, state = known[uid]
+                if state != StudyState.RECEIVING:
+                    audits.append(self._audit_row(now, "study", sid, "reopened",
+                                                  "late instance after completion"))
+                conn.execute(update(tst).where(tst.c.id == sid).values(
+                    state=StudyState.RECEIVING, last_received_at=now,
+                    instance_count=tst.c.instance_count + len(group)))
+            study_ids[uid] = sid
+        series_ids: dict[str, int] = {uid: sid for uid, sid in conn.execute(
+            select(tse.c.series_uid, tse.c.id).where(tse.c.series_uid.in_(list(per_series))))}
+        for uid, group in per_series.items():
+            if uid not in series_ids:
+                series_ids[uid] = conn.execute(insert(tse).values(
+                    study_id=study_ids[group[0].study_uid], series_uid=uid, modality=group[0].modality,
+                    instance_count=len(group))).inserted_primary_key[0]  # type: ignore[index]
+            else:
+                conn.execute(update(tse).where(tse.c.id == series_ids[uid]).values(
+                    instance_count=tse.c.instance_count + len(group)))
+        inserted = conn.execute(
+            insert(ti).returning(ti.c.id, sort_by_parameter_order=True),
+            [{"study_id": study_ids[r.study_uid], "series_id": series_ids[r.series_uid], "sop_uid": r.sop_uid,
+              "sop_class_uid": r.sop_class_uid, "transfer_syntax": r.transfer_syntax, "path": str(r.path),
+              "sha256": r.sha256, "size": r.size, "received_at": now} for r in fresh],
+        ).scalars().all()
+        for r, inst_id in zip(fresh, inserted, strict=True):
+            audits.append(self._audit_row(now, "instance", inst_id, "received",
+                                          f"calling_ae={r.calling_ae} size={r.size}"))
+        conn.execute(insert(ta), audits)
+        return outcomes
+
+    @staticmethod
+    def _audit_row(ts: datetime, entity: str, entity_id: int, event_name: str, detail: str) -> dict[str, object]:
+        return {"ts": ts, "entity": entity, "entity_id": entity_id, "event": event_name, "detail": detail[:2000]}
 
     # ---- completion ---------------------------------------------------------------------------
     def complete_studies(self, *, quiet_before: datetime | None, study_uids: Sequence[str] = ()) -> list[int]:

@@ -3,8 +3,8 @@
 Handler contract (the only statuses :func:`StoreHandler.__call__` returns):
 
 =========  ==========================================================================
-0x0000     stored durably (spool fsync + ledger row), or a duplicate already stored
-0xA700     out of resources: the spool or the ledger could not make it durable
+0x0000     stored durably (spool fsync + ledger row, by a group commit), or a duplicate already stored
+0xA700     out of resources: the spool or the ledger could not make it durable (the whole batch)
 0xA900     dataset does not match the request (SOP Instance UID differs, UIDs missing)
 0xC000     cannot understand: the dataset cannot be parsed (quarantined with a reason)
 =========  ==========================================================================
@@ -12,6 +12,10 @@ Handler contract (the only statuses :func:`StoreHandler.__call__` returns):
 Exceptions never escape a handler: they become one of these statuses here and the listener keeps
 serving. Pixel data is never decoded here (only the header is parsed from the received bytes), and
 this module never imports torch or MONAI so the listener starts fast and stays light.
+
+Concurrent associations share their syncs: the handler stages the bytes and waits on the
+:class:`~.committer.GroupCommitter`, which makes a whole batch durable (data, names, one ledger
+transaction) before any of its waiters answers 0x0000.
 """
 from __future__ import annotations
 
@@ -27,9 +31,10 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.tag import Tag
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # noqa: PLC2701
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # noqa: PLC2701
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_fusion.service.committer import GroupCommitter
 from dicom_fusion.service.config import ListenerSettings
 from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
 from dicom_fusion.service.ledger import Ledger
@@ -76,12 +81,12 @@ def parse_header(data: bytes) -> InstanceHeader:
 
 
 class StoreHandler:
-    """EVT_C_STORE handler: durable first, acknowledge second."""
+    """EVT_C_STORE handler: durable first (group commit), acknowledge second."""
 
-    def __init__(self, spool: Spool, ledger: Ledger,
+    def __init__(self, spool: Spool, committer: GroupCommitter,
                  on_stored: Callable[[Any, str], None] | None = None) -> None:
         self.spool = spool
-        self.ledger = ledger
+        self.committer = committer
         self.on_stored = on_stored
 
     def __call__(self, event: evt.Event) -> int:
@@ -104,15 +109,7 @@ class StoreHandler:
             log.warning("C-STORE from %s rejected (0xA900): %s; quarantined at %s", calling_ae, reason, where)
             return STATUS_MISMATCH
         try:
-            if self.ledger.has_instance(header.sop_uid):
-                return STATUS_SUCCESS  # duplicate: the first copy is kept
-            stored = self.spool.store_instance(header.study_uid, header.series_uid, header.sop_uid, data)
-            self.ledger.record_instance(
-                study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
-                sop_class_uid=header.sop_class_uid, modality=header.modality,
-                transfer_syntax=header.transfer_syntax, path=stored.path, sha256=stored.sha256,
-                size=stored.size, calling_ae=calling_ae,
-            )
+            self.committer.store(header, data, calling_ae=calling_ae)  # a duplicate keeps the first copy
         except SpoolError as exc:
             log.error("C-STORE from %s not stored (0xA700): %s", calling_ae, exc)
             return STATUS_OUT_OF_RESOURCES
@@ -134,6 +131,16 @@ def _set_nodelay(event: evt.Event) -> None:
         pass
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with ``SO_REUSEPORT``: several listener processes bind one port
+    and the kernel spreads incoming associations over them (``listener.processes``)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def build_ssl_context(settings: ListenerSettings) -> ssl.SSLContext | None:
     tls = settings.tls
     if not tls.enabled:
@@ -152,12 +159,17 @@ class Listener:
     """The running SCP. ``on_release`` receives the study UIDs stored by a released association."""
 
     def __init__(self, settings: ListenerSettings, spool: Spool, ledger: Ledger,
-                 on_release: Callable[[set[str]], None] | None = None) -> None:
+                 on_release: Callable[[set[str]], None] | None = None, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self._on_release = on_release
         self._assoc_studies: dict[int, set[str]] = {}
         self._lock = threading.Lock()
-        self.handler = StoreHandler(spool, ledger, on_stored=self._note_study if on_release else None)
+        self.committer = GroupCommitter(
+            spool, ledger, sync_mode=spool.sync_mode,  # type: ignore[arg-type]
+            max_batch=settings.commit_max_batch, max_delay=settings.commit_max_delay_ms / 1000,
+            wait_timeout=max(settings.dimse_timeout, 30.0))
+        self.handler = StoreHandler(spool, self.committer, on_stored=self._note_study if on_release else None)
         self.ae = self._build_ae()
         self.server: ThreadedAssociationServer | None = None
 
@@ -195,12 +207,22 @@ class Listener:
             self._assoc_studies.pop(id(event.assoc), None)
 
     def start(self) -> tuple[str, int]:
+        self.committer.start()
         handlers = [(evt.EVT_C_STORE, self.handler), (evt.EVT_CONN_OPEN, _set_nodelay),
                     (evt.EVT_RELEASED, self._released), (evt.EVT_ABORTED, self._aborted)]
-        self.server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
-            ssl_context=build_ssl_context(self.settings),
-        )
+        if self.reuse_port:
+            server = self.ae.make_server(
+                (self.settings.host, self.settings.port), evt_handlers=handlers,
+                ssl_context=build_ssl_context(self.settings), server_class=ReusePortServer,
+            )
+            self.ae._servers.append(server)  # so AE.shutdown() stops it, as start_server does
+            threading.Thread(target=server.serve_forever, name="listener-reuseport", daemon=True).start()
+            self.server = server
+        else:
+            self.server = self.ae.start_server(
+                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+                ssl_context=build_ssl_context(self.settings),
+            )
         host, port = self.server.server_address[:2]
         log.info("listener %s on %s:%s (TLS %s, allow-list %s)", self.settings.ae_title, host, port,
                  "on" if self.settings.tls.enabled else "off",
@@ -211,3 +233,4 @@ class Listener:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        self.committer.stop()

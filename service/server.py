@@ -36,28 +36,42 @@ def configure_logging(level: str) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-class _WorkerSupervisor(threading.Thread):
-    """Keeps one embedded worker process alive (restarts it after a crash or kill -9)."""
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when the process that started it dies (even by kill -9), so an
+    extra listener never outlives `serve` holding the DICOM port."""
+    try:
+        import ctypes
 
-    def __init__(self, config: Path | None, stop: threading.Event) -> None:
-        super().__init__(name="worker-supervisor", daemon=True)
-        self.config = config
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _ChildSupervisor(threading.Thread):
+    """Keeps one child process alive (restarts it after a crash or kill -9)."""
+
+    def __init__(self, name: str, cmd: list[str], stop: threading.Event, *,
+                 env: dict[str, str] | None = None, die_with_parent: bool = False) -> None:
+        super().__init__(name=f"{name}-supervisor", daemon=True)
+        self.what = name
+        self.cmd = cmd
+        self.env = env
+        self.die_with_parent = die_with_parent
         self.stop_event = stop
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "dicom_fusion.service.cli", "worker"]
-        if self.config is not None:
-            cmd += ["--config", str(self.config)]
-        return subprocess.Popen(cmd)
+        if self.die_with_parent and sys.platform.startswith("linux"):
+            return subprocess.Popen(self.cmd, env=self.env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        return subprocess.Popen(self.cmd, env=self.env)
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             if self.proc is None or self.proc.poll() is not None:
                 if self.proc is not None:
-                    log.warning("embedded worker exited with %s; restarting", self.proc.returncode)
+                    log.warning("%s exited with %s; restarting", self.what, self.proc.returncode)
                 self.proc = self._spawn()
-                log.info("embedded worker started (pid %s)", self.proc.pid)
+                log.info("%s started (pid %s)", self.what, self.proc.pid)
             self.stop_event.wait(1.0)
 
     def terminate(self) -> None:
@@ -69,11 +83,16 @@ class _WorkerSupervisor(threading.Thread):
                 self.proc.kill()
 
 
+def _cli(command: str, config: Path | None) -> list[str]:
+    cmd = [sys.executable, "-m", "dicom_fusion.service.cli", command]
+    return cmd + ["--config", str(config)] if config is not None else cmd
+
+
 def serve(settings: Settings, *, config: Path | None = None, worker: bool | None = None,
           stop: threading.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set)."""
     stop = stop or threading.Event()
-    spool = Spool(settings.spool_dir, fsync=settings.spool.fsync)
+    spool = Spool(settings.spool_dir, fsync=settings.spool.fsync, sync_mode=settings.spool.sync_mode)
     spool.ensure()
     ledger = Ledger(settings.ledger_url)
     app = make_celery(settings)
@@ -85,9 +104,18 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
         enqueue(app, ledger, settings, job_id, stage, requeue=True)
 
     completion = Completion(ledger, enq, quiet_seconds=settings.completion.quiet_seconds)
-    listener = Listener(settings.listener, spool, ledger,
+    extra = settings.listener.processes - 1
+    listener = Listener(settings.listener, spool, ledger, reuse_port=extra > 0,
                         on_release=completion.release if settings.completion.on_release else None)
     host, port = listener.start()
+    children: list[_ChildSupervisor] = []
+    if extra > 0:
+        # More listener processes on the same port (SO_REUSEPORT): associations spread over cores.
+        env = dict(os.environ, DICOM_FUSION_LISTENER__PORT=str(port))
+        for i in range(extra):
+            children.append(_ChildSupervisor(f"listener-{i + 2}", _cli("listen", config), stop, env=env,
+                                             die_with_parent=True))
+            children[-1].start()
     from dicom_fusion.service.metrics import instrument_listener
 
     instrument_listener(listener, settings.metrics)
@@ -97,10 +125,9 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     ]
     for t in threads:
         t.start()
-    supervisor = None
     if worker if worker is not None else settings.worker.embedded:
-        supervisor = _WorkerSupervisor(config, stop)
-        supervisor.start()
+        children.append(_ChildSupervisor("embedded worker", _cli("worker", config), stop))
+        children[-1].start()
     state = {"ae_title": settings.listener.ae_title, "host": host, "port": port, "pid": os.getpid()}
     (settings.data_dir / "listener.json").write_text(json.dumps(state))
     print(f"dicom-fusion listening: {settings.listener.ae_title}@{host}:{port}", flush=True)
@@ -119,8 +146,37 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
         listener.stop()
         for t in threads:
             t.stop()
-        if supervisor is not None:
-            supervisor.terminate()
+        for child in children:
+            child.terminate()
+        ledger.close()
+
+
+def listen(settings: Settings, *, stop: threading.Event | None = None) -> None:
+    """An extra listener process of ``serve`` (``listener.processes`` > 1): the listener with its own
+    group committer on the shared port, completion on release; no quiet-period poll, reaper or worker."""
+    stop = stop or threading.Event()
+    spool = Spool(settings.spool_dir, fsync=settings.spool.fsync, sync_mode=settings.spool.sync_mode)
+    ledger = Ledger(settings.ledger_url)
+    on_release = None
+    if settings.completion.on_release:
+        app = make_celery(settings)
+        completion = Completion(ledger, lambda job_id, stage: enqueue(app, ledger, settings, job_id, stage),
+                                quiet_seconds=settings.completion.quiet_seconds)
+        on_release = completion.release
+    listener = Listener(settings.listener, spool, ledger, on_release=on_release, reuse_port=True)
+    listener.start()
+
+    def _signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        listener.stop()
         ledger.close()
 
 

@@ -5,15 +5,24 @@ fsynced, linked to its final name, and the directory fsynced. The final name car
 UID and a prefix of the content hash, so two different encodings of one UID never overwrite each
 other (the ledger decides which one is *the* instance) and the same bytes always land on the same
 name (a resend is a no-op). Bytes are stored exactly as received: no decode, no re-encode.
+
+The listener's group commit (:mod:`.committer`) splits the same steps so that many instances share
+the expensive ones: :meth:`Spool.stage` writes the temp file (and, in ``file`` sync mode, fdatasyncs
+it in the receiving thread, concurrently with other associations), :func:`sync_filesystem` makes a
+whole batch's data durable with one ``syncfs`` (``filesystem`` mode), :meth:`Spool.publish` links a
+durable temp file to its final name, and :func:`fsync_dirs` fsyncs each directory a batch touched
+once. The order is the same as :func:`write_durable`'s: data durable, then the name, then the row.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,12 +50,71 @@ class StoredFile:
     created: bool  # False when identical bytes were already stored
 
 
+@dataclass(frozen=True)
+class StagedFile:
+    """Received bytes in a temp file beside their final name, not yet published (see :meth:`Spool.stage`)."""
+
+    tmp: Path
+    final: Path
+    sha256: str
+    size: int
+    data_synced: bool  # fdatasync'ed already (``file`` sync mode)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dirs(dirs: Iterable[Path]) -> None:
+    """fsync each directory once (the names a batch created become durable)."""
+    for d in dict.fromkeys(dirs):
+        _fsync_dir(d)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every dirty page and inode of the filesystem holding ``path`` (Linux ``syncfs``).
+
+    One call makes a whole batch of unsynced files durable with one journal commit. Where
+    ``syncfs`` is missing (not Linux/glibc) it falls back to ``sync()``, which is slower but as safe.
+    """
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_libc, "syncfs", None)
+    if fn is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def write_temp(path: Path, data: bytes, *, sync: bool) -> None:
+    """Create ``path`` (which must not exist) holding ``data``; fdatasync it when ``sync``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if sync:
+            os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def _makedirs_durable(path: Path, *, fsync: bool) -> None:
@@ -107,9 +175,10 @@ def write_durable(final: Path, data: bytes, *, fsync: bool = True, replace: bool
 class Spool:
     """The spool directory: ``studies/<study>/<series>/<sop>.<sha12>.dcm``, ``quarantine/``, ``jobs/``."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, sync_mode: str = "file") -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self.sync_mode = sync_mode  # how the listener's group commit syncs data: "file" | "filesystem"
         self.studies_dir = self.root / "studies"
         self.quarantine_dir = self.root / "quarantine"
         self.jobs_dir = self.root / "jobs"
@@ -139,6 +208,50 @@ class Spool:
             reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise SpoolError(f"cannot store instance in {self.root}: {reason}") from exc
         return StoredFile(path=path, sha256=digest, size=len(data), created=created)
+
+    def stage(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *,
+              sync_data: bool) -> StagedFile:
+        """Write the received bytes to a temp file beside their final name (first half of a group
+        commit; :meth:`publish` is the second). With ``sync_data`` the data is fdatasync'ed here.
+
+        Raises :class:`SpoolError` (→ 0xA700) on any OS error; no temp file is left behind then.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        final = self.instance_path(study_uid, series_uid, sop_uid, digest)
+        tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            _makedirs_durable(final.parent, fsync=self.fsync)
+            write_temp(tmp, data, sync=sync_data and self.fsync)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        return StagedFile(tmp=tmp, final=final, sha256=digest, size=len(data),
+                          data_synced=sync_data and self.fsync)
+
+    def publish(self, staged: StagedFile) -> bool:
+        """Link a staged file (its data already durable) to its final name and drop the temp name.
+
+        Returns False when identical bytes were already stored under that name. The directory is
+        not fsynced here: the caller fsyncs each directory of a batch once (:func:`fsync_dirs`).
+        """
+        try:
+            try:
+                os.link(staged.tmp, staged.final)
+                created = True
+            except FileExistsError:
+                created = False
+            staged.tmp.unlink()
+        except OSError as exc:
+            staged.tmp.unlink(missing_ok=True)
+            raise self._error(exc) from exc
+        return created
+
+    @staticmethod
+    def discard(staged: StagedFile) -> None:
+        staged.tmp.unlink(missing_ok=True)
+
+    def _error(self, exc: OSError) -> SpoolError:
+        reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+        return SpoolError(f"cannot store instance in {self.root}: {reason}")
 
     def quarantine(self, data: bytes, reason: str, *, calling_ae: str) -> Path | None:
         """Keep a rejected dataset with a reason file beside it, for the operator to inspect.

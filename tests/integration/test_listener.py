@@ -159,7 +159,7 @@ def test_unwritable_spool_answers_out_of_resources(scp: Running, tmp_path: Path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     f = write_instance(tmp_path / "a.dcm", study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5")
-    monkeypatch.setattr(spool_mod, "write_durable", no_space)
+    monkeypatch.setattr(spool_mod, "write_temp", no_space)
     assert _send(scp.port, f) == 0xA700
     assert scp.instances() == []
     monkeypatch.undo()
