@@ -66,6 +66,7 @@ class ReportContent:
     finding: ReportFinding
     image_only: bool
     image_only_reason: str | None = None
+    drivers: tuple[str, ...] = ()  # EHR timeline features that drove the prediction, one line each
 
     def __post_init__(self) -> None:
         for name in ("identifier", "study_instance_uid"):
@@ -186,6 +187,8 @@ def _diagnostic_report(content: ReportContent, issued: datetime, results: list[s
                   f"{content.model_version}")
     if content.image_only:
         conclusion += f"; image-only: {reason}"
+    elif content.drivers:
+        conclusion += f"; EHR drivers: {'; '.join(content.drivers)}"
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "extension": [{"url": codes.IMAGE_ONLY_EXTENSION_URL, "valueBoolean": content.image_only}],
@@ -231,6 +234,7 @@ def summary_lines(content: ReportContent) -> list[str]:
              f"Model: {content.model_name} {content.model_version}"]
     if content.image_only:
         lines.append(f"Image-only: {content.image_only_reason or 'EHR timeline not used'}")
+    lines += [f"EHR timeline driver: {d}" for d in content.drivers]
     return lines
 
 

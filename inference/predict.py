@@ -51,8 +51,23 @@ class ClassProbability:
 
 
 @dataclass(frozen=True)
+class Driver:
+    """A timeline feature that moved the prediction: integrated-gradients attribution toward the
+    card's positive class (positive = toward it), from `Predictor.explain`."""
+
+    name: str
+    attribution: float
+
+    def describe(self, positive_class: str) -> str:
+        """One line for the SR, the DiagnosticReport and the ORU, e.g. "glucose +0.121 toward malignant"."""
+        direction = "toward" if self.attribution >= 0 else "against"
+        return f"{self.name} {self.attribution:+.3f} {direction} {positive_class}"
+
+
+@dataclass(frozen=True)
 class InferenceResult:
-    """Model output for one study; `image_only_reason` says why the timeline was not used, if it was not."""
+    """Model output for one study; `image_only_reason` says why the timeline was not used, if it was not.
+    `drivers` are the top timeline features of the explanation (empty when not explained or image-only)."""
 
     model_name: str
     model_version: str
@@ -60,6 +75,8 @@ class InferenceResult:
     finding: ClassProbability
     image_only: bool
     image_only_reason: str | None
+    drivers: tuple[Driver, ...] = ()
+    positive_class: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,7 +86,13 @@ class InferenceResult:
             "finding": self.finding.to_dict(),
             "image_only": self.image_only,
             "image_only_reason": self.image_only_reason,
+            "drivers": [asdict(d) for d in self.drivers],
+            "positive_class": self.positive_class,
         }
+
+    def driver_lines(self) -> tuple[str, ...]:
+        """The drivers as text lines, largest first (what the reports print)."""
+        return tuple(d.describe(self.positive_class or "the positive class") for d in self.drivers)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InferenceResult:
@@ -81,6 +104,10 @@ class InferenceResult:
             finding=ClassProbability.from_dict(data["finding"]),
             image_only=bool(data["image_only"]),
             image_only_reason=None if reason is None else str(reason),
+            drivers=tuple(
+                Driver(name=str(d["name"]), attribution=float(d["attribution"])) for d in data.get("drivers", ())
+            ),
+            positive_class=str(data.get("positive_class", "")),
         )
 
 
@@ -180,6 +207,7 @@ class Predictor:
             finding=choose_finding(self.card, probabilities),
             image_only=image_only,
             image_only_reason=(image_only_reason or NO_TIMELINE) if image_only else None,
+            positive_class=self.card.classes[self.card.positive_index].name,
         )
 
     def explain(self, image: PreparedImage | np.ndarray, timeline: TimelineTensor | None) -> Explanation:
@@ -198,6 +226,7 @@ class Predictor:
 __all__ = [
     "NO_TIMELINE",
     "ClassProbability",
+    "Driver",
     "InferenceResult",
     "Predictor",
     "choose_finding",

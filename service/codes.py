@@ -25,8 +25,11 @@ __all__ = [
     "OBSERVER_TYPE_DEVICE",
     "PROBABILITY_UNIT",
     "PROCEDURE_REPORTED",
+    "SALIENCY_IMAGE",
     "SCHEME_BY_SYSTEM",
     "SYSTEM_BY_SCHEME",
+    "TIMELINE_DRIVER_COMMENT",
+    "TIMELINE_DRIVER_PREFIX",
     "coded_concept",
     "fhir_system",
 ]
@@ -54,6 +57,16 @@ IMAGE_ONLY_COMMENT: Code = codes.DCM.Comment
 
 #: The image-only TEXT item's value starts with this; the reason follows after ": ".
 IMAGE_ONLY_PREFIX = "EHR timeline not used"
+
+#: Concept name of the TEXT items naming the EHR timeline features that drove the prediction (same
+#: concept as the image-only flag; the value's prefix tells them apart).
+TIMELINE_DRIVER_COMMENT: Code = codes.DCM.Comment
+
+#: A timeline-driver TEXT item's value starts with this; "name +0.123 toward <class>" follows after ": ".
+TIMELINE_DRIVER_PREFIX = "EHR timeline driver"
+
+#: Concept name of the IMAGE item that references the Grad-CAM Secondary Capture (DCM 130404).
+SALIENCY_IMAGE: Code = Code("130404", "DCM", "Saliency")
 
 #: Human-readable TID 4108 tracking identifier of the one measurement group the SR holds.
 ALGORITHM_GROUP_TRACKING_IDENTIFIER = "AI classification"

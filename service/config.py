@@ -165,6 +165,10 @@ class ModelSettings(_Section):
 
     card: Path | None = None
     device: str = "auto"
+    # Per study: Grad-CAM (a DICOM Secondary Capture next to the SR, and a PNG in the job folder) and
+    # the top `explain_drivers` timeline features (integrated gradients) in the SR and the reports.
+    explain: bool = True
+    explain_drivers: int = Field(3, ge=0, le=20)
 
 
 class WorkerSettings(_Section):

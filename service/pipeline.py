@@ -154,11 +154,38 @@ def infer(rt: Any, job: JobRef) -> Stage:
     started = time.perf_counter()
     result = predictor.predict(image, tensor, image_only_reason=reason)
     observe_inference(result.model_name, result.model_version, time.perf_counter() - started)
-    _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
     _, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
+    if rt.settings.model.explain:
+        result = _explain(rt, job, d, predictor, image, tensor, result, sr_uid)
+    _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
     rt.ledger.set_result(job.job_id, finding=result.finding.name, probability=result.finding.probability,
                          image_only=result.image_only, sr_uid=sr_uid)
     return Stage.DELIVER
+
+
+def _explain(rt: Any, job: JobRef, d: Path, predictor: Any, image: np.ndarray, tensor: Any, result: Any,
+             sr_uid: str) -> Any:
+    """Grad-CAM + timeline attributions: `saliency.png` and the Secondary Capture `saliency.dcm` in the job
+    folder (deliver sends the SC with the SR), the top drivers into the result."""
+    import dataclasses
+
+    from dicom_fusion.inference.explain import save_overlay
+    from dicom_fusion.inference.predict import Driver
+    from dicom_fusion.service.saliency import build_saliency_sc, render_overlay
+
+    explanation = predictor.explain(image, tensor)
+    n = rt.settings.model.explain_drivers
+    drivers = tuple(Driver(a.name, a.attribution) for a in explanation.top_features(n)) if tensor is not None else ()
+    save_overlay(image, explanation.saliency, d / "saliency.png", title=f"{result.finding.display}")
+    prepared = _read_json(d / "prepared.json")
+    source = dcmread(prepared["source_files"][0], stop_before_pixels=True)
+    sc = build_saliency_sc(source, render_overlay(image, explanation.saliency), sr_instance_uid=sr_uid,
+                           model_name=result.model_name, model_version=result.model_version,
+                           content_datetime=job.created_at)
+    buf = io.BytesIO()
+    sc.save_as(buf, enforce_file_format=True)
+    write_durable(d / "saliency.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    return dataclasses.replace(result, drivers=drivers)
 
 
 def _pacs_target(rt: Any) -> str:
@@ -210,15 +237,19 @@ def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_
 
     prepared = _read_json(d / "prepared.json")
     sources = [dcmread(p, stop_before_pixels=True) for p in prepared["source_files"]]
+    saliency_path = d / "saliency.dcm"
+    saliency = dcmread(saliency_path) if saliency_path.exists() else None
     ds = build_sr(sources, result, sr_instance_uid=sr_uid, sr_series_uid=series_uid,
-                  content_datetime=job.created_at)
+                  content_datetime=job.created_at, saliency=saliency)
     check_sr(ds, expected=result)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     write_durable(d / "sr.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
     p = rt.settings.pacs
     try:
-        store_to_pacs([ds], DicomNode(p.ae_title, p.host, p.port), calling_ae=p.calling_ae_title,
+        # The SC first: a viewer that opens the SR finds the image it references already there.
+        objects = [saliency, ds] if saliency is not None else [ds]
+        store_to_pacs(objects, DicomNode(p.ae_title, p.host, p.port), calling_ae=p.calling_ae_title,
                       timeout=p.timeout)
     except DeliveryError as exc:
         if not exc.retryable:

@@ -8,7 +8,8 @@ template that viewers understand (TID 1500 "Measurement Report") rather than fre
 - one TID 1501 measurement group with a tracking identifier, the predicted class as finding type,
   the algorithm (TID 4019: model name + version), one NUM per class probability (unit UCUM "1"),
   the predicted class again as a coded qualitative evaluation, a TEXT flag when the EHR timeline was
-  not used, and a reference to every source image.
+  not used, one TEXT item per EHR timeline driver of the explanation, an IMAGE item referencing the
+  Grad-CAM Secondary Capture when there is one, and a reference to every source image.
 
 Patient and study come from the source images (highdicom copies them from the evidence), after
 zero or empty optional patient attributes are dropped, because modalities write ``PatientWeight``
@@ -106,6 +107,7 @@ def build_sr(
     series_number: int = 999,
     institution_name: str | None = None,
     content_datetime: datetime | None = None,
+    saliency: Dataset | None = None,
 ) -> Dataset:
     """Build the Comprehensive 3D SR (TID 1500) reporting `result` for the `sources` images.
 
@@ -114,7 +116,9 @@ def build_sr(
     any object with the attributes of `InferenceResult`. `content_datetime` (default: now) is
     written as the content, instance creation and contribution date/time; an aware datetime is
     first converted to this host's local time (DICOM times without an offset are local). The
-    returned dataset is a `highdicom.sr.Comprehensive3DSR`.
+    returned dataset is a `highdicom.sr.Comprehensive3DSR`. `saliency` (the Grad-CAM Secondary
+    Capture, `saliency.build_saliency_sc`) is referenced from the measurement group and listed as
+    evidence; send it to the PACS with the SR.
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -167,6 +171,28 @@ def build_sr(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
+    content = group[0].ContentSequence
+    for line in getattr(result, "driver_lines", lambda: ())():
+        content.append(
+            hd.sr.TextContentItem(
+                name=codes.TIMELINE_DRIVER_COMMENT,
+                value=f"{codes.TIMELINE_DRIVER_PREFIX}: {line}"[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    evidence = list(headers)
+    if saliency is not None:
+        if saliency.StudyInstanceUID != headers[0].StudyInstanceUID:
+            raise ValueError("The saliency image belongs to another study than the sources.")
+        content.append(
+            hd.sr.ImageContentItem(
+                name=codes.SALIENCY_IMAGE,
+                referenced_sop_class_uid=saliency.SOPClassUID,
+                referenced_sop_instance_uid=saliency.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+        evidence.append(_header_copy(saliency))
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(codes.OBSERVER_TYPE_DEVICE),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -191,7 +217,7 @@ def build_sr(
         contribution_description="AI inference that produced this report",
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=headers,
+        evidence=evidence,
         content=report[0],
         series_instance_uid=sr_series_uid,
         series_number=series_number,

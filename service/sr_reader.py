@@ -54,6 +54,8 @@ class ReportedResult:
     image_only: bool
     image_only_reason: str | None
     source_sop_instance_uids: tuple[str, ...]
+    drivers: tuple[str, ...] = ()  # "name +0.123 toward <class>" per EHR timeline driver, in order
+    saliency_sop_instance_uid: str | None = None  # the referenced Grad-CAM Secondary Capture
 
 
 def read_sr(ds: Dataset) -> ReportedResult:
@@ -139,14 +141,26 @@ def read_sr(ds: Dataset) -> ReportedResult:
     if flags:
         reason = flags[0][len(codes.IMAGE_ONLY_PREFIX):].removeprefix(": ") or None
 
+    drivers = tuple(
+        item.value[len(codes.TIMELINE_DRIVER_PREFIX):].removeprefix(": ")
+        for item in find_content_items(
+            group[0], name=codes.TIMELINE_DRIVER_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT
+        )
+        if item.value.startswith(codes.TIMELINE_DRIVER_PREFIX)
+    )
+    images = find_content_items(group[0], name=codes.SALIENCY_IMAGE, value_type=hd.sr.ValueTypeValues.IMAGE)
+    if len(images) > 1:
+        raise SRValidationError(f"Found {len(images)} saliency images; expected at most 1.")
+    saliency = str(images[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) if images else None
+
     sources = tuple(str(image.referenced_sop_instance_uid) for image in group.source_images)
     if not sources:
         raise SRValidationError("The measurement group references no source image.")
     evidence = {str(uid) for _, _, uid, _ in sr.get_evidence()}
-    missing = [uid for uid in sources if uid not in evidence]
+    missing = [uid for uid in (*sources, *([saliency] if saliency else [])) if uid not in evidence]
     if missing:
         raise SRValidationError(
-            f"{len(missing)} source image(s) of the measurement group are not listed as evidence "
+            f"{len(missing)} image(s) referenced by the measurement group are not listed as evidence "
             "(Current Requested Procedure / Pertinent Other Evidence Sequence)."
         )
     return ReportedResult(
@@ -162,6 +176,8 @@ def read_sr(ds: Dataset) -> ReportedResult:
         image_only=bool(flags),
         image_only_reason=reason,
         source_sop_instance_uids=sources,
+        drivers=drivers,
+        saliency_sop_instance_uid=saliency,
     )
 
 
@@ -193,6 +209,9 @@ def check_sr(ds: Dataset, expected: InferenceResult | None = None) -> None:
         raise SRValidationError(
             f"Image-only flag is {reading.image_only} in the SR, {bool(expected.image_only)} expected."
         )
+    want_drivers = tuple(getattr(expected, "driver_lines", lambda: ())())
+    if reading.drivers != want_drivers:
+        raise SRValidationError(f"Timeline drivers are {reading.drivers} in the SR, {want_drivers} expected.")
     want_reason = (expected.image_only_reason or None) if expected.image_only else None
     if reading.image_only_reason != want_reason:
         raise SRValidationError(

@@ -110,4 +110,5 @@ def report_content(result: InferenceResult, facts: StudyFacts, *, sr_uid: str, p
         finding=finding(result.finding),
         image_only=result.image_only,
         image_only_reason=result.image_only_reason,
+        drivers=result.driver_lines(),
     )

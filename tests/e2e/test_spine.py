@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from dicom_fusion.fhir.client import FhirClient
 from dicom_fusion.inference.synth import SyntheticPatient, generate_cohort
 from dicom_fusion.service.components import FhirServer, Pacs, free_port, start_redis
 from dicom_fusion.service.ledger import Job, JobState, Ledger
 from dicom_fusion.service.server import wait_for_port
+from dicom_fusion.service.sr import read_sr
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 PHI_STRINGS = ("SYNTH^", "SYN0")  # synthetic names / PatientIDs must never reach the logs
@@ -59,13 +61,13 @@ def _orthanc(pacs: Pacs, path: str, data: bytes | None = None) -> object:
     return json.loads(body) if body[:1] in (b"[", b"{") else body
 
 
-def _sr_instances(pacs: Pacs, study_uid: str) -> list[str]:
+def _sr_instances(pacs: Pacs, study_uid: str, modality: str = "SR") -> list[str]:
     hits = [h for h in _orthanc(pacs, "/tools/lookup", study_uid.encode()) if h["Type"] == "Study"]  # type: ignore[union-attr]
     if not hits:
         return []
     out = []
     for series in _orthanc(pacs, f"/studies/{hits[0]['ID']}/series"):  # type: ignore[union-attr]
-        if series["MainDicomTags"].get("Modality") == "SR":
+        if series["MainDicomTags"].get("Modality") == modality:
             out.extend(series["Instances"])
     return out
 
@@ -146,6 +148,18 @@ def test_study_in_sr_and_report_out(stack: Stack, cohort: list[SyntheticPatient]
     errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
     assert errors == [], res.stderr
 
+    # The Grad-CAM Secondary Capture is in the same study, dciodvfy-clean, referenced by the SR, which
+    # also names the EHR timeline drivers (the cohort's patients all have a FHIR timeline)
+    scs = _sr_instances(stack.pacs, patient.study_instance_uid, modality="OT")
+    assert len(scs) == 1
+    sc_file = tmp_path / "sc.dcm"
+    sc_file.write_bytes(_orthanc(stack.pacs, f"/instances/{scs[0]}/file"))  # type: ignore[arg-type]
+    res = subprocess.run([dciodvfy, str(sc_file)], capture_output=True, text=True)
+    assert [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")] == []
+    reading = read_sr(dcmread(sr_file))
+    assert reading.saliency_sop_instance_uid == dcmread(sc_file).SOPInstanceUID
+    assert len(reading.drivers) == 3 and not reading.image_only
+
     # Exactly one DiagnosticReport for the patient, identified by the SR UID
     with FhirClient(stack.fhir.base_url) as client:
         reports = list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))
@@ -153,12 +167,14 @@ def test_study_in_sr_and_report_out(stack: Stack, cohort: list[SyntheticPatient]
         ids = [i.get("value") for i in reports[0].get("identifier", [])]
         assert f"urn:oid:{job.sr_uid}" in ids
         assert reports[0]["status"] == "final"
+        assert "EHR drivers: " + reading.drivers[0] in reports[0]["conclusion"]
 
     # Sending the same study again duplicates nothing
     _storescu(storescu, stack, files)
     time.sleep(3)
     assert [j.version for j in stack.ledger.jobs_for_study(patient.study_instance_uid)] == [1]
     assert len(_sr_instances(stack.pacs, patient.study_instance_uid)) == 1
+    assert len(_sr_instances(stack.pacs, patient.study_instance_uid, modality="OT")) == 1
     with FhirClient(stack.fhir.base_url) as client:
         assert len(list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))) == 1
 
