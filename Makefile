@@ -35,8 +35,15 @@ faults: venv sysdeps
 	FAULT_ROUNDS=20 $(VENV)/bin/python -m pytest -q -p no:logging tests/faults
 
 # Benchmarks print ratios against a reference run in the same invocation (not part of the tests).
+# About 6 minutes on 2 cores; smaller runs: make bench BENCH_INSTANCES=300 BENCH_MEMORY=2000 BENCH_STUDIES=10
+BENCH_INSTANCES ?= 600
+BENCH_MEMORY ?= 10000
+BENCH_STUDIES ?= 20
+BENCH_INFER_STUDIES ?= 64
 bench: venv sysdeps
-	$(VENV)/bin/python bench/ingest.py --instances 600 --memory 10000
+	$(VENV)/bin/python bench/ingest.py --instances $(BENCH_INSTANCES) --memory $(BENCH_MEMORY)
+	$(VENV)/bin/python bench/latency.py --studies $(BENCH_STUDIES)
+	$(VENV)/bin/python bench/inference.py --studies $(BENCH_INFER_STUDIES)
 	$(VENV)/bin/python bench/fhir_timeline.py
 
 unit: venv

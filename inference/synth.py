@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -42,6 +43,7 @@ UCUM = "http://unitsofmeasure.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 IMAGE_SIZE = 256
+MASK_NAME = "mask.npy"
 POSITIVE_THRESHOLD = 0.94  # on 1.2 z_img + 1.2 z_ehr + N(0, 0.6²): P(positive) ≈ 0.30
 REFERENCE_DATE = datetime(2025, 6, 30, tzinfo=UTC)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -49,13 +51,17 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # Lab/vital generators keyed by the default card's feature names (codes and units come from the card):
 # display, category, baseline, per-patient spread, label-driven trend at the study, noise, missing rate.
 LABS: dict[str, tuple[str, str, float, float, float, float, float]] = {
-    "glucose": ("Glucose [Mass/volume] in Serum or Plasma", "laboratory", 100.0, 10.0, 22.0, 8.0, 0.3),
-    "hba1c": ("Hemoglobin A1c/Hemoglobin.total in Blood", "laboratory", 5.6, 0.4, 0.7, 0.15, 0.5),
-    "crp": ("C reactive protein [Mass/volume] in Serum or Plasma", "laboratory", 1.1, 0.5, 0.8, 0.3, 0.5),
+    "glucose": ("Glucose [Mass/volume] in Serum or Plasma", "laboratory", 100.0, 10.0, 9.0, 6.0, 0.3),
+    "hba1c": ("Hemoglobin A1c/Hemoglobin.total in Blood", "laboratory", 5.6, 0.4, 0.3, 0.12, 0.5),
+    "crp": ("C reactive protein [Mass/volume] in Serum or Plasma", "laboratory", 1.1, 0.5, 0.35, 0.25, 0.5),
     "bmi": ("Body mass index (BMI) [Ratio]", "vital-signs", 27.0, 4.0, 1.0, 0.4, 0.2),
     "systolic_bp": ("Systolic blood pressure", "vital-signs", 125.0, 10.0, 8.0, 8.0, 0.1),
 }
 LOG_SCALE = {"crp"}  # generated in log space: CRP is right-skewed
+# Labile labs: the visit-to-visit noise is multiplied by 0.5 + LABILITY * sigmoid(2 z), so a high EHR
+# score shows as unstable values (glycaemic variability, inflammatory flares) more than as a higher
+# level: a pattern across the sequence that the last value, mean and slope of a lab do not summarise.
+LABILITY = {"glucose": 3.5, "hba1c": 3.0, "crp": 3.0}
 CONDITIONS = (  # SNOMED CT code, display, RxNorm code and ingredient of a typical medication
     ("44054006", "Diabetes mellitus type 2", "6809", "metformin"),
     ("38341003", "Hypertensive disorder, systemic arterial", "29046", "lisinopril"),
@@ -84,6 +90,8 @@ class SyntheticPatient:
     lesion: tuple[float, float, float] = (0.5, 0.5, 0.0)
     """Planted lesion in the first image (the one the model reads): centre row, centre column and mean
     radius, as fractions of the image height/width; ground truth for checking Grad-CAM."""
+    mask_path: Path | None = None
+    """`mask.npy`: the planted lesion's exact binary mask (see `generate_patient`)."""
 
 
 def _sigmoid(x: float) -> float:
@@ -113,39 +121,76 @@ def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, body_p
     return np.asarray(base, dtype=np.float64)
 
 
-def lesion_radius(z: float) -> float:
-    """Mean lesion radius for image score z, in the [-1, 1] image coordinates of `synth_image`."""
-    return float(np.clip(0.11 + 0.045 * z, 0.04, 0.25))
+LESION_RADIUS = (0.07, 0.16)  # mean radius range in the [-1, 1] image coordinates, drawn independently of z
+LESION_CONTRAST = (220.0, 420.0)  # mean lesion brightness above background, 12-bit units, independent of z
 
 
 def _lesion(
-    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, z: float, centre: tuple[float, float]
-) -> np.ndarray:
-    """A blob whose radius, border irregularity and internal texture grow with the latent score z."""
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, z: float, centre: tuple[float, float],
+    radius: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A blob whose border irregularity and internal texture heterogeneity grow with the latent score z.
+
+    Size and mean brightness are drawn independently of z: the finding is in the lesion's morphology
+    (the "B" and "C" of dermatology's ABCD rule: border, colour variegation), which global intensity
+    statistics barely see and a convolutional network can learn. Returns the intensity field (soft mask
+    times contrast plus texture) and the binary lesion mask (soft mask >= 0.5).
+    """
     dy, dx = yy - centre[0], xx - centre[1]
     dist = np.hypot(dy, dx)
     theta = np.arctan2(dy, dx)
-    radius = lesion_radius(z)
-    irregularity = 0.05 + 0.35 * _sigmoid(2.0 * z)
+    irregularity = 0.03 + 0.5 * _sigmoid(2.0 * z)
     border = np.ones_like(theta)
     for k in (3, 5, 7, 11):
         border += irregularity / 2.0 * rng.uniform(0.3, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
     edge = 0.004 + 0.012 * _sigmoid(z)
     inside = 1.0 / (1.0 + np.exp(np.clip((dist - radius * border) / edge, -50, 50)))
-    texture = rng.normal(0.0, 20.0 + 120.0 * _sigmoid(1.5 * z), size=dist.shape)
-    return inside * (max(80.0, 300.0 + 110.0 * z) + texture)
+    texture = rng.normal(0.0, 10.0 + 170.0 * _sigmoid(2.0 * z), size=dist.shape)
+    field: np.ndarray = inside * (rng.uniform(*LESION_CONTRAST) + texture)
+    return field, inside >= 0.5
 
 
 def synth_image(
-    rng: np.random.Generator, z: float, body_part: str, centre: tuple[float, float]
-) -> np.ndarray:
-    """One 256x256 uint16 (12 bits stored) radiograph-like image carrying the image latent score."""
+    rng: np.random.Generator, z: float, body_part: str, centre: tuple[float, float], radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One 256x256 uint16 (12 bits stored) radiograph-like image carrying the image latent score, and
+    the planted lesion's binary mask (ground truth for Grad-CAM checks and segmentation)."""
     axis = np.linspace(-1.0, 1.0, IMAGE_SIZE)
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    image = _background(rng, yy, xx, body_part) + _lesion(rng, yy, xx, z, centre)
+    field, mask = _lesion(rng, yy, xx, z, centre, radius)
+    image = _background(rng, yy, xx, body_part) + field
     image += rng.normal(0.0, 25.0, size=image.shape)
     out: np.ndarray = np.clip(np.rint(image), 0, 4095).astype(np.uint16)
-    return out
+    return out, mask.astype(np.uint8)
+
+
+CT_SHAPE = (32, 96, 96)  # slices, rows, columns of the small CT volume option
+CT_SPACING = (3.0, 2.0, 2.0)  # mm: slice thickness/spacing, row and column pixel spacing
+
+
+def synth_volume(
+    rng: np.random.Generator, z: float, centre: tuple[float, float, float], radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A small chest CT (int16 HU, CT_SHAPE) with a lung nodule carrying the image latent score, and its
+    binary mask. Same story as `synth_image`: border irregularity and internal heterogeneity grow with z,
+    size and density do not."""
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1.0, 1.0, n) for n in CT_SHAPE), indexing="ij")
+    body = (xx / 0.85) ** 2 + (yy / 0.62) ** 2 < 1.0
+    lungs = ((np.abs(xx) - 0.4) / 0.3) ** 2 + (yy / 0.45) ** 2 + (zz / 1.3) ** 2 < 1.0
+    hu = np.where(body, 40.0, -1000.0) + np.where(lungs, -840.0, 0.0)
+    dz, dy, dx = zz - centre[0], yy - centre[1], xx - centre[2]
+    dist = np.sqrt((dz * 0.6) ** 2 + dy**2 + dx**2)  # slices are 1.5x thicker than pixels are wide
+    theta, phi = np.arctan2(dy, dx), np.arctan2(dz * 0.6, np.hypot(dy, dx))
+    irregularity = 0.03 + 0.5 * _sigmoid(2.0 * z)
+    border = np.ones_like(theta)
+    for k in (3, 5, 7):
+        border += (irregularity / 2.0 * rng.uniform(0.3, 1.0)
+                   * np.cos(k * theta + rng.uniform(0, 2 * math.pi)) * np.cos((k - 2) * phi))
+    inside = 1.0 / (1.0 + np.exp(np.clip((dist - radius * border) / 0.02, -50, 50)))
+    texture = rng.normal(0.0, 15.0 + 150.0 * _sigmoid(2.0 * z), size=dist.shape)
+    hu = hu + inside * (rng.uniform(780.0, 900.0) + texture) + rng.normal(0.0, 20.0, size=dist.shape)
+    out: np.ndarray = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    return out, (inside >= 0.5).astype(np.uint8)
 
 
 def _sct(code: str, meaning: str) -> Dataset:
@@ -211,6 +256,62 @@ def _dx_dataset(patient: dict[str, Any], pixels: np.ndarray, number: int, view: 
     return ds
 
 
+def _ct_dataset(patient: dict[str, Any], pixels: np.ndarray, number: int) -> Dataset:
+    """One axial CT slice (uint16 stored, HU = value - 1024), slices ascending in z with InstanceNumber."""
+    ds = Dataset()
+    when: datetime = patient["study_time"]
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[*patient["entropy"], "instance", str(number)])
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = when.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = when.strftime("%H%M%S")
+    ds.ContentTime = when.strftime("%H%M%S")
+    ds.TimezoneOffsetFromUTC = "+0000"
+    ds.AccessionNumber = patient["accession"]
+    ds.Modality = "CT"
+    ds.Manufacturer = "dicom-fusion"
+    ds.ManufacturerModelName = "synthetic cohort"
+    ds.InstitutionName = "Synthetic General Hospital"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT CHEST"
+    ds.SeriesDescription = "CT CHEST AXIAL 3 mm"
+    ds.PatientName = patient["dicom_name"]
+    ds.PatientID = patient["patient_id"]
+    ds.IssuerOfPatientID = MRN_SYSTEM
+    ds.PatientBirthDate = patient["birth_date"].strftime("%Y%m%d")
+    ds.PatientSex = patient["sex"]
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = patient["study_uid"]
+    ds.SeriesInstanceUID = patient["series_uid"]
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[*patient["entropy"], "frame-of-reference"])
+    ds.PositionReferenceIndicator = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = number
+    ds.KVP = "120"
+    ds.SliceThickness = ds.SpacingBetweenSlices = str(CT_SPACING[0])
+    ds.PixelSpacing = [str(CT_SPACING[1]), str(CT_SPACING[2])]
+    rows, cols = pixels.shape
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [
+        -CT_SPACING[2] * (cols - 1) / 2, -CT_SPACING[1] * (rows - 1) / 2, CT_SPACING[0] * (number - 1) - 45.0
+    ]
+    ds.SliceLocation = str(ds.ImagePositionPatient[2])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+    ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+    ds.LossyImageCompression = "00"
+    ds.BurnedInAnnotation = "NO"
+    ds.PixelData = (pixels.astype(np.int32) + 1024).astype(np.uint16).tobytes()
+    return ds
+
+
 def _write_dicom(ds: Dataset, path: Path, transfer_syntax: UID) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -273,7 +374,8 @@ def _ehr_resources(rng: np.random.Generator, p: dict[str, Any], z: float) -> Ite
         for name, (display, category, base, spread, trend, noise, missing) in LABS.items():
             if rng.random() < missing:
                 continue
-            value = base + spread * offsets[name] + trend * z * progress + rng.normal(0.0, noise)
+            lability = 0.5 + LABILITY[name] * _sigmoid(2.0 * z) if name in LABILITY else 1.0
+            value = base + spread * offsets[name] + trend * z * progress + rng.normal(0.0, noise * lability)
             value = math.exp(value) if name in LOG_SCALE else value
             f = features[name]
             yield {
@@ -287,7 +389,7 @@ def _ehr_resources(rng: np.random.Generator, p: dict[str, Any], z: float) -> Ite
                 "effectiveDateTime": _ts(start + timedelta(minutes=10)),
                 "valueQuantity": {"value": round(value, 2), "unit": f.unit, "system": UCUM, "code": f.unit},
             }
-    n_conditions = min(len(CONDITIONS), int(rng.poisson(0.6 + 1.8 * _sigmoid(1.5 * z))))
+    n_conditions = min(len(CONDITIONS), int(rng.poisson(0.7 + 0.9 * _sigmoid(1.5 * z))))
     for c, idx in enumerate(rng.choice(len(CONDITIONS), size=n_conditions, replace=False), start=1):
         code, display, rx_code, rx_name = CONDITIONS[int(idx)]
         onset = study_time - timedelta(days=float(rng.uniform(5.0, 900.0)))
@@ -350,10 +452,19 @@ def _bundle(rng: np.random.Generator, p: dict[str, Any], z: float) -> dict[str, 
 # --------------------------------------------------------------------------- cohort
 
 
+MODALITIES = ("DX", "CT")
+
+
 def generate_patient(
-    index: int, out_dir: Path, seed: int, *, transfer_syntax: str = ExplicitVRLittleEndian
+    index: int, out_dir: Path, seed: int, *, transfer_syntax: str = ExplicitVRLittleEndian,
+    modality: str = "DX",
 ) -> SyntheticPatient:
-    """Generate patient number `index` (1-based) of the cohort `seed` into `out_dir/<PatientID>/`."""
+    """Generate patient number `index` (1-based) of the cohort `seed` into `out_dir/<PatientID>/`:
+    `study/*.dcm`, `bundle.json` and `mask.npy`, the binary lesion mask of what the model reads (DX:
+    the first image, [rows, cols]; CT: the volume, [slices, rows, cols] in InstanceNumber order, which
+    is ascending slice position)."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     rng = np.random.default_rng([seed, index])
     z_img, z_ehr = (float(v) for v in rng.normal(size=2))
     label = int(1.2 * z_img + 1.2 * z_ehr + rng.normal(0.0, 0.6) > POSITIVE_THRESHOLD)
@@ -373,7 +484,7 @@ def generate_patient(
         "birth_date": date(
             study_time.year - int(rng.integers(35, 86)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
         ),
-        "body_part": "CHEST" if rng.random() < 0.7 else "SKIN",
+        "body_part": "CHEST" if rng.random() < 0.7 or modality == "CT" else "SKIN",
         "accession": f"A{seed % 1000:03d}{index:06d}",
         "study_uid": generate_uid(entropy_srcs=[*entropy, "study"]),
         "series_uid": generate_uid(entropy_srcs=[*entropy, "series"]),
@@ -381,14 +492,28 @@ def generate_patient(
     patient_dir = Path(out_dir) / patient_id
     study_dir = patient_dir / "study"
     study_dir.mkdir(parents=True, exist_ok=True)
-    centre = (float(rng.uniform(-0.35, 0.35)), float(rng.uniform(-0.45, 0.45)))
-    views = ["PA"] if rng.random() < 0.5 else ["PA", "LL"]
-    for number, view in enumerate(views, start=1):
-        shifted = (centre[0] + 0.03 * (number - 1), centre[1] * (1.0 if number == 1 else 0.4))
-        pixels = synth_image(rng, z_img, p["body_part"], shifted)
-        _write_dicom(
-            _dx_dataset(p, pixels, number, view), study_dir / f"IM{number:04d}.dcm", UID(transfer_syntax)
-        )
+    radius = float(rng.uniform(*LESION_RADIUS))
+    if modality == "CT":
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        centre3 = (float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.2, 0.2)),
+                   side * 0.4 + float(rng.uniform(-0.1, 0.1)))
+        volume, mask = synth_volume(rng, z_img, centre3, radius)
+        for number, pixels in enumerate(volume, start=1):
+            _write_dicom(_ct_dataset(p, pixels, number), study_dir / f"IM{number:04d}.dcm", UID(transfer_syntax))
+        centre = centre3[1:]
+    else:
+        centre = (float(rng.uniform(-0.35, 0.35)), float(rng.uniform(-0.45, 0.45)))
+        views = ["PA"] if rng.random() < 0.5 else ["PA", "LL"]
+        masks = []
+        for number, view in enumerate(views, start=1):
+            shifted = (centre[0] + 0.03 * (number - 1), centre[1] * (1.0 if number == 1 else 0.4))
+            pixels, view_mask = synth_image(rng, z_img, p["body_part"], shifted, radius)
+            masks.append(view_mask)
+            _write_dicom(
+                _dx_dataset(p, pixels, number, view), study_dir / f"IM{number:04d}.dcm", UID(transfer_syntax)
+            )
+        mask = masks[0]  # the model reads the first view (transforms.decode_series: middle by number)
+    np.save(patient_dir / MASK_NAME, mask)
     bundle_path = patient_dir / "bundle.json"
     bundle_path.write_text(json.dumps(_bundle(rng, p, z_ehr), indent=1), encoding="utf-8")
     return SyntheticPatient(
@@ -401,7 +526,8 @@ def generate_patient(
         bundle_path=bundle_path,
         image_score=z_img,
         ehr_score=z_ehr,
-        lesion=((centre[0] + 1.0) / 2.0, (centre[1] + 1.0) / 2.0, lesion_radius(z_img) / 2.0),
+        lesion=((centre[0] + 1.0) / 2.0, (centre[1] + 1.0) / 2.0, radius / 2.0),
+        mask_path=patient_dir / MASK_NAME,
     )
 
 
@@ -412,19 +538,22 @@ def generate_cohort(
     progress: bool = True,
     *,
     transfer_syntax: str = ExplicitVRLittleEndian,
+    modality: str = "DX",
 ) -> list[SyntheticPatient]:
     """Write `n_patients` patients and `out_dir/cohort.csv` (patient_id, label, study_uid, study_time,
-    lesion_row, lesion_col, lesion_radius: the planted lesion in image fractions, see SyntheticPatient).
+    lesion_row, lesion_col, lesion_radius: the planted lesion in image fractions, see SyntheticPatient;
+    mask: the lesion mask file relative to `out_dir`).
 
     `transfer_syntax` (default Explicit VR Little Endian) may name any syntax pydicom can encode here
     (Implicit VR LE, RLE Lossless, JPEG-LS Lossless, JPEG 2000 Lossless), for decoder tests.
+    `modality` "DX" writes 1-2 radiographs per study, "CT" a small chest CT volume (CT_SHAPE).
     """
     if n_patients < 1:
         raise ValueError(f"n_patients must be at least 1, got {n_patients}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     patients = [
-        generate_patient(i, out_dir, seed, transfer_syntax=transfer_syntax)
+        generate_patient(i, out_dir, seed, transfer_syntax=transfer_syntax, modality=modality)
         for i in track(
             range(1, n_patients + 1),
             description="Synthesising patients",
@@ -437,12 +566,22 @@ def generate_cohort(
     with open(out_dir / "cohort.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(
-            ["patient_id", "label", "study_uid", "study_time", "lesion_row", "lesion_col", "lesion_radius"]
+            ["patient_id", "label", "study_uid", "study_time", "lesion_row", "lesion_col", "lesion_radius", "mask"]
         )
         for sp in patients:
             lesion = (f"{v:.4f}" for v in sp.lesion)
-            writer.writerow([sp.patient_id, sp.label, sp.study_instance_uid, _ts(sp.study_time), *lesion])
+            mask = f"{sp.patient_id}/{MASK_NAME}"
+            writer.writerow([sp.patient_id, sp.label, sp.study_instance_uid, _ts(sp.study_time), *lesion, mask])
     return patients
 
 
-__all__ = ["MRN_SYSTEM", "SyntheticPatient", "generate_cohort", "generate_patient", "synth_image"]
+__all__ = [
+    "MASK_NAME",
+    "MODALITIES",
+    "MRN_SYSTEM",
+    "SyntheticPatient",
+    "generate_cohort",
+    "generate_patient",
+    "synth_image",
+    "synth_volume",
+]
