@@ -76,11 +76,17 @@ def worker(config: ConfigOpt = None,
 @app.command()
 def synth(patients: Annotated[int, typer.Option(min=1, help="Number of synthetic patients.")] = 10,
           out: Annotated[Path, typer.Option(help="Output folder.")] = Path("synthetic"),
-          seed: Annotated[int, typer.Option(help="Random seed (same seed, same cohort).")] = 0) -> None:
-    """Write a synthetic paired cohort: DICOM studies + one FHIR transaction Bundle per patient."""
-    from dicom_fusion.inference.synth import generate_cohort
+          seed: Annotated[int, typer.Option(help="Random seed (same seed, same cohort).")] = 0,
+          modality: Annotated[str, typer.Option(
+              help="DX: 1-2 radiographs per study; CT: a small chest CT volume (32 x 96 x 96).")] = "DX") -> None:
+    """Write a synthetic paired cohort: DICOM studies + one FHIR transaction Bundle per patient, and the
+    exact lesion mask of each study (<patient>/mask.npy)."""
+    from dicom_fusion.inference.synth import MODALITIES, generate_cohort
 
-    cohort = generate_cohort(patients, out, seed, progress=True)
+    if modality.upper() not in MODALITIES:
+        console.print(f"[red]error:[/red] --modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+        raise typer.Exit(2)
+    cohort = generate_cohort(patients, out, seed, progress=True, modality=modality.upper())
     console.print(f"wrote {len(cohort)} patients to {out}")
 
 

@@ -180,3 +180,44 @@ def test_synth_compressed_transfer_syntax(
 def test_synth_rejects_empty_cohort(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         generate_cohort(0, tmp_path, seed=0, progress=False)
+
+
+def test_synth_mask_marks_the_planted_lesion(cohort: tuple[Path, list[SyntheticPatient]]) -> None:
+    """mask.npy is the exact lesion of the image the model reads: brighter inside than in a ring around it."""
+    out, patients = cohort
+    for p in patients:
+        assert p.mask_path == out / p.patient_id / "mask.npy"
+        mask = np.load(p.mask_path).astype(bool)
+        first = sorted(p.study_dir.glob("*.dcm"))[0]
+        pixels = pydicom.dcmread(first).pixel_array.astype(float)
+        assert mask.shape == pixels.shape and 0.002 < mask.mean() < 0.15
+        from scipy.ndimage import binary_dilation
+
+        ring = binary_dilation(mask, iterations=6) & ~binary_dilation(mask, iterations=2)
+        assert pixels[mask].mean() > pixels[ring].mean() + 100
+
+
+def test_synth_ct_volume_option(tmp_path: Path) -> None:
+    """--modality CT: one axial series ordered by position, HU rescale, the nodule's mask in slice order."""
+    from dicom_fusion.inference.modelcard import ImageSpec, default_card
+    from dicom_fusion.inference.synth import CT_SHAPE
+    from dicom_fusion.inference.transforms import load_study_image
+
+    (p,) = generate_cohort(1, tmp_path, seed=5, progress=False, modality="CT")
+    files = sorted(p.study_dir.glob("*.dcm"))
+    assert len(files) == CT_SHAPE[0]
+    datasets = [pydicom.dcmread(f) for f in files]
+    assert {ds.Modality for ds in datasets} == {"CT"} and len({ds.SeriesInstanceUID for ds in datasets}) == 1
+    z = [float(ds.ImagePositionPatient[2]) for ds in datasets]
+    assert z == sorted(z) and [ds.InstanceNumber for ds in datasets] == list(range(1, CT_SHAPE[0] + 1))
+    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])
+    mask = np.load(p.mask_path).astype(bool)
+    assert mask.shape == CT_SHAPE and mask.sum() > 50
+    assert hu[mask].mean() > -200 and np.median(hu[~mask]) < -500  # soft-tissue nodule in air/lung
+    card = default_card(weights=tmp_path / "w.pt", sha256="0" * 64, path=tmp_path / "card.toml")
+    card3d = type(card)(**{**card.__dict__, "image": ImageSpec(spatial_dims=3, size=(32, 64, 64), channels=1,
+                                                                encoder="smallcnn", window=(-1000.0, 400.0))})
+    prepared = load_study_image(files, card3d)
+    assert prepared.array.shape == (1, 32, 64, 64)
+    with pytest.raises(ValueError, match="modality"):
+        generate_cohort(1, tmp_path / "x", seed=5, progress=False, modality="MR")
