@@ -208,34 +208,28 @@ def redeliver(target: Annotated[str, typer.Argument(metavar="JOB_ID|STUDY_UID",
     """Send a dead job back to the stage it died at, with a fresh retry budget.
 
     Its dead deliveries (SR, report, HL7) become pending again; delivered ones are not sent twice.
-    With a Study Instance UID, the study's latest job is re-delivered.
+    With a Study Instance UID, the study's dead jobs are re-delivered (same as the API's dead-letter
+    action: both call service/operations.py).
     """
-    from dicom_fusion.service.ledger import JobState, Ledger, Stage
-    from dicom_fusion.service.tasks import enqueue, make_celery
+    from dicom_fusion.service.errors import ActionRefusedError, StudyNotFoundError
+    from dicom_fusion.service.ledger import Ledger
+    from dicom_fusion.service.operations import make_enqueue, redeliver_dead, redeliver_job
 
     settings = _settings(config)
     ledger = Ledger(settings.ledger_url)
     try:
+        enqueue = make_enqueue(ledger, settings)
         if target.isdigit():
-            job = ledger.job(int(target))
+            results = [redeliver_job(ledger, enqueue, int(target))]
         else:
-            jobs = ledger.jobs_for_study(target)
-            job = jobs[-1] if jobs else None
-        if job is None:
-            console.print(f"[red]error:[/red] no job {target} in the ledger {settings.ledger_url}; pass a job "
-                          "id or a Study Instance UID from `dicom-fusion status` (and the same --config)")
-            raise typer.Exit(1)
-        if job.state != JobState.DEAD:
-            console.print(f"[red]error:[/red] job {job.id} (v{job.version}) is {job.state}; only dead jobs "
-                          "are re-delivered")
-            raise typer.Exit(1)
-        if not ledger.reset_for_redelivery(job.id):
-            console.print(f"[red]error:[/red] job {job.id} changed state meanwhile; run the command again")
-            raise typer.Exit(1)
-        enqueue(make_celery(settings), ledger, settings, job.id, Stage(job.stage), requeue=True)
+            results = redeliver_dead(ledger, enqueue, study_uid=target)
+    except (StudyNotFoundError, ActionRefusedError) as exc:
+        console.print(f"[red]error:[/red] {exc} (ledger {settings.ledger_url}; same --config as the service?)")
+        raise typer.Exit(1) from exc
     finally:
         ledger.close()
-    typer.echo(f"job {job.id} (v{job.version}) re-enqueued at stage {job.stage} with a fresh retry budget")
+    for r in results:
+        typer.echo(f"{r.message} with a fresh retry budget")
 
 
 # Operator commands: api, status, retry, replay, send (service/opscli.py).

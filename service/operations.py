@@ -91,6 +91,30 @@ def replay_study(ledger: Ledger, enqueue: Enqueue, study_uid: str) -> ActionResu
                         f"job v{version} created from {study.instance_count} stored instance(s) and queued")
 
 
+def _redeliver(ledger: Ledger, enqueue: Enqueue, job: Job, study_uid: str) -> ActionResult | None:
+    """Reset one dead job (None if it changed state meanwhile) and enqueue it at the stage it died at."""
+    if not ledger.reset_for_redelivery(job.id):
+        return None
+    enqueue(job.id, Stage(job.stage), True)
+    return ActionResult("redeliver", study_uid, job.version, str(job.stage),
+                        f"dead job {job.id} (v{job.version}) re-enqueued at stage {job.stage}")
+
+
+def redeliver_job(ledger: Ledger, enqueue: Enqueue, job_id: int) -> ActionResult:
+    """Dead-letter re-delivery of one job by id (`dicom-fusion redeliver JOB_ID`)."""
+    job = ledger.job(job_id)
+    if job is None:
+        raise StudyNotFoundError(f"no job {job_id} in the ledger; take a job id from `dicom-fusion status`")
+    if job.state != JobState.DEAD:
+        raise ActionRefusedError(f"job {job_id} (v{job.version}) is {job.state}; only dead jobs are re-delivered")
+    with ledger.session() as s:
+        uid = s.scalar(select(Study.study_uid).where(Study.id == job.study_id)) or ""
+    result = _redeliver(ledger, enqueue, job, uid)
+    if result is None:
+        raise ActionRefusedError(f"job {job_id} changed state meanwhile; run the command again")
+    return result
+
+
 def redeliver_dead(ledger: Ledger, enqueue: Enqueue, *, study_uid: str | None = None) -> list[ActionResult]:
     """Dead-letter re-delivery: every dead job (or the dead job of one study) goes back to the stage
     it died at with a fresh retry budget; its dead deliveries become pending again."""
@@ -101,12 +125,7 @@ def redeliver_dead(ledger: Ledger, enqueue: Enqueue, *, study_uid: str | None = 
                 raise StudyNotFoundError(f"no study {study_uid} in the ledger; check the Study Instance UID")
             q = q.where(Study.study_uid == study_uid)
         dead = s.execute(q.order_by(Job.id)).all()
-    results = []
-    for job, uid in dead:
-        if ledger.reset_for_redelivery(job.id):
-            enqueue(job.id, Stage(job.stage), True)
-            results.append(ActionResult("redeliver", uid, job.version, str(job.stage),
-                                        f"dead job v{job.version} re-enqueued at stage {job.stage}"))
+    results = [r for job, uid in dead if (r := _redeliver(ledger, enqueue, job, uid)) is not None]
     if study_uid is not None and not results:
         raise ActionRefusedError(f"study {study_uid} has no dead job to re-deliver")
     return results

@@ -106,3 +106,20 @@ def test_redeliver_dead_letters(ledger: Ledger, settings: Settings, enqueue: ope
     assert [(r.study_uid, r.stage) for r in rest] == [("6.2", "prepare")]
     assert sorted(m[1] for m in messages(settings)) == ["dicom_fusion.deliver", "dicom_fusion.prepare"]
     assert operations.redeliver_dead(ledger, enqueue) == []
+
+
+def test_redeliver_one_job_by_id(ledger: Ledger, settings: Settings, enqueue: operations.Enqueue) -> None:
+    """`dicom-fusion redeliver JOB_ID` and the API share this path: dead only, unknown id named."""
+    for uid in ("7.1", "7.2"):
+        add_study(ledger, uid)
+    a, b = (complete(ledger, u) for u in ("7.1", "7.2"))
+    run_to_dead(ledger, a, stage=Stage.DELIVER)
+    run_to_done(ledger, b)
+    with pytest.raises(StudyNotFoundError, match="no job 99999"):
+        operations.redeliver_job(ledger, enqueue, 99999)
+    with pytest.raises(ActionRefusedError, match="only dead jobs"):
+        operations.redeliver_job(ledger, enqueue, b)
+    result = operations.redeliver_job(ledger, enqueue, a)
+    assert (result.study_uid, result.stage) == ("7.1", "deliver")
+    assert f"job {a} (v1) re-enqueued at stage deliver" in result.message
+    assert [m[1] for m in messages(settings)] == ["dicom_fusion.deliver"]
