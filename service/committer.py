@@ -6,11 +6,11 @@ that associations sync concurrently), hands it to the committer and waits. The c
 everything that is waiting (at most ``max_batch``; nothing is held back for company unless
 ``max_delay`` is set, so a lone association is never slowed) and, for the whole batch:
 
-1. asks the ledger which SOP Instance UIDs it already holds (one query): duplicates drop their temp
-   file and are answered success, the first copy is kept;
+1. opens one ledger transaction (SQLite: BEGIN IMMEDIATE) and asks which SOP Instance UIDs the ledger
+   already holds: duplicates drop their temp file and are answered success, the first copy is kept;
 2. ``filesystem`` sync mode: one ``syncfs`` makes the data of every staged file durable;
 3. links each staged file to its final name and fsyncs each directory the batch touched, once;
-4. records every row in one ledger transaction (SQLite: one commit, one WAL fsync);
+4. writes every row and commits (SQLite: one commit, one WAL fsync);
 5. wakes every waiter, which only then answers 0x0000.
 
 So the durability contract is unchanged — an instance is acknowledged only after its bytes, its name
@@ -209,24 +209,25 @@ class GroupCommitter:
             item.resolve(outcome=outcome)
 
     def _commit(self, batch: list[_Pending]) -> list[RecordOutcome]:
-        known = self.ledger.existing_instances([p.record.sop_uid for p in batch])
-        outcomes: dict[int, RecordOutcome] = {}
-        todo: list[tuple[int, _Pending]] = []
-        for i, p in enumerate(batch):
-            if p.record.sop_uid in known:
-                self.spool.discard(p.staged)  # duplicate: the first copy is kept
-                outcomes[i] = RecordOutcome(new=False, study_uid=p.record.study_uid)
-            else:
-                todo.append((i, p))
-        if todo:
-            fsync = self.spool.fsync
+        fsync = self.spool.fsync
+        published: set[int] = set()
+
+        def make_durable(fresh: list[int]) -> None:
+            # Called by the ledger inside the batch's transaction, after its duplicate check and before
+            # any row is written: data durable (filesystem mode), then names, then their directories.
+            todo = [i for i in fresh if i not in published]
+            if not todo:
+                return
             if fsync and self.sync_mode == "filesystem":
                 sync_filesystem(self.spool.studies_dir)
-            for _, p in todo:
-                self.spool.publish(p.staged)
+            for i in todo:
+                self.spool.publish(batch[i].staged)
+                published.add(i)
             if fsync:
-                fsync_dirs(p.staged.final.parent for _, p in todo)
-            recorded = self.ledger.record_instances([p.record for _, p in todo])
-            for (i, _), outcome in zip(todo, recorded, strict=True):
-                outcomes[i] = outcome
-        return [outcomes[i] for i in range(len(batch))]
+                fsync_dirs(batch[i].staged.final.parent for i in todo)
+
+        outcomes = self.ledger.record_instances([p.record for p in batch], before_write=make_durable)
+        for i, p in enumerate(batch):
+            if i not in published:
+                self.spool.discard(p.staged)  # a duplicate: the first copy is kept
+        return outcomes

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -214,12 +214,21 @@ class RecordOutcome:
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    # SQLAlchemy emits BEGIN itself (`_sqlite_begin`), so that writers can take the lock up front.
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, not just kill -9
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    """Write transactions start with BEGIN IMMEDIATE: the write lock is taken (or waited for, up to
+    the busy timeout) before the first read, so a transaction that reads then writes never fails with
+    SQLITE_BUSY_SNAPSHOT when another process (a second listener, a worker) committed in between."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("ledger_write") else "BEGIN")
 
 
 class Ledger:
@@ -237,10 +246,13 @@ class Ledger:
         self.engine: Engine = create_engine(url, **kwargs)  # type: ignore[arg-type]
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        self._write_engine = self.engine.execution_options(ledger_write=True)  # same pool
         # SQLite allows one writer; serialising writers in-process avoids busy spins between threads.
         self._write_lock = threading.Lock() if self.is_sqlite else None
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -257,7 +269,7 @@ class Ledger:
         if lock is not None:
             lock.acquire()
         try:
-            with self._sessions() as s, s.begin():
+            with self._write_sessions() as s, s.begin():
                 yield s
         finally:
             if lock is not None:
@@ -293,14 +305,6 @@ class Ledger:
             modality=modality, transfer_syntax=transfer_syntax, path=path, sha256=sha256, size=size,
             calling_ae=calling_ae)])[0]
 
-    def existing_instances(self, sop_uids: Sequence[str]) -> set[str]:
-        """Which of these SOP Instance UIDs are recorded already (one query)."""
-        if not sop_uids:
-            return set()
-        t = Instance.__table__
-        with self.engine.connect() as conn:
-            return set(conn.execute(select(t.c.sop_uid).where(t.c.sop_uid.in_(list(sop_uids)))).scalars())
-
     @contextmanager
     def _write_connection(self) -> Iterator[Connection]:
         """A Core connection in a transaction, serialised like :meth:`transaction` (hot ingest path)."""
@@ -308,19 +312,23 @@ class Ledger:
         if lock is not None:
             lock.acquire()
         try:
-            with self.engine.begin() as conn:
+            with self._write_engine.begin() as conn:
                 yield conn
         finally:
             if lock is not None:
                 lock.release()
 
-    def record_instances(self, records: Sequence[InstanceRecord]) -> list[RecordOutcome]:
+    def record_instances(self, records: Sequence[InstanceRecord], *,
+                         before_write: Callable[[list[int]], None] | None = None) -> list[RecordOutcome]:
         """Record a batch of durable instances in one transaction (one commit, one WAL fsync).
 
         Outcomes are in the order of ``records``: ``new=False`` for a SOP Instance UID recorded
-        before or earlier in the batch (the first copy is kept). If another process inserts one of
-        the UIDs concurrently, the batch is retried one record per transaction, so the others still
-        land. Any other database error propagates: nothing of the batch is recorded then.
+        before or earlier in the batch (the first copy is kept). ``before_write`` is called inside the
+        transaction, after the duplicate check and before any row is written, with the indexes of the
+        records that will be new: the listener makes their files durable there (an exception aborts
+        the transaction). If another process inserts one of the UIDs concurrently (PostgreSQL; SQLite
+        writers hold the lock from BEGIN IMMEDIATE), the batch is retried one record per transaction,
+        so the others still land. Any other database error propagates: nothing of the batch is recorded.
         Written with SQLAlchemy Core (a handful of statements per batch, whatever its size): this is
         the listener's hot path.
         """
@@ -328,27 +336,34 @@ class Ledger:
             return []
         try:
             with self._write_connection() as conn:
-                return self._record_batch(conn, records)
+                return self._record_batch(conn, records, before_write)
         except IntegrityError:
             if len(records) == 1:
                 # Another association recorded the same SOP Instance UID between our check and insert.
                 return [RecordOutcome(new=False, study_uid=records[0].study_uid)]
-            return [self.record_instances([r])[0] for r in records]
+            return [self.record_instances(
+                [r], before_write=None if before_write is None else (lambda _idx, i=i: before_write([i])))[0]
+                for i, r in enumerate(records)]
 
-    def _record_batch(self, conn: Connection, records: Sequence[InstanceRecord]) -> list[RecordOutcome]:
+    def _record_batch(self, conn: Connection, records: Sequence[InstanceRecord],
+                      before_write: Callable[[list[int]], None] | None = None) -> list[RecordOutcome]:
         now = utcnow()
         ti, tst, tse, ta = Instance.__table__, Study.__table__, Series.__table__, AuditEvent.__table__
         seen = set(conn.execute(select(ti.c.sop_uid).where(
             ti.c.sop_uid.in_([r.sop_uid for r in records]))).scalars())
         outcomes: list[RecordOutcome] = []
         fresh: list[InstanceRecord] = []
-        for r in records:
+        fresh_idx: list[int] = []
+        for i, r in enumerate(records):
             outcomes.append(RecordOutcome(new=r.sop_uid not in seen, study_uid=r.study_uid))
             if r.sop_uid not in seen:
                 seen.add(r.sop_uid)
                 fresh.append(r)
+                fresh_idx.append(i)
         if not fresh:
             return outcomes
+        if before_write is not None:
+            before_write(fresh_idx)
         audits: list[dict[str, object]] = []
         per_study: dict[str, list[InstanceRecord]] = {}
         per_series: dict[str, list[InstanceRecord]] = {}

@@ -51,7 +51,7 @@ class Gate:
         self._real = ledger.record_instances
         ledger.record_instances = self  # type: ignore[method-assign]
 
-    def __call__(self, records: list[object]) -> list[RecordOutcome]:
+    def __call__(self, records: list[object], **kwargs: object) -> list[RecordOutcome]:
         self.calls += 1
         if self.calls == 1:
             self.entered.set()
@@ -59,7 +59,7 @@ class Gate:
         elif self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
-        return self._real(records)  # type: ignore[arg-type]
+        return self._real(records, **kwargs)  # type: ignore[arg-type]
 
 
 def wait_for(pred: Callable[[], bool], what: str) -> None:
