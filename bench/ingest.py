@@ -1,12 +1,17 @@
 """Ingest benchmark: our listener vs DCMTK storescp (tuned) on the same files, same run.
 
     .venv/bin/python bench/ingest.py [--instances 600] [--rows 512] [--memory 10000]
+                                     [--receivers pynetdicom,ours,ours-2p] [--assocs 1,4]
 
 Sender: DCMTK storescu with TCP_NODELAY=1 (one process per association). Reference receiver:
 storescp with TCP_NODELAY=1, +B (bit-preserving write), --fork. Ours: `dicom-fusion serve --no-worker`
-with the full durability contract (fsync file + dir, ledger commit before the ack). Prints inst/s,
-MB/s, the ratio ours/storescp for 1 and 4 associations, and the listener's peak RSS (all processes).
-``--memory N`` also sends N small instances and prints the listener's RSS growth.
+with the full durability contract (fsync file + dir, ledger commit before the ack), in the variants of
+``OURS`` (defaults, 2 listener processes, no group commit, syncfs, and — not durable, to show what the
+syncs cost — fsync off). ``pynetdicom``: a bare pynetdicom SCP that only writes the received bytes
+(no fsync, no ledger), the floor of any Python listener. Prints inst/s, MB/s, peak RSS and CPU per
+instance of the receiver (all its processes; CPU/instance is the figure least disturbed by other
+load on a shared machine), the ratio to storescp for each association count, and with ``--memory N``
+the listener's RSS growth over N small instances.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ class RssSampler(threading.Thread):
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
-        self.pid, self.peak_kb, self.last_kb = pid, 0, 0
+        self.pid, self.peak_kb, self.last_kb, self.cpu = pid, 0, 0, 0.0
         self._stop_event = threading.Event()
 
     def _tree(self) -> list[int]:
@@ -81,6 +86,17 @@ class RssSampler(threading.Thread):
             frontier = [p for p, pp in parents.items() if pp in frontier]
             tree.extend(frontier)
         return tree
+
+    def cpu_seconds(self) -> float:
+        """user+sys CPU of the tree so far, including reaped children (storescp --fork)."""
+        total = 0
+        for pid in self._tree():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        return total / os.sysconf("SC_CLK_TCK")
 
     def rss_kb(self) -> int:
         total = 0
@@ -97,6 +113,7 @@ class RssSampler(threading.Thread):
         while not self._stop_event.wait(0.05):
             self.last_kb = self.rss_kb()
             self.peak_kb = max(self.peak_kb, self.last_kb)
+            self.cpu = self.cpu_seconds()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -156,18 +173,59 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_one(name: str, files: list[Path], associations: int, tmp: Path) -> tuple[float, int]:
+def start_bare(out: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The floor of the Python stack: a bare pynetdicom SCP (max PDU 0, TCP_NODELAY) writing
+    `event.encoded_dataset()` to a file — no fsync, no header parse, no ledger."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--bare-scp", str(port), str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_port("127.0.0.1", port, timeout=60)
+    return proc, port
+
+
+def bare_scp(port: int, out: Path) -> None:
+    import socket
+
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import _STORAGE_CLASSES
+
+    def store(event: evt.Event) -> int:
+        (out / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(event.encoded_dataset())
+        return 0
+
+    def nodelay(event: evt.Event) -> None:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    ae = AE("STORESCP")
+    ae.maximum_pdu_size = 0
+    ae.maximum_associations = 16
+    for uid in sorted(_STORAGE_CLASSES.values()):
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, store), (evt.EVT_CONN_OPEN, nodelay)])
+
+
+def run_one(name: str, files: list[Path], associations: int, tmp: Path) -> tuple[float, int, float]:
+    """Seconds to send, peak RSS (kB) and CPU seconds of the receiver (all its processes)."""
     work = tmp / f"{name}-{associations}"
-    proc, port = start_ours(work, OURS[name]) if name in OURS else start_storescp(work)
+    if name in OURS:
+        proc, port = start_ours(work, OURS[name])
+    elif name == "pynetdicom":
+        proc, port = start_bare(work)
+    else:
+        proc, port = start_storescp(work)
     sampler = RssSampler(proc.pid)
     sampler.start()
     try:
+        cpu0 = sampler.cpu_seconds()
         secs = send(files, port, associations, "DFUSION" if name in OURS else "STORESCP")
+        time.sleep(0.1)  # let storescp reap its last child (cutime)
+        cpu = sampler.cpu_seconds() - cpu0
     finally:
         sampler.stop()
         stop(proc)
     shutil.rmtree(work, ignore_errors=True)
-    return secs, sampler.peak_kb
+    return secs, sampler.peak_kb, cpu
 
 
 def memory_growth(n: int, tmp: Path) -> tuple[int, int]:
@@ -195,14 +253,18 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=600)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--memory", type=int, default=0, help="also send N small instances and report RSS growth")
-    ap.add_argument("--receivers", default="ours,ours-2p",
-                    help=f"comma-separated receivers besides storescp, from {','.join(OURS)}")
+    ap.add_argument("--receivers", default="pynetdicom,ours,ours-2p",
+                    help=f"comma-separated receivers besides storescp, from pynetdicom,{','.join(OURS)}")
     ap.add_argument("--assocs", default="1,4", help="association counts to run, e.g. 1,4")
+    ap.add_argument("--bare-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare_scp:
+        bare_scp(int(args.bare_scp[0]), Path(args.bare_scp[1]))
+        return 0
     receivers = ["storescp", *[r for r in args.receivers.split(",") if r]]
-    unknown = [r for r in receivers[1:] if r not in OURS]
+    unknown = [r for r in receivers[1:] if r not in OURS and r != "pynetdicom"]
     if unknown:
-        ap.error(f"unknown receiver(s) {unknown}; choose from {sorted(OURS)}")
+        ap.error(f"unknown receiver(s) {unknown}; choose from pynetdicom, {', '.join(OURS)}")
     assoc_counts = [int(a) for a in args.assocs.split(",")]
     for tool in (STORESCU, STORESCP):
         if not Path(tool).exists():
@@ -213,14 +275,15 @@ def main() -> int:
         files = make_corpus(tmp / "corpus", args.instances, args.rows)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"corpus: {len(files)} instances, {mb:.0f} MB ({mb / len(files):.2f} MB each)")
-        print(f"{'receiver':<15}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'peak RSS MB':>13}")
+        print(f"{'receiver':<15}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'peak RSS MB':>13}"
+              f"{'CPU ms/inst':>14}")
         rates: dict[tuple[str, int], float] = {}
         for assocs in assoc_counts:
             for name in receivers:
-                secs, peak = run_one(name, files, assocs, tmp)
+                secs, peak, cpu = run_one(name, files, assocs, tmp)
                 rates[(name, assocs)] = len(files) / secs
                 print(f"{name:<15}{assocs:>7}{secs:>9.2f}{len(files) / secs:>9.0f}{mb / secs:>8.1f}"
-                      f"{peak / 1024:>13.0f}", flush=True)
+                      f"{peak / 1024:>13.0f}{cpu / len(files) * 1000:>14.1f}", flush=True)
         for assocs in assoc_counts:
             for name in receivers[1:]:
                 print(f"ratio {name}/storescp, {assocs} association(s): "

@@ -10,6 +10,7 @@ SQLite (WAL, synchronous=FULL) is the embedded default; any SQLAlchemy URL (Post
 from __future__ import annotations
 
 import enum
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,6 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    insert,
     or_,
     select,
     update,
@@ -248,6 +248,8 @@ class Ledger:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         self._write_engine = self.engine.execution_options(ledger_write=True)  # same pool
+        # The listener's batches go through the sqlite3 driver directly (see ledger_ingest); False = Core.
+        self.fast_sqlite_ingest = True
         # SQLite allows one writer; serialising writers in-process avoids busy spins between threads.
         self._write_lock = threading.Lock() if self.is_sqlite else None
         Base.metadata.create_all(self.engine)
@@ -329,15 +331,18 @@ class Ledger:
         the transaction). If another process inserts one of the UIDs concurrently (PostgreSQL; SQLite
         writers hold the lock from BEGIN IMMEDIATE), the batch is retried one record per transaction,
         so the others still land. Any other database error propagates: nothing of the batch is recorded.
-        Written with SQLAlchemy Core (a handful of statements per batch, whatever its size): this is
-        the listener's hot path.
+        This is the listener's hot path: see :mod:`.ledger_ingest` for the statements.
         """
+        from dicom_fusion.service.ledger_ingest import CoreWriter, record_batch
+
         if not records:
             return []
         try:
+            if self.is_sqlite and self.fast_sqlite_ingest:
+                return self._record_sqlite(records, before_write)
             with self._write_connection() as conn:
-                return self._record_batch(conn, records, before_write)
-        except IntegrityError:
+                return record_batch(CoreWriter(conn), records, utcnow(), before_write)
+        except (IntegrityError, sqlite3.IntegrityError):
             if len(records) == 1:
                 # Another association recorded the same SOP Instance UID between our check and insert.
                 return [RecordOutcome(new=False, study_uid=records[0].study_uid)]
@@ -345,76 +350,28 @@ class Ledger:
                 [r], before_write=None if before_write is None else (lambda _idx, i=i: before_write([i])))[0]
                 for i, r in enumerate(records)]
 
-    def _record_batch(self, conn: Connection, records: Sequence[InstanceRecord],
-                      before_write: Callable[[list[int]], None] | None = None) -> list[RecordOutcome]:
-        now = utcnow()
-        ti, tst, tse, ta = Instance.__table__, Study.__table__, Series.__table__, AuditEvent.__table__
-        seen = set(conn.execute(select(ti.c.sop_uid).where(
-            ti.c.sop_uid.in_([r.sop_uid for r in records]))).scalars())
-        outcomes: list[RecordOutcome] = []
-        fresh: list[InstanceRecord] = []
-        fresh_idx: list[int] = []
-        for i, r in enumerate(records):
-            outcomes.append(RecordOutcome(new=r.sop_uid not in seen, study_uid=r.study_uid))
-            if r.sop_uid not in seen:
-                seen.add(r.sop_uid)
-                fresh.append(r)
-                fresh_idx.append(i)
-        if not fresh:
-            return outcomes
-        if before_write is not None:
-            before_write(fresh_idx)
-        audits: list[dict[str, object]] = []
-        per_study: dict[str, list[InstanceRecord]] = {}
-        per_series: dict[str, list[InstanceRecord]] = {}
-        for r in fresh:
-            per_study.setdefault(r.study_uid, []).append(r)
-            per_series.setdefault(r.series_uid, []).append(r)
-        known = {uid: (sid, state) for sid, uid, state in conn.execute(
-            select(tst.c.id, tst.c.study_uid, tst.c.state).where(tst.c.study_uid.in_(list(per_study))))}
-        study_ids: dict[str, int] = {}
-        for uid, group in per_study.items():
-            if uid not in known:
-                sid = conn.execute(insert(tst).values(
-                    study_uid=uid, state=StudyState.RECEIVING, instance_count=len(group), job_version=0,
-                    first_received_at=now, last_received_at=now, calling_ae=group[0].calling_ae,
-                )).inserted_primary_key[0]  # type: ignore[index]
-                audits.append(self._audit_row(now, "study", sid, "first_instance",
-                                              f"calling_ae={group[0].calling_ae}"))
-            else:
-                sid, state = known[uid]
-                if state != StudyState.RECEIVING:
-                    audits.append(self._audit_row(now, "study", sid, "reopened",
-                                                  "late instance after completion"))
-                conn.execute(update(tst).where(tst.c.id == sid).values(
-                    state=StudyState.RECEIVING, last_received_at=now,
-                    instance_count=tst.c.instance_count + len(group)))
-            study_ids[uid] = sid
-        series_ids: dict[str, int] = {uid: sid for uid, sid in conn.execute(
-            select(tse.c.series_uid, tse.c.id).where(tse.c.series_uid.in_(list(per_series))))}
-        for uid, group in per_series.items():
-            if uid not in series_ids:
-                series_ids[uid] = conn.execute(insert(tse).values(
-                    study_id=study_ids[group[0].study_uid], series_uid=uid, modality=group[0].modality,
-                    instance_count=len(group))).inserted_primary_key[0]  # type: ignore[index]
-            else:
-                conn.execute(update(tse).where(tse.c.id == series_ids[uid]).values(
-                    instance_count=tse.c.instance_count + len(group)))
-        inserted = conn.execute(
-            insert(ti).returning(ti.c.id, sort_by_parameter_order=True),
-            [{"study_id": study_ids[r.study_uid], "series_id": series_ids[r.series_uid], "sop_uid": r.sop_uid,
-              "sop_class_uid": r.sop_class_uid, "transfer_syntax": r.transfer_syntax, "path": str(r.path),
-              "sha256": r.sha256, "size": r.size, "received_at": now} for r in fresh],
-        ).scalars().all()
-        for r, inst_id in zip(fresh, inserted, strict=True):
-            audits.append(self._audit_row(now, "instance", inst_id, "received",
-                                          f"calling_ae={r.calling_ae} size={r.size}"))
-        conn.execute(insert(ta), audits)
-        return outcomes
+    def _record_sqlite(self, records: Sequence[InstanceRecord],
+                       before_write: Callable[[list[int]], None] | None) -> list[RecordOutcome]:
+        from dicom_fusion.service.ledger_ingest import SqliteWriter, record_batch
 
-    @staticmethod
-    def _audit_row(ts: datetime, entity: str, entity_id: int, event_name: str, detail: str) -> dict[str, object]:
-        return {"ts": ts, "entity": entity, "entity_id": entity_id, "event": event_name, "detail": detail[:2000]}
+        lock = self._write_lock
+        assert lock is not None
+        with lock:
+            raw = self.engine.raw_connection()  # pooled; the connect hook set WAL, FULL, busy timeout
+            try:
+                db = raw.driver_connection
+                assert isinstance(db, sqlite3.Connection)
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    outcomes = record_batch(SqliteWriter(db, self.engine.dialect), records, utcnow(), before_write)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+                return outcomes
+            finally:
+                raw.close()
 
     # ---- completion ---------------------------------------------------------------------------
     def complete_studies(self, *, quiet_before: datetime | None, study_uids: Sequence[str] = ()) -> list[int]:
