@@ -244,11 +244,16 @@ class ModelCard:
     threshold: float
     metrics: dict[str, float]
     path: Path
+    segmenter: Path | None = None
+    """Segmentation card (`segcard.py`) that runs with this model; absolute here, relative to the card in
+    the file; None = no lesion segmentation."""
 
     def __post_init__(self) -> None:
         _non_empty(self.name, "name")
         _non_empty(self.version, "version")
         object.__setattr__(self, "weights", Path(self.weights))
+        if self.segmenter is not None:
+            object.__setattr__(self, "segmenter", Path(self.segmenter))
         object.__setattr__(self, "path", Path(self.path))
         sha = self.sha256.lower() if isinstance(self.sha256, str) else self.sha256
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
@@ -377,6 +382,7 @@ def _card_from_toml(data: Mapping[str, Any], path: Path) -> ModelCard:
     )
     classes = tuple(_build(ClassSpec, c, f"classes[{i}]") for i, c in enumerate(_table(data, "classes")))
     weights = Path(str(_table(data, "weights")))
+    segmenter = Path(str(data["segmenter"])) if "segmenter" in data else None
     return _build(
         ModelCard,
         {k: v for k, v in data.items() if k != "card_format"},
@@ -388,6 +394,8 @@ def _card_from_toml(data: Mapping[str, Any], path: Path) -> ModelCard:
         classes=classes,
         metrics=dict(data.get("metrics", {})),
         path=path,
+        segmenter=None if segmenter is None else (
+            segmenter if segmenter.is_absolute() else (path.parent / segmenter).resolve()),
     )
 
 
@@ -448,14 +456,21 @@ def _values(obj: Any, *, skip: frozenset[str] = frozenset(_NESTED)) -> dict[str,
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in skip}
 
 
-def card_to_toml(card: ModelCard, path: Path | None = None) -> str:
-    """The TOML text of a card; the weights path is written relative to `path` (default card.path)."""
-    path = Path(path or card.path).resolve()
+def _relative(target: Path, path: Path) -> str:
     try:
-        weights = Path(os.path.relpath(card.weights.resolve(), path.parent)).as_posix()
+        return Path(os.path.relpath(target.resolve(), path.parent)).as_posix()
     except ValueError:  # other drive on Windows
-        weights = card.weights.resolve().as_posix()
-    top = {"card_format": CARD_FORMAT, **_values(card, skip=frozenset({*_NESTED, "metrics", "path"}))}
+        return target.resolve().as_posix()
+
+
+def card_to_toml(card: ModelCard, path: Path | None = None) -> str:
+    """The TOML text of a card; weights and segmenter paths are written relative to `path` (default card.path)."""
+    path = Path(path or card.path).resolve()
+    weights = _relative(card.weights, path)
+    top = {"card_format": CARD_FORMAT,
+           **_values(card, skip=frozenset({*_NESTED, "metrics", "path", "segmenter"}))}
+    if card.segmenter is not None:
+        top["segmenter"] = _relative(card.segmenter, path)
     out = [
         "# dicom-fusion model card (see inference/modelcard.py). Weights path is relative to this file.",
         *_lines({**top, "weights": weights}),

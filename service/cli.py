@@ -10,11 +10,13 @@ from rich.console import Console
 
 from dicom_fusion.service.config import load_settings
 from dicom_fusion.service.errors import ServiceError
+from dicom_fusion.service.segcli import segment_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DICOM/PACS integration service: studies in, DICOM SR + FHIR DiagnosticReport out.")
 model_app = typer.Typer(no_args_is_help=True, help="Model checkpoints and cards.")
 app.add_typer(model_app, name="model")
+app.add_typer(segment_app, name="segment")
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "
