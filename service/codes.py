@@ -18,6 +18,13 @@ from pydicom.sr.coding import Code
 
 __all__ = [
     "ALGORITHM_GROUP_TRACKING_IDENTIFIER",
+    "AREA_UNIT",
+    "LESION_AREA",
+    "LESION_CENTROID_COMMENT",
+    "LESION_CENTROID_PREFIX",
+    "LESION_TRACKING_PREFIX",
+    "LESION_VOLUME",
+    "VOLUME_UNIT",
     "DOCUMENT_TITLE",
     "FINDING_EVALUATION",
     "IMAGE_ONLY_COMMENT",
@@ -131,3 +138,19 @@ def fhir_system(scheme_designator: str) -> str:
         raise ValueError(
             f'Coding scheme designator "{scheme_designator}" has no known FHIR coding system.'
         ) from None
+
+
+# --- lesion segmentation (service/seg.py): the SR's TID 1410/1411 measurement group per lesion -------
+
+#: Concept name of the lesion size NUM item: area of a 2D segmentation, volume of a 3D one.
+LESION_AREA: Code = codes.SCT.Area
+LESION_VOLUME: Code = codes.SCT.Volume
+AREA_UNIT: Code = codes.UCUM.SquareMillimeter
+VOLUME_UNIT: Code = codes.UCUM.CubicMillimeter
+
+#: TID 4108 tracking identifier of a lesion (segment): "Lesion 1".
+LESION_TRACKING_PREFIX = "Lesion"
+
+#: TEXT item of the lesion group holding its centroid in source pixel coordinates.
+LESION_CENTROID_COMMENT: Code = codes.DCM.Comment
+LESION_CENTROID_PREFIX = "Lesion centroid"

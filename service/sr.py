@@ -52,6 +52,8 @@ from .sr_reader import ReportedClass, ReportedResult, check_sr, read_sr
 if TYPE_CHECKING:
     from dicom_fusion.inference.predict import InferenceResult
 
+    from .seg import LesionMeasurement
+
 __all__ = [
     "MANUFACTURER",
     "ReportedClass",
@@ -108,6 +110,8 @@ def build_sr(
     institution_name: str | None = None,
     content_datetime: datetime | None = None,
     saliency: Dataset | None = None,
+    segmentation: Dataset | None = None,
+    lesion: LesionMeasurement | None = None,
 ) -> Dataset:
     """Build the Comprehensive 3D SR (TID 1500) reporting `result` for the `sources` images.
 
@@ -118,7 +122,8 @@ def build_sr(
     first converted to this host's local time (DICOM times without an offset are local). The
     returned dataset is a `highdicom.sr.Comprehensive3DSR`. `saliency` (the Grad-CAM Secondary
     Capture, `saliency.build_saliency_sc`) is referenced from the measurement group and listed as
-    evidence; send it to the PACS with the SR.
+    evidence; send it to the PACS with the SR. `segmentation` (the lesion SEG, `seg.build_segmentation`)
+    with its `lesion` measurement adds a TID 1410/1411 group referencing the SEG segment (`seg.py`).
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -193,6 +198,15 @@ def build_sr(
             )
         )
         evidence.append(_header_copy(saliency))
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+                 | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = [group]
+    if segmentation is not None:
+        from .seg import lesion_measurement_group
+
+        if lesion is None or segmentation.StudyInstanceUID != headers[0].StudyInstanceUID:
+            raise ValueError("A segmentation needs its lesion measurement and the sources' study.")
+        groups.append(lesion_measurement_group(segmentation, headers, lesion, sr_instance_uid=sr_instance_uid))
+        evidence.append(_header_copy(segmentation))
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(codes.OBSERVER_TYPE_DEVICE),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -205,7 +219,7 @@ def build_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.PROCEDURE_REPORTED,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
         title=codes.DOCUMENT_TITLE,
     )
     ours = hd.ContributingEquipment(

@@ -25,7 +25,9 @@ from .errors import SRValidationError
 if TYPE_CHECKING:
     from dicom_fusion.inference.predict import InferenceResult
 
-__all__ = ["ReportedClass", "ReportedResult", "check_sr", "read_sr"]
+    from .seg import LesionMeasurement
+
+__all__ = ["ReportedClass", "ReportedLesion", "ReportedResult", "check_sr", "read_sr"]
 
 _PROBABILITY_TOLERANCE = 1e-9  # NUM items also carry the exact FD value; DS alone keeps ~15 digits
 
@@ -38,6 +40,18 @@ class ReportedClass:
     scheme_designator: str
     meaning: str
     probability: float
+
+
+@dataclass(frozen=True)
+class ReportedLesion:
+    """A TID 1410/1411 lesion group: its size and the SEG segment it was measured on."""
+
+    kind: str  # "area" (mm2) or "volume" (mm3)
+    value: float
+    segmentation_sop_instance_uid: str
+    segment_number: int
+    finding_code: str
+    centroid: str | None
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class ReportedResult:
     source_sop_instance_uids: tuple[str, ...]
     drivers: tuple[str, ...] = ()  # "name +0.123 toward <class>" per EHR timeline driver, in order
     saliency_sop_instance_uid: str | None = None  # the referenced Grad-CAM Secondary Capture
+    lesions: tuple[ReportedLesion, ...] = ()  # segmented lesions (SEG) with their area / volume
 
 
 def read_sr(ds: Dataset) -> ReportedResult:
@@ -163,6 +178,7 @@ def read_sr(ds: Dataset) -> ReportedResult:
             f"{len(missing)} image(s) referenced by the measurement group are not listed as evidence "
             "(Current Requested Procedure / Pertinent Other Evidence Sequence)."
         )
+    lesions = _read_lesions(report, evidence)
     return ReportedResult(
         study_instance_uid=str(sr.StudyInstanceUID),
         sop_instance_uid=str(sr.SOPInstanceUID),
@@ -178,17 +194,28 @@ def read_sr(ds: Dataset) -> ReportedResult:
         source_sop_instance_uids=sources,
         drivers=drivers,
         saliency_sop_instance_uid=saliency,
+        lesions=lesions,
     )
 
 
-def check_sr(ds: Dataset, expected: InferenceResult | None = None) -> None:
+def check_sr(ds: Dataset, expected: InferenceResult | None = None, *,
+             expected_lesion: LesionMeasurement | None = None) -> None:
     """Check that `ds` is an SR as `build_sr` writes it and, given `expected`, that it reports
-    exactly that result (model, class probabilities in order, finding, image-only flag).
+    exactly that result (model, class probabilities in order, finding, image-only flag); given
+    `expected_lesion`, that it holds exactly one lesion group with that area / volume.
 
     Raises:
         SRValidationError: with a message naming the first difference.
     """
     reading = read_sr(ds)
+    if expected_lesion is not None:
+        if len(reading.lesions) != 1:
+            raise SRValidationError(f"The SR holds {len(reading.lesions)} lesion groups, 1 expected.")
+        got = reading.lesions[0]
+        if got.kind != expected_lesion.kind or not math.isclose(got.value, expected_lesion.value, rel_tol=1e-9):
+            raise SRValidationError(
+                f"Lesion {got.kind} is {got.value} in the SR, {expected_lesion.kind} {expected_lesion.value} expected."
+            )
     if expected is None:
         return
     for field in ("model_name", "model_version"):
@@ -249,3 +276,43 @@ def _compare_class(label: str, got: ReportedClass, want: object) -> None:
         raise SRValidationError(
             f"{label} ({got.code}) probability is {got.probability} in the SR, {probability} expected."
         )
+
+
+_LESION_SIZES = {"area": (codes.LESION_AREA, codes.AREA_UNIT), "volume": (codes.LESION_VOLUME, codes.VOLUME_UNIT)}
+
+
+def _read_lesions(report: hd.sr.MeasurementReport, evidence: set[str]) -> tuple[ReportedLesion, ...]:
+    """The TID 1410 (planar) and 1411 (volumetric) groups that `seg.lesion_measurement_group` writes."""
+    lesions = []
+    groups = [("area", g) for g in report.get_planar_roi_measurement_groups()]
+    groups += [("volume", g) for g in report.get_volumetric_roi_measurement_groups()]
+    for index, (kind, group) in enumerate(groups, 1):
+        label = f"Lesion group #{index}"
+        name, unit = _LESION_SIZES[kind]
+        sizes = group.get_measurements(name=name)
+        if len(sizes) != 1:
+            raise SRValidationError(f'{label}: expected 1 "{name.meaning}" measurement, found {len(sizes)}.')
+        size = sizes[0]
+        if size.unit != unit or not (math.isfinite(size.value) and size.value > 0):
+            raise SRValidationError(f"{label}: {kind} {size.value} {size.unit.value}; expected > 0 {unit.value}.")
+        ref_name = dcm_codes.DCM.ReferencedSegmentationFrame if kind == "area" else dcm_codes.DCM.ReferencedSegment
+        refs = find_content_items(group[0], name=ref_name, value_type=hd.sr.ValueTypeValues.IMAGE)
+        if len(refs) != 1:
+            raise SRValidationError(f"{label}: expected 1 reference to a SEG segment, found {len(refs)}.")
+        sop = refs[0].ReferencedSOPSequence[0]
+        seg_uid = str(sop.ReferencedSOPInstanceUID)
+        if seg_uid not in evidence:
+            raise SRValidationError(f"{label}: the referenced SEG {seg_uid} is not listed as evidence.")
+        centroid = [
+            str(item.value) for item in find_content_items(
+                group[0], name=codes.LESION_CENTROID_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT)
+            if str(item.value).startswith(codes.LESION_CENTROID_PREFIX)
+        ]
+        finding = group.finding_type
+        lesions.append(ReportedLesion(
+            kind=kind, value=float(size.value), segmentation_sop_instance_uid=seg_uid,
+            segment_number=int(sop.get("ReferencedSegmentNumber", 1)),  # a frame reference omits it
+            finding_code=finding.value if finding else "",
+            centroid=centroid[0] if centroid else None,
+        ))
+    return tuple(lesions)
