@@ -110,7 +110,11 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="prepare processes")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: CUDA too when available)")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the inference process (the worker's default, worker.torch_threads, is 1)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",") if b]
 
     from dicom_fusion.inference.batch import BatchOptions, predict_batch, prepare_model

@@ -160,5 +160,12 @@ def write_segmenter_card(card: SegmenterCard, path: Path) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["SEG_CARD_FORMAT", "SegInput", "SegmentLabel", "SegmenterCard", "load_segmenter_card",
+__all__ = ["SEG_CARD_FORMAT", "SegInput", "SegmentLabel", "SegmenterCard", "default_segmenter_path", "load_segmenter_card",
            "segmenter_card_to_toml", "write_segmenter_card"]
+
+
+def default_segmenter_path() -> Path:
+    """Path of the segmentation card shipped as package data (`default_segmenter/card.toml`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("dicom_fusion.inference").joinpath("default_segmenter", "card.toml")))

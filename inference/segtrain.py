@@ -133,8 +133,8 @@ class SegFitSettings:
     batch_size: int = 8
     learning_rate: float = 3e-3
     weight_decay: float = 1e-5
-    max_epochs: int = 25
-    patience: int = 5
+    max_epochs: int = 20
+    patience: int = 4
     val_fraction: float = 0.15
     augment: bool = True
     threads: int = 1
@@ -261,6 +261,7 @@ class SegCVResult:
     seed: int
     features: tuple[int, ...]
     threshold: float
+    max_epochs: int = 0
     cases: list[CaseResult] = field(default_factory=list)
     best_epochs: list[int] = field(default_factory=list)
     predictions: dict[int, np.ndarray] = field(default_factory=dict)
@@ -302,7 +303,8 @@ def cross_validate_segmenter(cohort: SegCohort, *, arch: str = "unet", folds: in
                              progress: bool = True) -> SegCVResult:
     """k-fold by patient (stratified by label); every case scored once, on its source grid."""
     started = time.perf_counter()
-    result = SegCVResult(arch=arch, folds=folds, seed=seed, features=tuple(features), threshold=threshold)
+    result = SegCVResult(arch=arch, folds=folds, seed=seed, features=tuple(features), threshold=threshold,
+                         max_epochs=settings.max_epochs)
     spatial_dims = cohort.images.ndim - 2
     roi = cohort.images.shape[2:]
     with progress_bar(progress) as bar:
@@ -324,6 +326,9 @@ def cross_validate_segmenter(cohort: SegCohort, *, arch: str = "unet", folds: in
                 m = case_metrics(preds[int(i)], cohort.source_mask(int(i)), cohort.spacing[int(i)])
                 result.cases.append(CaseResult(cohort.patient_ids[int(i)], int(i), k, m))
             result.predictions.update(preds)
+            dice = np.mean([c.metrics.dice for c in result.cases if c.fold == k])
+            bar.console.print(f"{arch} fold {k + 1}/{folds}: Dice {dice:.3f}, best epoch {fit.best_epoch}, "
+                              f"{time.perf_counter() - started:.0f} s")
     result.seconds = time.perf_counter() - started
     return result
 

@@ -57,25 +57,28 @@ def _run_cv(cohort_data, archs, folds, seed, epochs):  # type: ignore[no-untyped
 
 @segment_app.command("evaluate")
 def evaluate(cohort: CohortOpt, report: Annotated[Path, typer.Option(help="Report folder.")],
-             folds: FoldsOpt = 5, seed: SeedOpt = 0, epochs: EpochsOpt = 30,
+             folds: FoldsOpt = 5, seed: SeedOpt = 0, epochs: EpochsOpt = 20,
              archs: Annotated[str, typer.Option(help="Comma-separated architectures.")] = "unet,segresnet",
              three_d: ThreeDOpt = False) -> None:
-    """k-fold cross-validation of each architecture: Dice, Jaccard, HD95, overlays, report.md/html + metrics.json."""
-    from dicom_fusion.inference.segreport import write_seg_report
+    """k-fold cross-validation of each architecture: Dice, Jaccard, HD95, overlays, report.md/html + metrics.json.
+
+    Architectures already saved in the report folder (cv-<arch>.json) stay in the comparison table."""
+    from dicom_fusion.inference.segreport import save_arch_result, write_seg_report
 
     chosen = _archs(archs)
     _, data = _setup(cohort, three_d)
     _, results = _run_cv(data, chosen, folds, seed, epochs)
-    path = write_seg_report(results, data, report, cohort_name=cohort.name)
-    console.print(f"report: {path}")
+    for r in results:
+        save_arch_result(r, data, report, cohort_name=cohort.name)
+    console.print(f"report: {write_seg_report(report)}")
 
 
 @segment_app.command("train")
 def train(cohort: CohortOpt, out: Annotated[Path, typer.Option(help="Folder for card.toml + weights.pt.")],
-          folds: FoldsOpt = 5, seed: SeedOpt = 0, epochs: EpochsOpt = 30,
+          folds: FoldsOpt = 5, seed: SeedOpt = 0, epochs: EpochsOpt = 20,
           arch: Annotated[str, typer.Option(help="unet or segresnet.")] = "unet",
-          report: Annotated[Optional[Path], typer.Option(help="Also write the k-fold report here, comparing "
-                                                          "every architecture.")] = None,
+          report: Annotated[Optional[Path], typer.Option(help="Also save this architecture's k-fold results "
+                                                          "in this report folder and rebuild the report.")] = None,
           name: Annotated[str, typer.Option(help="Model name in the card, the SEG and the SR.")] = "dfusion-lesion-seg",
           version: Annotated[str, typer.Option(help="Model version.")] = "0.1.0",
           three_d: ThreeDOpt = False) -> None:
@@ -84,16 +87,16 @@ def train(cohort: CohortOpt, out: Annotated[Path, typer.Option(help="Folder for 
 
     from dicom_fusion.inference.modelcard import sha256_file
     from dicom_fusion.inference.segcard import SegInput, SegmenterCard, write_segmenter_card
-    from dicom_fusion.inference.segment import ARCHS, DEFAULT_FEATURES
-    from dicom_fusion.inference.segreport import write_seg_report
+    from dicom_fusion.inference.segment import DEFAULT_FEATURES
+    from dicom_fusion.inference.segreport import save_arch_result, write_seg_report
     from dicom_fusion.inference.segtrain import train_final
 
     _archs(arch)
     spec, data = _setup(cohort, three_d)
-    archs = [arch, *[a for a in ARCHS if a != arch]] if report is not None else [arch]
-    settings, results = _run_cv(data, archs, folds, seed, epochs)
+    settings, results = _run_cv(data, [arch], folds, seed, epochs)
     if report is not None:
-        console.print(f"report: {write_seg_report(results, data, report, cohort_name=cohort.name)}")
+        save_arch_result(results[0], data, report, cohort_name=cohort.name)
+        console.print(f"report: {write_seg_report(report)}")
     cv = results[0]
     final_epochs = max(1, int(round(statistics.median(cv.best_epochs))))
     net = train_final(data, arch=arch, epochs=final_epochs, seed=seed, settings=settings)

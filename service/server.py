@@ -186,6 +186,10 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, concurren
     from dicom_fusion.service import runtime
     from dicom_fusion.service.tasks import register_tasks
 
+    if settings.worker.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.worker.torch_threads)
     app = make_celery(settings)
     runtime.install(settings, app)
     from dicom_fusion.service.metrics import install_worker_metrics

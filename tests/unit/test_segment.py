@@ -144,3 +144,21 @@ def test_segmenter_card_round_trip_and_classifier_card_key(tmp_path: Path) -> No
     write_card(with_seg, with_seg.path)
     assert 'segmenter = "seg/card.toml"' in with_seg.path.read_text()
     assert load_card(with_seg.path).segmenter == card.path.resolve()
+
+
+def test_cross_validation_report_and_seeded_reproducibility(tmp_path: Path) -> None:
+    from dicom_fusion.inference.segreport import save_arch_result, write_seg_report
+    from dicom_fusion.inference.segtrain import cross_validate_segmenter
+
+    cohort = _easy_cohort(tmp_path, n=24)
+    settings = SegFitSettings(batch_size=8, max_epochs=2, patience=2)
+    runs = [cross_validate_segmenter(cohort, arch="unet", folds=2, seed=5, settings=settings,
+                                     features=(4, 8, 16), progress=False) for _ in range(2)]
+    assert [c.metrics for c in runs[0].cases] == [c.metrics for c in runs[1].cases]  # same seed, same result
+    assert sorted(c.index for c in runs[0].cases) == list(range(24))  # every case held out once
+    save_arch_result(runs[0], cohort, tmp_path / "report", cohort_name="easy")
+    report = write_seg_report(tmp_path / "report")
+    text = report.read_text()
+    assert "| unet |" in text and "overlay-unet-worst.png" in text and " ± " in text
+    assert (tmp_path / "report" / "report.html").is_file()
+    assert (tmp_path / "report" / "overlay-unet-median.png").stat().st_size > 1000
