@@ -157,6 +157,8 @@ def infer(rt: Any, job: JobRef) -> Stage:
     _, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
     if rt.settings.model.explain:
         result = _explain(rt, job, d, predictor, image, tensor, result, sr_uid)
+    if rt.segmenter is not None:
+        _segment(rt, job, d, sr_uid)
     _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
     rt.ledger.set_result(job.job_id, finding=result.finding.name, probability=result.finding.probability,
                          image_only=result.image_only, sr_uid=sr_uid)
@@ -186,6 +188,37 @@ def _explain(rt: Any, job: JobRef, d: Path, predictor: Any, image: np.ndarray, t
     sc.save_as(buf, enforce_file_format=True)
     write_durable(d / "saliency.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
     return dataclasses.replace(result, drivers=drivers)
+
+
+def _segment(rt: Any, job: JobRef, d: Path, sr_uid: str) -> None:
+    """Lesion segmentation of the model's series on its source grid: the DICOM SEG `seg.dcm` and its
+    measurement `lesion.json` in the job folder (deliver sends the SEG with the SR, which measures it).
+    No lesion found: `lesion.json` says so and there is no SEG."""
+    from dicom_fusion.inference.transforms import decode_series, read_headers, select_series
+    from dicom_fusion.service.seg import SegmentCodes, build_segmentation, measure_lesion
+
+    segmenter = rt.segmenter
+    headers, _ = read_headers([p for p in rt.ledger.study_files(job.study_id) if p.exists()])
+    instances = select_series(headers, rt.card.input)
+    pixels, uids = decode_series(instances, segmenter.image_spec)
+    by_uid = {h.sop_instance_uid: h.path for h in instances}
+    sources = [dcmread(by_uid[u], stop_before_pixels=True) for u in uids]
+    lesion = segmenter.segment(pixels)
+    if not lesion.mask.any():
+        (d / "seg.dcm").unlink(missing_ok=True)
+        _write_json(d / "lesion.json", {"status": "none", "model": lesion.model_name}, rt.spool.fsync)
+        return
+    label = segmenter.card.segment
+    seg = build_segmentation(
+        sources, lesion.mask, sr_instance_uid=sr_uid,
+        segment=SegmentCodes(label.label, label.type_code, label.type_display, label.category_code,
+                             label.category_display),
+        model_name=lesion.model_name, model_version=lesion.model_version, content_datetime=job.created_at)
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    write_durable(d / "seg.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    _write_json(d / "lesion.json", {"status": "segmented", **measure_lesion(lesion.mask, sources).to_dict()},
+                rt.spool.fsync)
 
 
 def _pacs_target(rt: Any) -> str:
@@ -239,16 +272,21 @@ def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_
     sources = [dcmread(p, stop_before_pixels=True) for p in prepared["source_files"]]
     saliency_path = d / "saliency.dcm"
     saliency = dcmread(saliency_path) if saliency_path.exists() else None
+    segmentation, lesion = None, None
+    if (d / "seg.dcm").exists():
+        from dicom_fusion.service.seg import LesionMeasurement
+
+        segmentation, lesion = dcmread(d / "seg.dcm"), LesionMeasurement.from_dict(_read_json(d / "lesion.json"))
     ds = build_sr(sources, result, sr_instance_uid=sr_uid, sr_series_uid=series_uid,
-                  content_datetime=job.created_at, saliency=saliency)
-    check_sr(ds, expected=result)
+                  content_datetime=job.created_at, saliency=saliency, segmentation=segmentation, lesion=lesion)
+    check_sr(ds, expected=result, expected_lesion=lesion)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     write_durable(d / "sr.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
     p = rt.settings.pacs
     try:
-        # The SC first: a viewer that opens the SR finds the image it references already there.
-        objects = [saliency, ds] if saliency is not None else [ds]
+        # SC and SEG first: a viewer that opens the SR finds the objects it references already there.
+        objects = [o for o in (saliency, segmentation, ds) if o is not None]
         store_to_pacs(objects, DicomNode(p.ae_title, p.host, p.port), calling_ae=p.calling_ae_title,
                       timeout=p.timeout)
     except DeliveryError as exc:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from dicom_fusion.fhir.client import FhirClient
     from dicom_fusion.inference.modelcard import ModelCard
     from dicom_fusion.inference.predict import Predictor
+    from dicom_fusion.inference.segment import Segmenter
 
 
 class WorkerRuntime:
@@ -41,6 +42,17 @@ class WorkerRuntime:
 
         with self._lock:
             return Predictor.load(self.settings.model_card_path(), device=self.settings.model.device)
+
+    @cached_property
+    def segmenter(self) -> Segmenter | None:
+        """The lesion segmenter: `model.segmenter`, else the card's `segmenter` key; None = disabled."""
+        path = self.settings.model.segmenter or self.card.segmenter
+        if path is None:
+            return None
+        from dicom_fusion.inference.segment import Segmenter
+
+        with self._lock:
+            return Segmenter.load(path, device=self.settings.model.device)
 
     def fhir_client(self) -> FhirClient:
         from dicom_fusion.service.wiring import make_fhir_client
