@@ -43,7 +43,7 @@ from .transforms import decode_series, prepare_array, read_headers, select_serie
 SEG_CACHE_FORMAT = 2
 AUGMENT_GROUP = 8
 DEFAULT_SPEC_2D = ImageSpec(spatial_dims=2, size=(128, 128), channels=1, window=None, encoder="smallcnn")
-DEFAULT_SPEC_3D = ImageSpec(spatial_dims=3, size=(32, 96, 96), channels=1, window=(-200.0, 300.0),
+DEFAULT_SPEC_3D = ImageSpec(spatial_dims=3, size=(32, 96, 96), channels=1, window=(-1000.0, 400.0),
                             encoder="smallcnn")
 
 

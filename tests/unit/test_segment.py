@@ -162,3 +162,19 @@ def test_cross_validation_report_and_seeded_reproducibility(tmp_path: Path) -> N
     assert "| unet |" in text and "overlay-unet-worst.png" in text and " ± " in text
     assert (tmp_path / "report" / "report.html").is_file()
     assert (tmp_path / "report" / "overlay-unet-median.png").stat().st_size > 1000
+
+
+def test_volume_segmenter_uses_sliding_windows_and_returns_the_source_grid(tmp_path: Path) -> None:
+    net = build_segnet("unet", 3, features=(4, 8, 16))
+    weights = tmp_path / "weights.pt"
+    torch.save(net.state_dict(), weights)
+    card = SegmenterCard(name="ctseg", version="0.0.1", weights=weights, sha256=sha256_file(weights), arch="unet",
+                         features=(4, 8, 16), image=SegInput(3, (16, 32, 32), window=(-1000.0, 400.0),
+                                                             roi_size=(16, 16, 16)),
+                         threshold=0.5, path=tmp_path / "card.toml")
+    write_segmenter_card(card, card.path)
+    assert load_segmenter_card(card.path).roi() == (16, 16, 16)
+    seg = Segmenter.load(card.path)
+    volume = np.random.default_rng(1).normal(-800, 50, (1, 20, 48, 40)).astype(np.float32)
+    out = seg.segment(volume)
+    assert out.mask.shape == (20, 48, 40) and set(np.unique(out.mask)) <= {0, 1}
