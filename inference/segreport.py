@@ -15,14 +15,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from monai.transforms import Resize  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from monai.transforms import Resize
 
-from .document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown  # noqa: E402
-from .metrics import format_mean_sd  # noqa: E402
-from .segmetrics import METRICS  # noqa: E402
-from .segtrain import SegCohort, SegCVResult  # noqa: E402
+from .document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
+from .metrics import format_mean_sd
+from .segmetrics import METRICS
+from .segtrain import SegCohort, SegCVResult
 
 LABELS = {"dice": "Dice", "jaccard": "Jaccard", "hd95_mm": "HD95 (mm)"}
 

@@ -36,7 +36,13 @@ from torch import nn
 from .cohort import CACHE_DIR, CohortError, read_cohort_csv
 from .crossval import derive_seed, deterministic, inner_split, make_folds, progress_bar
 from .modelcard import DEFAULT_INPUT, ImageSpec
-from .segment import DEFAULT_FEATURES, build_segnet, foreground_probability, mask_coverage, mask_from_probability
+from .segment import (
+    DEFAULT_FEATURES,
+    build_segnet,
+    foreground_probability,
+    mask_coverage,
+    mask_from_probability,
+)
 from .segmetrics import CaseMetrics, case_metrics
 from .transforms import decode_series, prepare_array, read_headers, select_series
 

@@ -219,8 +219,8 @@ def lesion_measurement_group(
         unit=codes.AREA_UNIT if measurement.kind == "area" else codes.VOLUME_UNIT,
         algorithm_id=algorithm_id,
     )
-    common = dict(tracking_identifier=tracking, finding_type=finding, algorithm_id=algorithm_id,
-                  measurements=[value])
+    common = {"tracking_identifier": tracking, "finding_type": finding, "algorithm_id": algorithm_id,
+              "measurements": [value]}
     group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | \
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     if measurement.kind == "area":

@@ -98,7 +98,7 @@ def train(cohort: CohortOpt, out: Annotated[Path, typer.Option(help="Folder for 
         save_arch_result(results[0], data, report, cohort_name=cohort.name)
         console.print(f"report: {write_seg_report(report)}")
     cv = results[0]
-    final_epochs = max(1, int(round(statistics.median(cv.best_epochs))))
+    final_epochs = max(1, round(statistics.median(cv.best_epochs)))
     net = train_final(data, arch=arch, epochs=final_epochs, seed=seed, settings=settings)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "weights.pt"
