@@ -51,17 +51,13 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # Lab/vital generators keyed by the default card's feature names (codes and units come from the card):
 # display, category, baseline, per-patient spread, label-driven trend at the study, noise, missing rate.
 LABS: dict[str, tuple[str, str, float, float, float, float, float]] = {
-    "glucose": ("Glucose [Mass/volume] in Serum or Plasma", "laboratory", 100.0, 10.0, 9.0, 6.0, 0.3),
-    "hba1c": ("Hemoglobin A1c/Hemoglobin.total in Blood", "laboratory", 5.6, 0.4, 0.3, 0.12, 0.5),
-    "crp": ("C reactive protein [Mass/volume] in Serum or Plasma", "laboratory", 1.1, 0.5, 0.35, 0.25, 0.5),
+    "glucose": ("Glucose [Mass/volume] in Serum or Plasma", "laboratory", 100.0, 10.0, 22.0, 8.0, 0.3),
+    "hba1c": ("Hemoglobin A1c/Hemoglobin.total in Blood", "laboratory", 5.6, 0.4, 0.7, 0.15, 0.5),
+    "crp": ("C reactive protein [Mass/volume] in Serum or Plasma", "laboratory", 1.1, 0.5, 0.8, 0.3, 0.5),
     "bmi": ("Body mass index (BMI) [Ratio]", "vital-signs", 27.0, 4.0, 1.0, 0.4, 0.2),
     "systolic_bp": ("Systolic blood pressure", "vital-signs", 125.0, 10.0, 8.0, 8.0, 0.1),
 }
 LOG_SCALE = {"crp"}  # generated in log space: CRP is right-skewed
-# Labile labs: the visit-to-visit noise is multiplied by 0.5 + LABILITY * sigmoid(2 z), so a high EHR
-# score shows as unstable values (glycaemic variability, inflammatory flares) more than as a higher
-# level: a pattern across the sequence that the last value, mean and slope of a lab do not summarise.
-LABILITY = {"glucose": 3.5, "hba1c": 3.0, "crp": 3.0}
 CONDITIONS = (  # SNOMED CT code, display, RxNorm code and ingredient of a typical medication
     ("44054006", "Diabetes mellitus type 2", "6809", "metformin"),
     ("38341003", "Hypertensive disorder, systemic arterial", "29046", "lisinopril"),
@@ -121,44 +117,41 @@ def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, body_p
     return np.asarray(base, dtype=np.float64)
 
 
-LESION_RADIUS = (0.07, 0.16)  # mean radius range in the [-1, 1] image coordinates, drawn independently of z
-LESION_CONTRAST = (220.0, 420.0)  # mean lesion brightness above background, 12-bit units, independent of z
+def lesion_radius(z: float) -> float:
+    """Mean lesion radius for image score z, in the [-1, 1] image coordinates of `synth_image`."""
+    return float(np.clip(0.11 + 0.045 * z, 0.04, 0.25))
 
 
 def _lesion(
-    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, z: float, centre: tuple[float, float],
-    radius: float,
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, z: float, centre: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A blob whose border irregularity and internal texture heterogeneity grow with the latent score z.
-
-    Size and mean brightness are drawn independently of z: the finding is in the lesion's morphology
-    (the "B" and "C" of dermatology's ABCD rule: border, colour variegation), which global intensity
-    statistics barely see and a convolutional network can learn. Returns the intensity field (soft mask
-    times contrast plus texture) and the binary lesion mask (soft mask >= 0.5).
-    """
+    """A blob whose radius, border irregularity and internal texture grow with the latent score z;
+    returns the intensity field and the binary lesion mask (soft mask >= 0.5)."""
     dy, dx = yy - centre[0], xx - centre[1]
     dist = np.hypot(dy, dx)
     theta = np.arctan2(dy, dx)
-    irregularity = 0.03 + 0.5 * _sigmoid(2.0 * z)
+    radius = lesion_radius(z)
+    irregularity = 0.05 + 0.35 * _sigmoid(2.0 * z)
     border = np.ones_like(theta)
     for k in (3, 5, 7, 11):
         border += irregularity / 2.0 * rng.uniform(0.3, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
     edge = 0.004 + 0.012 * _sigmoid(z)
     inside = 1.0 / (1.0 + np.exp(np.clip((dist - radius * border) / edge, -50, 50)))
-    texture = rng.normal(0.0, 10.0 + 170.0 * _sigmoid(2.0 * z), size=dist.shape)
-    field: np.ndarray = inside * (rng.uniform(*LESION_CONTRAST) + texture)
+    texture = rng.normal(0.0, 20.0 + 120.0 * _sigmoid(1.5 * z), size=dist.shape)
+    field: np.ndarray = inside * (max(80.0, 300.0 + 110.0 * z) + texture)
     return field, inside >= 0.5
 
 
 def synth_image(
-    rng: np.random.Generator, z: float, body_part: str, centre: tuple[float, float], radius: float
+    rng: np.random.Generator, z: float, body_part: str, centre: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
     """One 256x256 uint16 (12 bits stored) radiograph-like image carrying the image latent score, and
     the planted lesion's binary mask (ground truth for Grad-CAM checks and segmentation)."""
     axis = np.linspace(-1.0, 1.0, IMAGE_SIZE)
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    field, mask = _lesion(rng, yy, xx, z, centre, radius)
-    image = _background(rng, yy, xx, body_part) + field
+    background = _background(rng, yy, xx, body_part)  # drawn before the lesion: same cohort as before masks
+    field, mask = _lesion(rng, yy, xx, z, centre)
+    image = background + field
     image += rng.normal(0.0, 25.0, size=image.shape)
     out: np.ndarray = np.clip(np.rint(image), 0, 4095).astype(np.uint16)
     return out, mask.astype(np.uint8)
@@ -172,8 +165,8 @@ def synth_volume(
     rng: np.random.Generator, z: float, centre: tuple[float, float, float], radius: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """A small chest CT (int16 HU, CT_SHAPE) with a lung nodule carrying the image latent score, and its
-    binary mask. Same story as `synth_image`: border irregularity and internal heterogeneity grow with z,
-    size and density do not."""
+    binary mask. Same story as `synth_image`: size, border irregularity and internal heterogeneity grow
+    with z."""
     zz, yy, xx = np.meshgrid(*(np.linspace(-1.0, 1.0, n) for n in CT_SHAPE), indexing="ij")
     body = (xx / 0.85) ** 2 + (yy / 0.62) ** 2 < 1.0
     lungs = ((np.abs(xx) - 0.4) / 0.3) ** 2 + (yy / 0.45) ** 2 + (zz / 1.3) ** 2 < 1.0
@@ -181,14 +174,14 @@ def synth_volume(
     dz, dy, dx = zz - centre[0], yy - centre[1], xx - centre[2]
     dist = np.sqrt((dz * 0.6) ** 2 + dy**2 + dx**2)  # slices are 1.5x thicker than pixels are wide
     theta, phi = np.arctan2(dy, dx), np.arctan2(dz * 0.6, np.hypot(dy, dx))
-    irregularity = 0.03 + 0.5 * _sigmoid(2.0 * z)
+    irregularity = 0.05 + 0.35 * _sigmoid(2.0 * z)
     border = np.ones_like(theta)
     for k in (3, 5, 7):
         border += (irregularity / 2.0 * rng.uniform(0.3, 1.0)
                    * np.cos(k * theta + rng.uniform(0, 2 * math.pi)) * np.cos((k - 2) * phi))
     inside = 1.0 / (1.0 + np.exp(np.clip((dist - radius * border) / 0.02, -50, 50)))
-    texture = rng.normal(0.0, 15.0 + 150.0 * _sigmoid(2.0 * z), size=dist.shape)
-    hu = hu + inside * (rng.uniform(780.0, 900.0) + texture) + rng.normal(0.0, 20.0, size=dist.shape)
+    texture = rng.normal(0.0, 20.0 + 120.0 * _sigmoid(1.5 * z), size=dist.shape)
+    hu = hu + inside * (840.0 + 60.0 * z + texture) + rng.normal(0.0, 20.0, size=dist.shape)
     out: np.ndarray = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     return out, (inside >= 0.5).astype(np.uint8)
 
@@ -374,8 +367,7 @@ def _ehr_resources(rng: np.random.Generator, p: dict[str, Any], z: float) -> Ite
         for name, (display, category, base, spread, trend, noise, missing) in LABS.items():
             if rng.random() < missing:
                 continue
-            lability = 0.5 + LABILITY[name] * _sigmoid(2.0 * z) if name in LABILITY else 1.0
-            value = base + spread * offsets[name] + trend * z * progress + rng.normal(0.0, noise * lability)
+            value = base + spread * offsets[name] + trend * z * progress + rng.normal(0.0, noise)
             value = math.exp(value) if name in LOG_SCALE else value
             f = features[name]
             yield {
@@ -389,7 +381,7 @@ def _ehr_resources(rng: np.random.Generator, p: dict[str, Any], z: float) -> Ite
                 "effectiveDateTime": _ts(start + timedelta(minutes=10)),
                 "valueQuantity": {"value": round(value, 2), "unit": f.unit, "system": UCUM, "code": f.unit},
             }
-    n_conditions = min(len(CONDITIONS), int(rng.poisson(0.7 + 0.9 * _sigmoid(1.5 * z))))
+    n_conditions = min(len(CONDITIONS), int(rng.poisson(0.6 + 1.8 * _sigmoid(1.5 * z))))
     for c, idx in enumerate(rng.choice(len(CONDITIONS), size=n_conditions, replace=False), start=1):
         code, display, rx_code, rx_name = CONDITIONS[int(idx)]
         onset = study_time - timedelta(days=float(rng.uniform(5.0, 900.0)))
@@ -492,7 +484,7 @@ def generate_patient(
     patient_dir = Path(out_dir) / patient_id
     study_dir = patient_dir / "study"
     study_dir.mkdir(parents=True, exist_ok=True)
-    radius = float(rng.uniform(*LESION_RADIUS))
+    radius = lesion_radius(z_img)
     if modality == "CT":
         side = 1.0 if rng.random() < 0.5 else -1.0
         centre3 = (float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.2, 0.2)),
@@ -507,7 +499,7 @@ def generate_patient(
         masks = []
         for number, view in enumerate(views, start=1):
             shifted = (centre[0] + 0.03 * (number - 1), centre[1] * (1.0 if number == 1 else 0.4))
-            pixels, view_mask = synth_image(rng, z_img, p["body_part"], shifted, radius)
+            pixels, view_mask = synth_image(rng, z_img, p["body_part"], shifted)
             masks.append(view_mask)
             _write_dicom(
                 _dx_dataset(p, pixels, number, view), study_dir / f"IM{number:04d}.dcm", UID(transfer_syntax)

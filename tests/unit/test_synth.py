@@ -190,11 +190,11 @@ def test_synth_mask_marks_the_planted_lesion(cohort: tuple[Path, list[SyntheticP
         mask = np.load(p.mask_path).astype(bool)
         first = sorted(p.study_dir.glob("*.dcm"))[0]
         pixels = pydicom.dcmread(first).pixel_array.astype(float)
-        assert mask.shape == pixels.shape and 0.002 < mask.mean() < 0.15
+        assert mask.shape == pixels.shape and mask.sum() >= 20 and mask.mean() < 0.15
         from scipy.ndimage import binary_dilation
 
         ring = binary_dilation(mask, iterations=6) & ~binary_dilation(mask, iterations=2)
-        assert pixels[mask].mean() > pixels[ring].mean() + 100
+        assert pixels[mask].mean() > pixels[ring].mean() + 40
 
 
 def test_synth_ct_volume_option(tmp_path: Path) -> None:
