@@ -18,7 +18,7 @@ from pydicom import dcmread
 
 from dicom_fusion.service.ledger import DeliveryKind, JobRef, Stage, utcnow
 from dicom_fusion.service.spool import write_durable
-from dicom_fusion.service.sr import derive_sr_uids
+from dicom_fusion.service.sr import derive_sr_uids, source_header
 from dicom_fusion.service.tasks import PermanentError, TransientError
 from dicom_fusion.service.wiring import (
     StudyFacts,
@@ -180,7 +180,7 @@ def _explain(rt: Any, job: JobRef, d: Path, predictor: Any, image: np.ndarray, t
     drivers = tuple(Driver(a.name, a.attribution) for a in explanation.top_features(n)) if tensor is not None else ()
     save_overlay(image, explanation.saliency, d / "saliency.png", title=f"{result.finding.display}")
     prepared = _read_json(d / "prepared.json")
-    source = dcmread(prepared["source_files"][0], stop_before_pixels=True)
+    source = source_header(dcmread(prepared["source_files"][0], stop_before_pixels=True))
     sc = build_saliency_sc(source, render_overlay(image, explanation.saliency), sr_instance_uid=sr_uid,
                            model_name=result.model_name, model_version=result.model_version,
                            content_datetime=job.created_at)
@@ -202,18 +202,27 @@ def _segment(rt: Any, job: JobRef, d: Path, sr_uid: str) -> None:
     instances = select_series(headers, rt.card.input)
     pixels, uids = decode_series(instances, segmenter.image_spec)
     by_uid = {h.sop_instance_uid: h.path for h in instances}
-    sources = [dcmread(by_uid[u], stop_before_pixels=True) for u in uids]
+    sources = [source_header(dcmread(by_uid[u], stop_before_pixels=True)) for u in uids]
     lesion = segmenter.segment(pixels)
     if not lesion.mask.any():
         (d / "seg.dcm").unlink(missing_ok=True)
         _write_json(d / "lesion.json", {"status": "none", "model": lesion.model_name}, rt.spool.fsync)
         return
     label = segmenter.card.segment
-    seg = build_segmentation(
-        sources, lesion.mask, sr_instance_uid=sr_uid,
-        segment=SegmentCodes(label.label, label.type_code, label.type_display, label.category_code,
-                             label.category_display),
-        model_name=lesion.model_name, model_version=lesion.model_version, content_datetime=job.created_at)
+    try:
+        seg = build_segmentation(
+            sources, lesion.mask, sr_instance_uid=sr_uid,
+            segment=SegmentCodes(label.label, label.type_code, label.type_display, label.category_code,
+                                 label.category_display),
+            model_name=lesion.model_name, model_version=lesion.model_version, content_datetime=job.created_at)
+    except ValueError as exc:
+        # The sources cannot carry a SEG (e.g. a CT without Frame of Reference UID): retrying cannot
+        # help, and the classification must still be delivered. Recorded in lesion.json, logged.
+        log.warning("job %s: no DICOM SEG (%s); SR and report go without the lesion measurement",
+                    job.job_id, exc)
+        (d / "seg.dcm").unlink(missing_ok=True)
+        _write_json(d / "lesion.json", {"status": "not_encodable", "reason": str(exc)}, rt.spool.fsync)
+        return
     buf = io.BytesIO()
     seg.save_as(buf, enforce_file_format=True)
     write_durable(d / "seg.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)

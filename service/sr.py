@@ -63,6 +63,7 @@ __all__ = [
     "derive_sr_uids",
     "device_observer_uid",
     "read_sr",
+    "source_header",
     "sr_to_bytes",
 ]
 
@@ -254,6 +255,13 @@ def build_sr(
         if item.get("ManufacturerModelName") == "highdicom":
             item.ContributionDateTime = DT(when)
     return sr
+
+
+def source_header(source: Dataset) -> Dataset:
+    """A source image's header for building a derived object (SC, SEG): no pixel data, and the type 2
+    patient/study attributes present (empty when the modality left them out), because highdicom reads
+    them with attribute access and a missing PatientSex would otherwise fail every retry."""
+    return _header_copy(source)
 
 
 def sr_to_bytes(ds: Dataset) -> bytes:

@@ -96,3 +96,14 @@ def test_dciodvfy_accepts_sc_and_sr_with_saliency(sources: list[Dataset], tmp_pa
         run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60, check=False)
         lines = (run.stdout + run.stderr).splitlines()
         assert not [line for line in lines if line.startswith("Error")], lines
+
+
+def test_saliency_sc_from_a_source_without_type2_patient_attributes(sources: list[Dataset]) -> None:
+    """Modalities leave out PatientSex & co.; the pipeline passes sources through `source_header`."""
+    from dicom_fusion.service.sr import source_header
+
+    bare = sources[0]
+    for keyword in ("PatientSex", "PatientBirthDate", "ReferringPhysicianName", "AccessionNumber"):
+        delattr(bare, keyword)
+    sc = _sc(source_header(bare))
+    assert sc.PatientSex == "" and sc.PatientID == bare.PatientID
