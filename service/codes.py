@@ -20,7 +20,9 @@ __all__ = [
     "ALGORITHM_GROUP_TRACKING_IDENTIFIER",
     "AREA_UNIT",
     "LESION_AREA",
+    "LESION_CENTER",
     "LESION_CENTROID_COMMENT",
+    "LESION_EXTENT",
     "LESION_CENTROID_PREFIX",
     "LESION_TRACKING_PREFIX",
     "LESION_VOLUME",
@@ -153,4 +155,10 @@ LESION_TRACKING_PREFIX = "Lesion"
 
 #: TEXT item of the lesion group holding its centroid in source pixel coordinates.
 LESION_CENTROID_COMMENT: Code = codes.DCM.Comment
+
+#: SCOORD POINT of a 2D lesion's centroid on its source image (DCM 111010 "Center").
+LESION_CENTER: Code = Code("111010", "DCM", "Center")
+
+#: SCOORD closed POLYLINE of a 2D lesion's bounding box on its source image (DCM 111030 "Image Region").
+LESION_EXTENT: Code = Code("111030", "DCM", "Image Region")
 LESION_CENTROID_PREFIX = "Lesion centroid"

@@ -248,7 +248,30 @@ def lesion_measurement_group(
     group[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.LESION_CENTROID_COMMENT, value=measurement.centroid_text(),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    if measurement.kind == "area":
+        group[0].ContentSequence.extend(_planar_coordinates(measurement, sources[0]))
     return group
+
+
+def _planar_coordinates(measurement: LesionMeasurement, source: Dataset) -> list[hd.sr.ScoordContentItem]:
+    """Centroid (POINT) and bounding box (closed POLYLINE) as SCOORD items SELECTED FROM the source image,
+    so a viewer can mark them. SCOORD (column, row) puts (0, 0) at the top-left corner of the first
+    pixel: the centre of 0-based pixel (r, c) is (c + 0.5, r + 0.5); the box runs along the pixel edges."""
+    row, col = measurement.centroid
+    r0, c0, r1, c1 = measurement.bbox
+    box = [[c0, r0], [c1 + 1, r0], [c1 + 1, r1 + 1], [c0, r1 + 1], [c0, r0]]
+    items = []
+    for name, graphic_type, data in (
+        (codes.LESION_CENTER, hd.sr.GraphicTypeValues.POINT, [[col + 0.5, row + 0.5]]),
+        (codes.LESION_EXTENT, hd.sr.GraphicTypeValues.POLYLINE, box),
+    ):
+        item = hd.sr.ScoordContentItem(
+            name=name, graphic_type=graphic_type, graphic_data=np.asarray(data, dtype=np.float64),
+            pixel_origin_interpretation=hd.sr.PixelOriginInterpretationValues.VOLUME,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        item.ContentSequence = [hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID)]
+        items.append(item)
+    return items
 
 
 def seg_mask(segmentation: Dataset) -> np.ndarray:

@@ -135,3 +135,31 @@ def test_sr_lesion_group_round_trip(
     run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60, check=False)
     lines = (run.stdout + run.stderr).splitlines()
     assert not [line for line in lines if line.startswith("Error")], lines
+
+
+def test_sr_marks_a_2d_lesion_centre_and_box_as_scoord(dx: tuple[list[Dataset], np.ndarray], tmp_path: Path,
+                                                       dciodvfy: str) -> None:
+    """2D lesions get SCOORD items a viewer can draw: centroid POINT and bounding-box POLYLINE on the image."""
+    from highdicom.sr.utils import find_content_items
+
+    from dicom_fusion.service import codes
+
+    sources, mask = dx
+    seg = _seg(sources, mask)
+    lesion = measure_lesion(mask, sources)
+    series_uid, sr_uid = _uids(sources[0])
+    sr = build_sr(sources, make_result(), sr_instance_uid=sr_uid, sr_series_uid=series_uid, content_datetime=WHEN,
+                  segmentation=seg, lesion=lesion)
+    back = pydicom.dcmread(BytesIO(sr_to_bytes(sr)))
+    [centre] = find_content_items(back, name=codes.LESION_CENTER, recursive=True)
+    [box] = find_content_items(back, name=codes.LESION_EXTENT, recursive=True)
+    rows, cols = np.nonzero(mask)
+    assert np.allclose(centre.GraphicData, [cols.mean() + 0.5, rows.mean() + 0.5])
+    xs, ys = np.asarray(box.GraphicData)[0::2], np.asarray(box.GraphicData)[1::2]
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1)
+    for item in (centre, box):
+        assert item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(sr_to_bytes(sr))
+    run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
