@@ -192,10 +192,29 @@ def _sct(code: str, meaning: str) -> Dataset:
     return item
 
 
+def _identity(ds: Dataset, patient: dict[str, Any]) -> None:
+    """Patient, study, series and equipment attributes every synthetic instance shares."""
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.TimezoneOffsetFromUTC = "+0000"
+    ds.AccessionNumber = patient["accession"]
+    ds.Manufacturer = "dicom-fusion"
+    ds.ManufacturerModelName = "synthetic cohort"
+    ds.InstitutionName = "Synthetic General Hospital"
+    ds.ReferringPhysicianName = ""
+    ds.PatientName = patient["dicom_name"]
+    ds.PatientID = patient["patient_id"]
+    ds.IssuerOfPatientID = MRN_SYSTEM
+    ds.PatientBirthDate = patient["birth_date"].strftime("%Y%m%d")
+    ds.PatientSex = patient["sex"]
+    ds.StudyInstanceUID = patient["study_uid"]
+    ds.SeriesInstanceUID = patient["series_uid"]
+    ds.StudyID = "1"
+
+
 def _dx_dataset(patient: dict[str, Any], pixels: np.ndarray, number: int, view: str) -> Dataset:
     ds = Dataset()
+    _identity(ds, patient)
     when: datetime = patient["study_time"]
-    ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.SOPClassUID = DigitalXRayImageStorageForPresentation
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[*patient["entropy"], "instance", str(number)])
@@ -203,21 +222,10 @@ def _dx_dataset(patient: dict[str, Any], pixels: np.ndarray, number: int, view: 
     ds.StudyTime = ds.SeriesTime = when.strftime("%H%M%S")
     ds.ContentTime = ds.InstanceCreationTime = (when + timedelta(seconds=20 * number)).strftime("%H%M%S")
     ds.AcquisitionDateTime = (when + timedelta(seconds=20 * number)).strftime("%Y%m%d%H%M%S")
-    ds.TimezoneOffsetFromUTC = "+0000"
-    ds.AccessionNumber = patient["accession"]
     ds.Modality = "DX"
     ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "dicom-fusion"
-    ds.ManufacturerModelName = "synthetic cohort"
-    ds.InstitutionName = "Synthetic General Hospital"
-    ds.ReferringPhysicianName = ""
     ds.StudyDescription = f"XR {patient['body_part']}"
     ds.SeriesDescription = f"XR {patient['body_part']} {view}"
-    ds.PatientName = patient["dicom_name"]
-    ds.PatientID = patient["patient_id"]
-    ds.IssuerOfPatientID = MRN_SYSTEM
-    ds.PatientBirthDate = patient["birth_date"].strftime("%Y%m%d")
-    ds.PatientSex = patient["sex"]
     ds.BodyPartExamined = patient["body_part"]
     ds.AnatomicRegionSequence = DicomSequence([_sct(*BODY_PARTS[patient["body_part"]])])
     ds.AcquisitionContextSequence = DicomSequence([])
@@ -228,9 +236,6 @@ def _dx_dataset(patient: dict[str, Any], pixels: np.ndarray, number: int, view: 
     ds.PatientOrientation = ["L", "F"] if view == "PA" else ["A", "F"]
     ds.DetectorType = "SCINTILLATOR"
     ds.ImagerPixelSpacing = ds.PixelSpacing = ["0.15", "0.15"]
-    ds.StudyInstanceUID = patient["study_uid"]
-    ds.SeriesInstanceUID = patient["series_uid"]
-    ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.AcquisitionNumber = number
     ds.InstanceNumber = number
@@ -252,35 +257,21 @@ def _dx_dataset(patient: dict[str, Any], pixels: np.ndarray, number: int, view: 
 def _ct_dataset(patient: dict[str, Any], pixels: np.ndarray, number: int) -> Dataset:
     """One axial CT slice (uint16 stored, HU = value - 1024), slices ascending in z with InstanceNumber."""
     ds = Dataset()
+    _identity(ds, patient)
     when: datetime = patient["study_time"]
-    ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[*patient["entropy"], "instance", str(number)])
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = when.strftime("%Y%m%d")
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = when.strftime("%H%M%S")
     ds.ContentTime = when.strftime("%H%M%S")
-    ds.TimezoneOffsetFromUTC = "+0000"
-    ds.AccessionNumber = patient["accession"]
     ds.Modality = "CT"
-    ds.Manufacturer = "dicom-fusion"
-    ds.ManufacturerModelName = "synthetic cohort"
-    ds.InstitutionName = "Synthetic General Hospital"
-    ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT CHEST"
     ds.SeriesDescription = "CT CHEST AXIAL 3 mm"
-    ds.PatientName = patient["dicom_name"]
-    ds.PatientID = patient["patient_id"]
-    ds.IssuerOfPatientID = MRN_SYSTEM
-    ds.PatientBirthDate = patient["birth_date"].strftime("%Y%m%d")
-    ds.PatientSex = patient["sex"]
     ds.BodyPartExamined = "CHEST"
     ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = patient["study_uid"]
-    ds.SeriesInstanceUID = patient["series_uid"]
     ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[*patient["entropy"], "frame-of-reference"])
     ds.PositionReferenceIndicator = ""
-    ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = number
