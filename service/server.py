@@ -132,16 +132,8 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     (settings.data_dir / "listener.json").write_text(json.dumps(state))
     print(f"dicom-fusion listening: {settings.listener.ae_title}@{host}:{port}", flush=True)
 
-    def _signal(signum: int, _frame: object) -> None:
-        log.info("signal %s: shutting down", signum)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _signal)
-        signal.signal(signal.SIGINT, _signal)
     try:
-        while not stop.wait(0.5):
-            pass
+        _wait_for_stop(stop)
     finally:
         listener.stop()
         for t in threads:
@@ -165,19 +157,26 @@ def listen(settings: Settings, *, stop: threading.Event | None = None) -> None:
         on_release = completion.release
     listener = Listener(settings.listener, spool, ledger, on_release=on_release, reuse_port=True)
     listener.start()
+    try:
+        _wait_for_stop(stop)
+    finally:
+        listener.stop()
+        ledger.close()
+
+
+def _wait_for_stop(stop: threading.Event) -> None:
+    """Block until `stop` is set or SIGTERM/SIGINT arrives; the caller cleans up in its `finally`.
+    Signal handlers can only be installed from the main thread (tests run serve in a thread)."""
 
     def _signal(signum: int, _frame: object) -> None:
+        log.info("signal %s: shutting down", signum)
         stop.set()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        listener.stop()
-        ledger.close()
+    while not stop.wait(0.5):
+        pass
 
 
 def run_worker(settings: Settings, *, queues: list[str] | None = None, concurrency: int | None = None,
