@@ -22,7 +22,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,21 +100,27 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
-def write_temp(path: Path, data: bytes, *, sync: bool) -> None:
-    """Create ``path`` (which must not exist) holding ``data``; fdatasync it when ``sync``."""
+def _create(path: Path, data: bytes, sync: Callable[[int], None] | None) -> None:
+    """Create ``path`` (which must not exist) holding ``data``, synced with ``sync`` (os.fsync or
+    os.fdatasync) before it is closed; a failure removes the partial file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        if sync:
-            os.fdatasync(fd)
+        if sync is not None:
+            sync(fd)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
+
+
+def write_temp(path: Path, data: bytes, *, sync: bool) -> None:
+    """Create ``path`` (which must not exist) holding ``data``; fdatasync it when ``sync``."""
+    _create(path, data, os.fdatasync if sync else None)
 
 
 def _makedirs_durable(path: Path, *, fsync: bool) -> None:
@@ -140,19 +146,7 @@ def write_durable(final: Path, data: bytes, *, fsync: bool = True, replace: bool
     """
     _makedirs_durable(final.parent, fsync=fsync)
     tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+    _create(tmp, data, os.fsync if fsync else None)
     try:
         if replace:
             os.replace(tmp, final)
