@@ -6,7 +6,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 C := -c constraints.txt
 
-.PHONY: demo test venv sysdeps unit faults bench model clean
+.PHONY: demo test venv sysdeps unit faults bench segmenter model clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -25,10 +25,19 @@ demo: venv sysdeps
 test: venv sysdeps
 	$(VENV)/bin/python -m pytest -q tests
 
+# Retrain the packaged lesion segmenter (README "Segmentation") on its own cohort: seed 1, so none of
+# the classifier's patients (seed 0) is among the ones it learned from. Run it before `make model`,
+# whose lesion channel reads this segmenter.
+segmenter: venv
+	$(VENV)/bin/dicom-fusion synth --patients 300 --out var/segcohort --seed 1
+	$(VENV)/bin/dicom-fusion segment train --cohort var/segcohort --out inference/default_segmenter \
+		--report docs/segmentation-report --arch unet --folds 5 --seed 0
+
 # Retrain the packaged model (README "Model"): synthetic cohort, 5-fold CV report, final checkpoint + card.
 model: venv
 	$(VENV)/bin/dicom-fusion synth --patients 600 --out var/cohort --seed 0
-	$(VENV)/bin/dicom-fusion train --cohort var/cohort --out inference/default_model --report var/model-report
+	$(VENV)/bin/dicom-fusion train --cohort var/cohort --config inference/default_model/train.toml \
+		--out inference/default_model --report var/model-report
 
 # The fault-injection suite at full strength (20 rounds); `make test` runs it with 3.
 faults: venv sysdeps

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -24,7 +25,12 @@ from sklearn.preprocessing import StandardScaler
 from .modelcard import ANY, TimelineSpec
 from .timeline import EventLike
 
+if TYPE_CHECKING:
+    from .segment import Segmenter
+
 BASELINES = ("logistic_regression", "gradient_boosting")
+WITH_LESION_AREA = "+lesion_area"
+"""Suffix of a baseline variant that also gets the segmenter's lesion area (see `lesion_area`)."""
 RECENT_DAYS = 180
 IMAGE_FEATURES = ("img_mean", "img_std", "img_p50", "img_p95", "img_p99", "img_bright", "img_edges")
 
@@ -69,6 +75,12 @@ def _image_row(image: np.ndarray) -> list[float]:
         float((x > 0.7).mean()),
         edges,
     ]
+
+
+def lesion_area(images: np.ndarray, segmenter: Segmenter) -> np.ndarray:
+    """[N] share of the prepared image the segmenter's lesion probability covers (its mean)."""
+    probability = segmenter.probability(np.asarray(images, dtype=np.float32))
+    return np.asarray(probability.reshape(len(probability), -1).mean(axis=1), dtype=np.float64)
 
 
 def feature_names(spec: TimelineSpec) -> list[str]:
@@ -125,4 +137,12 @@ def baseline_probs(
     return probs
 
 
-__all__ = ["BASELINES", "baseline_probs", "feature_names", "make_baseline", "tabular_features"]
+__all__ = [
+    "BASELINES",
+    "WITH_LESION_AREA",
+    "baseline_probs",
+    "feature_names",
+    "lesion_area",
+    "make_baseline",
+    "tabular_features",
+]

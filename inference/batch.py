@@ -51,17 +51,7 @@ def prepare_model(predictor: Predictor, options: BatchOptions) -> None:
 
 def _image_batch(predictor: Predictor, images: Sequence[PreparedImage | np.ndarray],
                  options: BatchOptions) -> torch.Tensor:
-    expected = (predictor.card.image.channels, *predictor.card.image.size)
-    arrays = []
-    for i, image in enumerate(images):
-        array = image.array if isinstance(image, PreparedImage) else np.asarray(image)
-        if array.shape != expected:
-            raise ValueError(
-                f"image {i} of the batch has shape {array.shape} but the model expects {expected} "
-                "(channels, *size); prepare it with transforms.load_study_image or transforms.prepare_array"
-            )
-        arrays.append(np.asarray(array, dtype=np.float32))
-    host = torch.from_numpy(np.stack(arrays))
+    host = torch.from_numpy(predictor.network_input(images))
     cuda = predictor.device.type == "cuda"
     if cuda and options.pin_memory:
         host = host.pin_memory()

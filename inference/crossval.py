@@ -24,6 +24,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from .cohort import Cohort
 from .fitloop import MODES, EpochStats, FitData, fit, predict_positive
+from .guide import load_guide, with_lesion_channel
 from .metrics import binary_metrics
 from .model import HybridNet, build_model, collate_timelines
 from .modelcard import ModelCard, TimelineSpec
@@ -99,10 +100,11 @@ def encode_timelines(
 
 
 def fit_data(cohort: Cohort, card: ModelCard, spec: TimelineSpec) -> FitData:
-    """The cohort as tensors, its timelines encoded with `spec` (a fold's fitted scaler)."""
+    """The cohort as tensors: images as the network reads them (with the card's lesion channel, if any),
+    timelines encoded with `spec` (a fold's fitted scaler)."""
     targets = np.where(cohort.labels == 1, card.positive_index, 1 - card.positive_index)
     return FitData(
-        images=torch.from_numpy(cohort.images),
+        images=torch.from_numpy(with_lesion_channel(cohort.images, load_guide(card))),
         timelines=collate_timelines(encode_timelines(cohort.events, cohort.study_times, spec), spec),
         targets=torch.from_numpy(targets.astype(np.int64)),
     )

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .baseline import BASELINES, baseline_probs, tabular_features
+from .baseline import BASELINES, WITH_LESION_AREA, baseline_probs, lesion_area, tabular_features
 from .cohort import Cohort, load_cohort
 from .crossval import NO_EHR, CVResult, cross_validate, derive_seed, encode_timelines
 from .document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from .explain import explain, save_overlay
 from .fitloop import MODES
+from .guide import load_guide, with_lesion_channel
 from .metrics import METRIC_NAMES, confusion, expected_calibration_error, format_mean_sd, mean_sd
 from .model import build_model
 from .plots import (
@@ -47,6 +48,8 @@ LABELS = {
     "timeline": "Timeline-only LSTM",
     "logistic_regression": "Logistic regression (tabular)",
     "gradient_boosting": "Gradient boosting (tabular)",
+    "logistic_regression" + WITH_LESION_AREA: "Logistic regression (tabular + segmenter lesion area)",
+    "gradient_boosting" + WITH_LESION_AREA: "Gradient boosting (tabular + segmenter lesion area)",
 }
 LESION_MARGIN = 1.5
 """The lesion region for Grad-CAM mass is a disc of this many mean radii (the border is irregular)."""
@@ -72,14 +75,24 @@ class EvaluationResult:
 
 
 def add_baselines(cohort: Cohort, cv: CVResult) -> None:
-    """Fit each sklearn baseline on each fold's training patients; store held-out probabilities."""
+    """Fit each sklearn baseline on each fold's training patients; store held-out probabilities.
+
+    With a lesion channel each baseline runs a second time with one more column, the segmenter's lesion
+    area: what the guided network gets from the segmenter, handed to the tabular model as a number, so
+    the report separates the gain of segmentation from the gain of learning the fusion.
+    """
     features = tabular_features(cohort.images, cohort.events, cohort.study_times, cv.card.timeline)
+    sets = {"": features}
+    guide = load_guide(cv.card)
+    if guide is not None:
+        sets[WITH_LESION_AREA] = np.column_stack([features, lesion_area(cohort.images, guide)])
     for fold in cv.folds:
         for b, name in enumerate(BASELINES):
             seed = derive_seed(cv.config.seed, fold.fold, 100 + b)
-            fold.probs[name] = baseline_probs(
-                features, cohort.labels, fold.train_idx, fold.test_idx, name, seed
-            )
+            for suffix, columns in sets.items():
+                fold.probs[name + suffix] = baseline_probs(
+                    columns, cohort.labels, fold.train_idx, fold.test_idx, name, seed
+                )
 
 
 def read_lesions(cohort_dir: Path | None) -> dict[str, tuple[float, float, float]]:
@@ -129,12 +142,13 @@ def explain_fold(
     model.load_state_dict(fold.fusion_state)
     model.eval()
     idx = fold.test_idx
+    inputs = with_lesion_channel(cohort.images[idx], load_guide(card))
     timelines = encode_timelines(
         [cohort.events[i] for i in idx], [cohort.study_times[i] for i in idx], fold.spec
     )
     shares, areas, peaks, importance, explained = [], [], [], [], []
-    for i, tl in zip(idx, timelines, strict=True):
-        exp = explain(model, card, cohort.images[i], tl)
+    for i, x, tl in zip(idx, inputs, timelines, strict=True):
+        exp = explain(model, card, x, tl)
         explained.append((i, exp))
         lesion = lesions.get(cohort.records[i].patient_id)
         if lesion is not None:
@@ -189,6 +203,14 @@ def _blocks(
 ) -> list[Block]:
     k = len(cv.folds)
     c = cv.config
+    seg = cv.card.segmenter
+    guided: tuple[str, ...] = ()
+    if cv.card.image.lesion_channel and seg is not None:
+        note = (
+            "Segmentation-guided: the image branch reads the prepared image plus, as a second channel, "
+            f"the lesion probability map of segmenter {seg.parent.name}/{seg.name} (guide.py)."
+        )
+        guided = (note,)
     blocks: list[Block] = [
         Heading(1, "Evaluation report"),
         Paragraph(
@@ -277,7 +299,9 @@ def _blocks(
                     "fold's training patients only; baselines impute/scale inside an sklearn pipeline "
                     "fitted per fold."
                 ),
-                "Baselines: per-lab last/mean/slope/count, event counts, image intensity statistics.",
+                "Baselines: per-lab last/mean/slope/count, event counts, image intensity statistics"
+                + ("; '+ lesion area' adds the segmenter's lesion area as one more column." if guided else "."),
+                *guided,
                 f"Cross-validation took {cv.seconds:.0f} s.",
             )
         ),
@@ -293,7 +317,8 @@ def evaluate_cv(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     add_baselines(cohort, cv)
-    order = [v for v in ("fusion", NO_EHR, "image", "timeline", *BASELINES) if v in cv.variants]
+    baselines = (*BASELINES, *(b + WITH_LESION_AREA for b in BASELINES))
+    order = [v for v in ("fusion", NO_EHR, "image", "timeline", *baselines) if v in cv.variants]
     per_fold = {v: cv.fold_metrics(v) for v in order}
     summary = {v: {m: mean_sd([f[m] for f in per_fold[v]]) for m in METRIC_NAMES} for v in order}
     pooled = {v: cv.pooled(v) for v in order}

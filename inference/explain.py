@@ -161,11 +161,15 @@ def explain(
     layer: str | None = None,
     steps: int = IG_STEPS,
 ) -> Explanation:
-    """Grad-CAM saliency and (when there is a timeline) per-feature IG attributions for one study."""
-    expected = (card.image.channels, *card.image.size)
+    """Grad-CAM saliency and (when there is a timeline) per-feature IG attributions for one study.
+
+    `image` is the network input (`Predictor.network_input`): with a lesion channel, that channel too.
+    """
+    expected = (card.image.network_channels, *card.image.size)
     if tuple(np.shape(image)) != expected:
         raise ValueError(
-            f"image has shape {np.shape(image)} but the model expects {expected} (channels, *size)"
+            f"image has shape {np.shape(image)} but the model expects {expected} (channels, *size); "
+            "with a lesion channel, build it with Predictor.network_input or guide.with_lesion_channel"
         )
     device = _device(model)
     tl = collate_timelines([timeline], card.timeline).to(device)

@@ -88,10 +88,10 @@ class SmallCNN(nn.Module):
 def build_image_encoder(spec: ImageSpec, out_features: int = IMAGE_FEATURES) -> nn.Module:
     """The card's encoder, outputting [B, out_features]; MONAI nets never download weights here."""
     if spec.encoder == "smallcnn":
-        return SmallCNN(spec.spatial_dims, spec.channels, out_features)
+        return SmallCNN(spec.spatial_dims, spec.network_channels, out_features)
     if spec.encoder == "densenet121":
         return DenseNet121(
-            spatial_dims=spec.spatial_dims, in_channels=spec.channels, out_channels=out_features
+            spatial_dims=spec.spatial_dims, in_channels=spec.network_channels, out_channels=out_features
         )
     if spec.encoder == "efficientnet-b0":
         return EfficientNetBN(
@@ -99,7 +99,7 @@ def build_image_encoder(spec: ImageSpec, out_features: int = IMAGE_FEATURES) -> 
             pretrained=False,
             progress=False,
             spatial_dims=spec.spatial_dims,
-            in_channels=spec.channels,
+            in_channels=spec.network_channels,
             num_classes=out_features,
         )
     raise ValueError(f"unknown image encoder {spec.encoder!r}")

@@ -110,6 +110,11 @@ class ImageSpec:
     `window` is (low, high) in modality units (after rescale slope/intercept, e.g. Hounsfield units);
     None means percentile normalisation (0.5th..99.5th) suited to projection radiographs whose raw
     values vary by vendor. For 3D, `size` is (slices, rows, columns).
+
+    `lesion_channel` makes the classifier segmentation-guided: the card's `segmenter` computes a lesion
+    probability map from the prepared image and the network reads it as one more channel
+    (`network_channels`, see guide.py). A CNN trained on a few hundred labels learns "how large is the
+    bright blob" poorly; the segmenter learned where lesions are from masks, a different supervision.
     """
 
     spatial_dims: int
@@ -117,6 +122,7 @@ class ImageSpec:
     channels: int
     window: tuple[float, float] | None
     encoder: str
+    lesion_channel: bool = False
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -143,6 +149,13 @@ class ImageSpec:
             raise ModelCardError(
                 f"image.encoder {self.encoder!r} is unknown; use one of {', '.join(ENCODERS)}"
             )
+        if not isinstance(self.lesion_channel, bool):
+            raise ModelCardError(f"image.lesion_channel must be true or false, got {self.lesion_channel!r}")
+
+    @property
+    def network_channels(self) -> int:
+        """Input channels of the network: the prepared image's plus the lesion probability map, if any."""
+        return self.channels + int(self.lesion_channel)
 
 
 @dataclass(frozen=True)
@@ -254,6 +267,11 @@ class ModelCard:
         object.__setattr__(self, "weights", Path(self.weights))
         if self.segmenter is not None:
             object.__setattr__(self, "segmenter", Path(self.segmenter))
+        elif self.image.lesion_channel:
+            raise ModelCardError(
+                "image.lesion_channel is true but the card names no `segmenter`; add the segmentation card "
+                "the model was trained with (e.g. segmenter = \"../default_segmenter/card.toml\")"
+            )
         object.__setattr__(self, "path", Path(self.path))
         sha = self.sha256.lower() if isinstance(self.sha256, str) else self.sha256
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):

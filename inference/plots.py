@@ -39,6 +39,8 @@ NAMES = {
     "timeline": "timeline-only LSTM",
     "logistic_regression": "logistic regression",
     "gradient_boosting": "gradient boosting",
+    "logistic_regression+lesion_area": "logistic regression + lesion area",
+    "gradient_boosting+lesion_area": "gradient boosting + lesion area",
 }
 """Short display names of the model variants, for legends and table headers."""
 

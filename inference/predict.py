@@ -6,7 +6,7 @@ codes copied from the card, JSON round-trippable so it can be stored and replaye
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import InferenceError, WeightsMismatchError
+from .guide import load_guide, with_lesion_channel
 from .model import HybridNet, build_model, collate_timelines
 from .modelcard import REGENERATE_HINT, ModelCard, load_card, verify_weights
 from .timeline import TimelineTensor
@@ -140,6 +141,7 @@ class Predictor:
         self.card = card
         self.device = device
         self.model = model.to(device).eval()
+        self.guide = load_guide(card, device)  # the lesion-channel segmenter, if the card has one
 
     @classmethod
     def load(cls, card_path: Path, device: str = "auto") -> Predictor:
@@ -166,15 +168,24 @@ class Predictor:
             ) from exc
         return cls(card, model, target)
 
-    def _image_tensor(self, image: PreparedImage | np.ndarray) -> torch.Tensor:
-        array = image.array if isinstance(image, PreparedImage) else np.asarray(image)
+    def network_input(self, images: Sequence[PreparedImage | np.ndarray]) -> np.ndarray:
+        """Prepared images -> the network's input batch [N, network_channels, *size] (lesion channel added
+        when the card asks for it); a wrongly prepared image fails here with its index."""
         expected = (self.card.image.channels, *self.card.image.size)
-        if array.shape != expected:
-            raise ValueError(
-                f"image has shape {array.shape} but the model expects {expected} (channels, *size); "
-                "prepare it with transforms.load_study_image or transforms.prepare_array"
-            )
-        return torch.as_tensor(np.asarray(array, dtype=np.float32), device=self.device).unsqueeze(0)
+        arrays = []
+        for i, image in enumerate(images):
+            array = image.array if isinstance(image, PreparedImage) else np.asarray(image)
+            if array.shape != expected:
+                where = f"image {i} of the batch" if len(images) > 1 else "image"
+                raise ValueError(
+                    f"{where} has shape {array.shape} but the model expects {expected} (channels, *size); "
+                    "prepare it with transforms.load_study_image or transforms.prepare_array"
+                )
+            arrays.append(np.asarray(array, dtype=np.float32))
+        return with_lesion_channel(np.stack(arrays), self.guide)
+
+    def _image_tensor(self, image: PreparedImage | np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(self.network_input([image]), device=self.device)
 
     def predict(
         self,

@@ -172,13 +172,19 @@ class Segmenter:
     def image_spec(self) -> ImageSpec:
         return self.card.image_spec()
 
+    def probability(self, prepared: np.ndarray) -> np.ndarray:
+        """Lesion probability [N, *size] of images already prepared with `image_spec` [N, C, *size]."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            return foreground_probability(self.net, prepared, self.card.roi())
+
     def segment(self, pixels: np.ndarray) -> LesionMask:
         """Segment channel-first source pixels [C, *spatial] in modality units (`transforms.decode_series`)."""
         spec = self.image_spec
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
             prepared = prepare_array(pixels, spec)
-            prob = foreground_probability(self.net.to(self.device), prepared[np.newaxis], self.card.roi())
+        prob = self.probability(prepared[np.newaxis])
         mask = mask_from_probability(prob[0], pixels.shape[1:], self.card.threshold)
         return LesionMask(mask=mask, model_name=self.card.name, model_version=self.card.version)
 

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .fitloop import FitSettings
+from .guide import load_guide
 from .model import CARD_NAME, WEIGHTS_NAME
 from .modelcard import DEFAULT_NAME, DEFAULT_VERSION, ENCODERS, ModelCard, default_card
+from .segcard import default_segmenter_path
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ class TrainConfig:
     encoder: str = "smallcnn"
     encoder_weights: Path | None = None
     freeze_encoder: bool = False
+    lesion_channel: bool = False
+    """Segmentation-guided: the lesion probability map of `segmenter` is one more input channel (guide.py)."""
+    segmenter: Path | None = None
+    """Segmentation card of the lesion channel, also the card's `segmenter` (SEG output); None with
+    `lesion_channel` = the shipped default segmenter."""
     name: str = DEFAULT_NAME
     version: str = DEFAULT_VERSION
 
@@ -56,6 +63,8 @@ class TrainConfig:
                 raise ValueError(f"training config: {message}")
         if self.encoder_weights is not None:
             object.__setattr__(self, "encoder_weights", Path(self.encoder_weights))
+        if self.segmenter is not None:
+            object.__setattr__(self, "segmenter", Path(self.segmenter).resolve())
 
     @property
     def fit_settings(self) -> FitSettings:
@@ -98,11 +107,21 @@ def load_train_config(path: Path | None, **overrides: Any) -> TrainConfig:
 
 
 def base_card(config: TrainConfig, out_dir: Path) -> ModelCard:
-    """The default card with the config's name, version and encoder; weights not written yet."""
+    """The default card with the config's name, version, encoder and segmenter; weights not written yet.
+
+    A lesion channel is checked against its segmenter here, before any training time is spent.
+    """
     out_dir = Path(out_dir).resolve()
     card = default_card(weights=out_dir / WEIGHTS_NAME, sha256="0" * 64, path=out_dir / CARD_NAME)
-    image = dataclasses.replace(card.image, encoder=config.encoder)
-    return dataclasses.replace(card, name=config.name, version=config.version, image=image)
+    image = dataclasses.replace(card.image, encoder=config.encoder, lesion_channel=config.lesion_channel)
+    segmenter = config.segmenter
+    if segmenter is None and config.lesion_channel:
+        segmenter = default_segmenter_path()
+    card = dataclasses.replace(
+        card, name=config.name, version=config.version, image=image, segmenter=segmenter
+    )
+    load_guide(card)
+    return card
 
 
 __all__ = ["TrainConfig", "base_card", "load_train_config"]

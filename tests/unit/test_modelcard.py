@@ -85,8 +85,9 @@ def test_modelcard_default_values() -> None:
     ]
     assert card.positive_class == "malignant" and card.threshold == 0.5
     assert card.image == ImageSpec(
-        spatial_dims=2, size=(128, 128), channels=1, window=None, encoder="smallcnn"
+        spatial_dims=2, size=(128, 128), channels=1, window=None, encoder="smallcnn", lesion_channel=True
     )
+    assert card.segmenter is not None and card.segmenter.parent.name == "default_segmenter"
     assert card.input.modalities == ("DX", "CR", "XC", "OT", "CT", "MR")
     loinc = {f.code for f in card.timeline.features if f.kind == "observation"}
     assert {"2345-7", "4548-4", "1988-5", "39156-5", "8480-6"} <= loinc
@@ -123,6 +124,8 @@ def _edit(card_path: Path, pattern: str, replacement: str) -> None:
         (r"^sha256 = .*$", 'sha256 = "abc"', "sha256 must be 64 hex digits"),
         (r"^kind = \"condition\"$", 'kind = "procedure"', "kind 'procedure' is unknown"),
         (r"^card_format = 1$", "card_format = 9", "card_format 9 is not supported"),
+        (r"^lesion_channel = false$", 'lesion_channel = "yes"', "lesion_channel must be true or false"),
+        (r"^lesion_channel = false$", "lesion_channel = true", "names no `segmenter`"),
     ],
 )
 def test_modelcard_validation_messages(card_path: Path, pattern: str, replacement: str, message: str) -> None:

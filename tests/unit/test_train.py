@@ -17,6 +17,7 @@ from dicom_fusion.inference.metrics import binary_metrics
 from dicom_fusion.inference.model import HybridNet, collate_timelines
 from dicom_fusion.inference.modelcard import DEFAULT_TIMELINE, ImageSpec, load_card, sha256_file
 from dicom_fusion.inference.predict import Predictor
+from dicom_fusion.inference.segcard import default_segmenter_path
 from dicom_fusion.inference.synth import generate_cohort
 from dicom_fusion.inference.train import (
     TrainConfig,
@@ -239,3 +240,28 @@ def test_encoder_weights_transfer_and_freeze(trained: TrainResult, tmp_path: Pat
     torch.save({"nonsense": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="do not fit encoder"):
         new_model(card, dataclasses.replace(TINY, encoder_weights=bad))
+
+
+def test_segmentation_guided_training_end_to_end(cohort_dir: Path, tmp_path: Path) -> None:
+    """lesion_channel: the card records it and its segmenter, the predictor adds the channel itself, the
+    report carries the '+ lesion area' baselines next to the plain ones."""
+    config = dataclasses.replace(TINY, folds=2, max_epochs=1, lesion_channel=True)
+    result = train_model(cohort_dir, tmp_path / "model", config, progress=False)
+    card = load_card(result.card.path)
+    assert card.image.lesion_channel and card.image.network_channels == 2
+    assert card.segmenter == default_segmenter_path().resolve()
+    assert 'segmenter = "' in card.path.read_text()
+    predictor = Predictor.load(card.path, device="cpu")
+    assert predictor.guide is not None
+    assert predictor.model.image_encoder.features[0].conv.in_channels == 2
+    assert 0.0 <= predictor.predict(result.cohort.images[0], None).finding.probability <= 1.0
+    report = evaluate_cv(result.cohort, result.cv, tmp_path / "report", cohort_dir=cohort_dir)
+    assert {"gradient_boosting+lesion_area", "logistic_regression+lesion_area"} <= set(report.summary)
+    text = report.report.read_text()
+    assert "Gradient boosting (tabular + segmenter lesion area)" in text and "Segmentation-guided" in text
+
+
+def test_lesion_channel_config_needs_a_matching_segmenter(tmp_path: Path) -> None:
+    config = dataclasses.replace(TINY, lesion_channel=True, segmenter=tmp_path / "missing.toml")
+    with pytest.raises(ValueError, match="missing.toml"):
+        base_card(config, tmp_path / "model")
