@@ -161,7 +161,7 @@ class Predictor:
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise WeightsMismatchError(
                 f"weights file {card.weights} does not fit the network described by card {card.path} "
-                f"(encoder {card.image.encoder}, {card.image.channels} channel(s), "
+                f"(encoder {card.image.encoder}, {card.image.network_channels} input channel(s), "
                 f"{len(card.timeline.features)} timeline features, {len(card.classes)} classes): "
                 f"{str(exc).splitlines()[0]}; write the card from the same training run as the weights, or "
                 f"{REGENERATE_HINT}"

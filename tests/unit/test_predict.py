@@ -134,7 +134,7 @@ def test_predict_load_refuses_weights_of_another_network(tmp_path: Path) -> None
     card = load_card(card_path)
     rgb = ImageSpec(spatial_dims=2, size=(128, 128), channels=3, window=None, encoder="smallcnn")
     write_card(dataclasses.replace(card, image=rgb), card_path)
-    with pytest.raises(WeightsMismatchError, match=r"does not fit the network.*3 channel"):
+    with pytest.raises(WeightsMismatchError, match=r"does not fit the network.*3 input channel"):
         Predictor.load(card_path)
 
 
