@@ -115,6 +115,19 @@ def test_model_shipped_default_is_trained_and_verified(tmp_path: Path) -> None:
     build_model(shipped).load_state_dict(torch.load(shipped.weights, weights_only=True), strict=True)
 
 
+def test_model_committed_report_meets_the_acceptance_bar() -> None:
+    """docs/model-report is the shipped model's evaluation (README "Model"): its cross-validated fusion
+    ROC-AUC clears both single branches by 0.05 and the traditional baselines; the card agrees with it."""
+    import json
+
+    report = Path(__file__).resolve().parents[2] / "docs" / "model-report" / "metrics.json"
+    auc = {k: v["roc_auc"][0] for k, v in json.loads(report.read_text())["summary"].items()}
+    assert auc["fusion"] >= auc["image"] + 0.05 and auc["fusion"] >= auc["timeline"] + 0.05
+    assert auc["fusion"] > max(auc["logistic_regression"], auc["gradient_boosting"])
+    shipped = load_card(default_card_path())
+    assert shipped.metrics["cv_roc_auc_mean"] == pytest.approx(auc["fusion"], abs=1e-3)
+
+
 def test_model_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path), "--seed", "0"]) == 0
     assert "sha256" in capsys.readouterr().out
