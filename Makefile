@@ -35,7 +35,7 @@ segmenter: venv
 
 # Retrain the packaged model (README "Model"): synthetic cohort, 5-fold CV report, final checkpoint + card.
 model: venv
-	$(VENV)/bin/dicom-fusion synth --patients 600 --out var/cohort --seed 0
+	$(VENV)/bin/dicom-fusion synth --patients 1000 --out var/cohort --seed 0
 	$(VENV)/bin/dicom-fusion train --cohort var/cohort --config inference/default_model/train.toml \
 		--out inference/default_model --report var/model-report
 
