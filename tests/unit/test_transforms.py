@@ -222,8 +222,13 @@ def test_transforms_prepare_array_checks_dims() -> None:
 def test_transforms_default_card_helper_matches(card: ModelCard, tmp_path: Path) -> None:
     built = default_card(weights=card.weights, sha256=card.sha256, path=card.path)
     # The shipped model is trained (README "Model"): its timeline scaler was fitted on the training
-    # cohort and its card carries the cross-validated metrics; everything else is the helper's.
-    assert dataclasses.replace(built, timeline=card.timeline, metrics=card.metrics, segmenter=card.segmenter) == card
+    # cohort, its card carries the cross-validated metrics, and it reads the segmenter's lesion channel
+    # (README "Model"); everything else is the helper's.
+    guided = dataclasses.replace(built.image, lesion_channel=True)
+    assert card.segmenter is not None
+    assert dataclasses.replace(
+        built, image=guided, timeline=card.timeline, metrics=card.metrics, segmenter=card.segmenter
+    ) == card
     assert dataclasses.replace(built.timeline, features=card.timeline.features) == card.timeline
     assert [(f.name, f.kind, f.system, f.code, f.unit) for f in built.timeline.features] == [
         (f.name, f.kind, f.system, f.code, f.unit) for f in card.timeline.features
