@@ -3,10 +3,7 @@
 (within 1 %) to the area counted independently from the SEG's pixels x its pixel spacing."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,12 +13,11 @@ from pydicom import dcmread
 
 from dicom_fusion.inference.segcard import default_segmenter_path
 from dicom_fusion.inference.synth import generate_cohort
-from dicom_fusion.service.components import Pacs, free_port
-from dicom_fusion.service.ledger import JobState, Ledger
-from dicom_fusion.service.server import wait_for_port
+from dicom_fusion.service.components import Pacs
+from dicom_fusion.service.ledger import JobState
 from dicom_fusion.service.sr import read_sr
 
-from test_spine import _orthanc, _sr_instances, _storescu, Stack
+from test_spine import _orthanc, _sr_instances, _storescu, running_serve
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -33,27 +29,8 @@ def _errors(dciodvfy: str, path: Path) -> list[str]:
 
 def test_study_in_sr_and_seg_out(tmp_path: Path, orthanc: Pacs, storescu: str, dciodvfy: str) -> None:
     patient = generate_cohort(1, tmp_path / "cohort", seed=21, progress=False)[0]
-    port = free_port()
-    data = tmp_path / "var"
-    env = dict(os.environ)
-    env.pop("DICOM_FUSION_CONFIG", None)
-    env.update({
-        "DICOM_FUSION_DATA_DIR": str(data),
-        "DICOM_FUSION_LISTENER__PORT": str(port),
-        "DICOM_FUSION_PACS__AE_TITLE": orthanc.ae_title,
-        "DICOM_FUSION_PACS__PORT": str(orthanc.dicom_port),
-        "DICOM_FUSION_COMPLETION__QUIET_SECONDS": "1",
-        "DICOM_FUSION_WORKER__EMBEDDED": "true",
-        "DICOM_FUSION_MODEL__EXPLAIN": "false",
-        "DICOM_FUSION_MODEL__SEGMENTER": str(default_segmenter_path()),
-    })
-    log = tmp_path / "serve.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "serve"], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        wait_for_port("127.0.0.1", port, timeout=60)
-        stack = Stack(proc, port, data, log, Ledger(f"sqlite:///{data / 'ledger.sqlite'}"), orthanc, None)  # type: ignore[arg-type]
+    env = {"DICOM_FUSION_MODEL__EXPLAIN": "false", "DICOM_FUSION_MODEL__SEGMENTER": str(default_segmenter_path())}
+    with running_serve(tmp_path, orthanc, None, env) as stack:
         files = sorted(Path(patient.study_dir).glob("*.dcm"))
         _storescu(storescu, stack, files)
         job = stack.wait_done(patient.study_instance_uid)
@@ -87,9 +64,3 @@ def test_study_in_sr_and_seg_out(tmp_path: Path, orthanc: Pacs, storescu: str, d
         _storescu(storescu, stack, files)
         time.sleep(3)
         assert len(_sr_instances(orthanc, patient.study_instance_uid, modality="SEG")) == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,19 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, orthanc: Pacs,
         require(shutil.which("redis-server") is not None, "redis-server")
         redis = start_redis(tmp_path / "redis")
         extra["DICOM_FUSION_BROKER__URL"] = redis.url
+    try:
+        with running_serve(tmp_path, orthanc, fhir_server, extra) as running:
+            yield running
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+@contextmanager
+def running_serve(tmp_path: Path, pacs: Pacs, fhir: FhirServer | None,
+                  extra_env: dict[str, str]) -> Iterator[Stack]:
+    """`dicom-fusion serve` (listener + embedded worker) on a free loopback port, delivering to `pacs`
+    (and `fhir` when given); `extra_env` adds settings. Stopped with SIGTERM (kill after 30 s)."""
     port = free_port()
     data = tmp_path / "var"
     env = dict(os.environ)
@@ -100,12 +114,12 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, orthanc: Pacs,
     env.update({
         "DICOM_FUSION_DATA_DIR": str(data),
         "DICOM_FUSION_LISTENER__PORT": str(port),
-        "DICOM_FUSION_PACS__AE_TITLE": orthanc.ae_title,
-        "DICOM_FUSION_PACS__PORT": str(orthanc.dicom_port),
-        "DICOM_FUSION_FHIR__BASE_URL": fhir_server.base_url,
+        "DICOM_FUSION_PACS__AE_TITLE": pacs.ae_title,
+        "DICOM_FUSION_PACS__PORT": str(pacs.dicom_port),
         "DICOM_FUSION_COMPLETION__QUIET_SECONDS": "1",
         "DICOM_FUSION_WORKER__EMBEDDED": "true",
-        **extra,
+        **({"DICOM_FUSION_FHIR__BASE_URL": fhir.base_url} if fhir is not None else {}),
+        **extra_env,
     })
     log = tmp_path / "serve.log"
     with log.open("wb") as fh:
@@ -113,15 +127,13 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, orthanc: Pacs,
                                 stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         wait_for_port("127.0.0.1", port, timeout=60)
-        yield Stack(proc, port, data, log, Ledger(f"sqlite:///{data / 'ledger.sqlite'}"), orthanc, fhir_server)
+        yield Stack(proc, port, data, log, Ledger(f"sqlite:///{data / 'ledger.sqlite'}"), pacs, fhir)  # type: ignore[arg-type]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        if redis is not None:
-            redis.stop()
 
 
 def _storescu(storescu: str, stack: Stack, files: list[Path]) -> None:
