@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -24,9 +23,6 @@ from sklearn.preprocessing import StandardScaler
 
 from .modelcard import ANY, TimelineSpec
 from .timeline import EventLike
-
-if TYPE_CHECKING:
-    from .segment import Segmenter
 
 BASELINES = ("logistic_regression", "gradient_boosting")
 WITH_LESION_AREA = "+lesion_area"
@@ -77,10 +73,11 @@ def _image_row(image: np.ndarray) -> list[float]:
     ]
 
 
-def lesion_area(images: np.ndarray, segmenter: Segmenter) -> np.ndarray:
-    """[N] share of the prepared image the segmenter's lesion probability covers (its mean)."""
-    probability = segmenter.probability(np.asarray(images, dtype=np.float32))
-    return np.asarray(probability.reshape(len(probability), -1).mean(axis=1), dtype=np.float64)
+def lesion_area(network_images: np.ndarray) -> np.ndarray:
+    """[N] share of the image the lesion channel covers: the mean of the last channel of network input
+    built with a lesion channel (`guide.with_lesion_channel`), i.e. of the segmenter's probability."""
+    channel = np.asarray(network_images)[:, -1]
+    return np.asarray(channel.reshape(len(channel), -1).mean(axis=1), dtype=np.float64)
 
 
 def feature_names(spec: TimelineSpec) -> list[str]:

@@ -99,12 +99,20 @@ def encode_timelines(
     return [encode_timeline(e, t, spec) for e, t in zip(events, study_times, strict=True)]
 
 
-def fit_data(cohort: Cohort, card: ModelCard, spec: TimelineSpec) -> FitData:
-    """The cohort as tensors: images as the network reads them (with the card's lesion channel, if any),
-    timelines encoded with `spec` (a fold's fitted scaler)."""
+def network_images(cohort: Cohort, card: ModelCard) -> np.ndarray:
+    """Every patient's image as the network reads it: with the card's lesion channel, if any."""
+    return with_lesion_channel(cohort.images, load_guide(card))
+
+
+def fit_data(
+    cohort: Cohort, card: ModelCard, spec: TimelineSpec, images: np.ndarray | None = None
+) -> FitData:
+    """The cohort as tensors: `images` (default `network_images`; the lesion channel does not depend on
+    the fold, so callers fitting several folds compute it once), timelines encoded with `spec` (a
+    fold's fitted scaler)."""
     targets = np.where(cohort.labels == 1, card.positive_index, 1 - card.positive_index)
     return FitData(
-        images=torch.from_numpy(with_lesion_channel(cohort.images, load_guide(card))),
+        images=torch.from_numpy(images if images is not None else network_images(cohort, card)),
         timelines=collate_timelines(encode_timelines(cohort.events, cohort.study_times, spec), spec),
         targets=torch.from_numpy(targets.astype(np.int64)),
     )
@@ -203,6 +211,8 @@ class CVResult:
     labels: np.ndarray
     folds: list[FoldResult]
     seconds: float
+    images: np.ndarray
+    """Network input of every patient (`network_images`), shared by the folds, the final fit and the report."""
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -231,6 +241,7 @@ def cross_validate(
         raise ValueError(f"unknown mode(s) {unknown}; use {', '.join(MODES)}")
     started = time.monotonic()
     folds = make_folds(cohort.labels, config.folds, config.seed)
+    images = network_images(cohort, card)
     results = []
     with progress_bar(progress) as bar:
         for k, (train_idx, test_idx) in enumerate(folds, start=1):
@@ -240,7 +251,7 @@ def cross_validate(
                 card.timeline,
             )
             fold_card = dataclasses.replace(card, timeline=spec)
-            data = fit_data(cohort, fold_card, spec)
+            data = fit_data(cohort, fold_card, spec, images)
             fit_idx, val_idx = inner_split(
                 cohort.labels, train_idx, config.val_fraction, derive_seed(config.seed, k)
             )
@@ -266,7 +277,7 @@ def cross_validate(
                     )
                     result.fusion_state = outcome.state
             results.append(result)
-    return CVResult(config, card, cohort.labels, results, time.monotonic() - started)
+    return CVResult(config, card, cohort.labels, results, time.monotonic() - started, images)
 
 
 __all__ = [
@@ -281,6 +292,7 @@ __all__ = [
     "fit_timeline_scaler",
     "inner_split",
     "make_folds",
+    "network_images",
     "new_model",
     "progress_bar",
 ]

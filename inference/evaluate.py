@@ -28,7 +28,6 @@ from .crossval import NO_EHR, CVResult, cross_validate, derive_seed, encode_time
 from .document import Block, Bullets, Heading, Image, Paragraph, Table, to_html, to_markdown
 from .explain import explain, save_overlay
 from .fitloop import MODES
-from .guide import load_guide, with_lesion_channel
 from .metrics import METRIC_NAMES, confusion, expected_calibration_error, format_mean_sd, mean_sd
 from .model import build_model
 from .plots import (
@@ -83,9 +82,8 @@ def add_baselines(cohort: Cohort, cv: CVResult) -> None:
     """
     features = tabular_features(cohort.images, cohort.events, cohort.study_times, cv.card.timeline)
     sets = {"": features}
-    guide = load_guide(cv.card)
-    if guide is not None:
-        sets[WITH_LESION_AREA] = np.column_stack([features, lesion_area(cohort.images, guide)])
+    if cv.card.image.lesion_channel:
+        sets[WITH_LESION_AREA] = np.column_stack([features, lesion_area(cv.images)])
     for fold in cv.folds:
         for b, name in enumerate(BASELINES):
             seed = derive_seed(cv.config.seed, fold.fold, 100 + b)
@@ -142,7 +140,7 @@ def explain_fold(
     model.load_state_dict(fold.fusion_state)
     model.eval()
     idx = fold.test_idx
-    inputs = with_lesion_channel(cohort.images[idx], load_guide(card))
+    inputs = cv.images[idx]
     timelines = encode_timelines(
         [cohort.events[i] for i in idx], [cohort.study_times[i] for i in idx], fold.spec
     )

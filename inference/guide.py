@@ -3,8 +3,8 @@
 A card with `image.lesion_channel = true` asks for it: its `segmenter` (trained on lesion masks, a
 supervision the classifier's few hundred labels do not carry) reads the prepared image and its
 foreground probability is appended to the image's channels. The same function builds the input in
-training (`crossval.fit_data`, the evaluation's explanations) and serving (`Predictor`, `predict_batch`),
-so the two cannot drift. The segmenter must read exactly the classifier's prepared image (same
+training (`crossval.network_images`, once per cross-validation: folds, final fit and report share it)
+and serving (`Predictor`, `predict_batch`), so the two cannot drift. The segmenter must read exactly the classifier's prepared image (same
 dimensionality, size, channels and intensity window); `load_guide` refuses one that does not, rather
 than resizing silently.
 

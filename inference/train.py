@@ -114,7 +114,7 @@ def train_model(
     epochs = max(1, int(np.median([f.best_epochs["fusion"] for f in cv.folds])))
     spec = fit_timeline_scaler(cohort.events, cohort.study_times, card.timeline)
     final_card = dataclasses.replace(card, timeline=spec)
-    data = fit_data(cohort, final_card, spec)
+    data = fit_data(cohort, final_card, spec, cv.images)
     seed = derive_seed(config.seed, 0)
     with progress_bar(progress) as bar, deterministic(seed):
         task = bar.add_task("final model (all patients)", total=epochs, status="")
