@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import write_instance
 from pydicom import dcmread
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
@@ -126,6 +127,24 @@ def send_files(port: int, files: list[Path], log: SendLog, calling: str = "FAULT
             assoc.release()
     except Exception:
         pass
+
+
+def study_batches(folder: Path, study_prefix: str, associations: int,
+                  per: int) -> tuple[list[list[Path]], dict[str, Path]]:
+    """`associations` studies of `per` 128-row CT instances written under `folder/in`, one batch (one
+    association) per study, UIDs `{study_prefix}.{a}` / `.1.{i}`; also SOP Instance UID -> source file."""
+    sources: dict[str, Path] = {}
+    batches = []
+    for a in range(associations):
+        study = f"{study_prefix}.{a + 1}"
+        batch = []
+        for i in range(per):
+            sop = f"{study}.1.{i + 1}"
+            sources[sop] = write_instance(folder / "in" / f"{sop}.dcm", study_uid=study,
+                                          series_uid=f"{study}.1", sop_uid=sop, rows=128)
+            batch.append(sources[sop])
+        batches.append(batch)
+    return batches, sources
 
 
 def parallel_send(port: int, batches: list[list[Path]], log: SendLog) -> list[threading.Thread]:

@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import FAULT_ROUNDS, Figures, write_instance
-from faultlib import Proc, SendLog, base_env, parallel_send, verify_spool, wait_until
+from conftest import FAULT_ROUNDS, Figures
+from faultlib import Proc, SendLog, base_env, parallel_send, study_batches, verify_spool, wait_until
 
 from dicom_fusion.service.components import free_port
 from dicom_fusion.service.ledger import Instance, Ledger, Study
@@ -26,16 +26,9 @@ def test_listener_kill9(tmp_path: Path, figures: Figures, raw_send: None) -> Non
     url = f"sqlite:///{data / 'ledger.sqlite'}"
     for rnd in range(FAULT_ROUNDS):
         rng = random.Random(rnd)
-        batches = []
-        for a in range(ASSOCIATIONS):
-            study = f"1.2.826.0.1.3680043.8.498.{rnd + 1}.{a + 1}"
-            batch = []
-            for i in range(PER_ASSOCIATION):
-                sop = f"{study}.1.{i + 1}"
-                sources[sop] = write_instance(tmp_path / "in" / f"{sop}.dcm", study_uid=study,
-                                              series_uid=f"{study}.1", sop_uid=sop, rows=128)
-                batch.append(sources[sop])
-            batches.append(batch)
+        batches, written = study_batches(tmp_path, f"1.2.826.0.1.3680043.8.498.{rnd + 1}", ASSOCIATIONS,
+                                         PER_ASSOCIATION)
+        sources.update(written)
         try:
             serve.start(wait_port=port)
         except Exception:

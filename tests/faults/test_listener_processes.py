@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import Figures, write_instance
-from faultlib import Proc, SendLog, base_env, parallel_send, verify_spool, wait_until
+from conftest import Figures
+from faultlib import Proc, SendLog, base_env, parallel_send, study_batches, verify_spool, wait_until
 
 from dicom_fusion.service.components import free_port
 from dicom_fusion.service.ledger import Instance, Ledger
@@ -53,21 +53,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _batches(tmp: Path, tag: str, associations: int, per: int) -> tuple[list[list[Path]], dict[str, Path]]:
-    sources: dict[str, Path] = {}
-    batches = []
-    for a in range(associations):
-        study = f"1.2.826.0.1.3680043.8.498.77.{tag}.{a + 1}"
-        batch = []
-        for i in range(per):
-            sop = f"{study}.1.{i + 1}"
-            sources[sop] = write_instance(tmp / "in" / f"{sop}.dcm", study_uid=study, series_uid=f"{study}.1",
-                                          sop_uid=sop, rows=128)
-            batch.append(sources[sop])
-        batches.append(batch)
-    return batches, sources
-
-
 def test_two_listener_processes_share_the_port_and_die_with_serve(tmp_path: Path, figures: Figures,
                                                                   raw_send: None) -> None:
     port = free_port()
@@ -82,7 +67,7 @@ def test_two_listener_processes_share_the_port_and_die_with_serve(tmp_path: Path
         (child,) = _listen_children(serve.proc.pid)
         wait_until(lambda: _listening_sockets(port) == 2, 60, "both processes listening on the port")
         # Round 1: 12 associations; the kernel spreads them over both sockets (all on one: p = 2^-11).
-        batches, sources = _batches(tmp_path, "1", 12, 5)
+        batches, sources = study_batches(tmp_path, "1.2.826.0.1.3680043.8.498.77.1", 12, 5)
         idle = _cpu_ticks(child)
         log = SendLog()
         for t in parallel_send(port, batches, log):
@@ -90,7 +75,7 @@ def test_two_listener_processes_share_the_port_and_die_with_serve(tmp_path: Path
         assert len(log.success()) == 60, f"{len(log.success())} of 60 acknowledged; see {tmp_path / 'serve.log'}"
         assert _cpu_ticks(child) - idle >= 5, "the second listener process took no association"
         # Round 2: kill -9 of serve alone, mid-stream.
-        more, more_sources = _batches(tmp_path, "2", 4, 25)
+        more, more_sources = study_batches(tmp_path, "1.2.826.0.1.3680043.8.498.77.2", 4, 25)
         sources.update(more_sources)
         log2 = SendLog()
         threads = parallel_send(port, more, log2)
