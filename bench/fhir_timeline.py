@@ -26,7 +26,7 @@ import httpx
 from dicom_fusion.fhir import codes
 from dicom_fusion.fhir.client import FhirClient
 from dicom_fusion.fhir.timeline import fetch_timeline
-from dicom_fusion.service.components import start_fhir_server
+from dicom_fusion.service.demo.components import start_fhir_server
 
 STUDY_TIME = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 WINDOW_DAYS = 730

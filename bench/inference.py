@@ -51,14 +51,14 @@ _CARD = None
 
 def _init_worker(card_path: str) -> None:
     global _CARD
-    from dicom_fusion.inference.modelcard import load_card
+    from dicom_fusion.inference.card.model import load_card
 
     torch.set_num_threads(1)
     _CARD = load_card(Path(card_path))
 
 
 def _prepare(files: list[str]) -> np.ndarray:
-    from dicom_fusion.inference.transforms import load_study_image
+    from dicom_fusion.inference.data.images import load_study_image
 
     return load_study_image([Path(f) for f in files], _CARD).array  # type: ignore[arg-type]
 
@@ -117,13 +117,13 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",") if b]
 
-    from dicom_fusion.inference.batch import BatchOptions, predict_batch, prepare_model
-    from dicom_fusion.inference.modelcard import default_card_path
-    from dicom_fusion.inference.predict import Predictor
-    from dicom_fusion.inference.synth import generate_cohort
-    from dicom_fusion.inference.timeline import encode_timeline
-    from dicom_fusion.inference.transforms import load_study_image
-    from dicom_fusion.service.wiring import study_facts
+    from dicom_fusion.inference.card.model import default_card_path
+    from dicom_fusion.inference.data.images import load_study_image
+    from dicom_fusion.inference.data.timeline_tensor import encode_timeline
+    from dicom_fusion.inference.serve.batch_predict import BatchOptions, predict_batch, prepare_model
+    from dicom_fusion.inference.serve.predict import Predictor
+    from dicom_fusion.inference.synth.generate import generate_cohort
+    from dicom_fusion.service.jobs.study_context import study_facts
 
     card_path = default_card_path()
     cpu = Predictor.load(card_path, device="cpu")

@@ -30,7 +30,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_fusion.service.components import free_port
+from dicom_fusion.service.demo.components import free_port
 from dicom_fusion.service.server import wait_for_port
 
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"

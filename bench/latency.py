@@ -73,7 +73,7 @@ class Watcher(threading.Thread):
     def __init__(self, ledger_url: str, pacs: object, fhir_url: str) -> None:
         super().__init__(daemon=True)
         from dicom_fusion.fhir.client import FhirClient
-        from dicom_fusion.service.ledger import Ledger
+        from dicom_fusion.service.storage.ledger import Ledger
 
         self.ledger = Ledger(ledger_url)
         self.pacs = pacs
@@ -129,7 +129,8 @@ NEXT = {"prepare": "timeline", "timeline": "infer", "infer": "deliver"}
 
 def breakdown(ledger_url: str, item: Sent) -> dict[str, float]:
     """Seconds spent in each phase of one job, from its audit rows (the last attempt of each stage)."""
-    from dicom_fusion.service.ledger import Ledger, Study
+    from dicom_fusion.service.storage.ledger import Ledger
+    from dicom_fusion.service.storage.models import Study
 
     ledger = Ledger(ledger_url)
     try:
@@ -190,8 +191,8 @@ def main() -> int:
         return 2
 
     from dicom_fusion.fhir.client import FhirClient
-    from dicom_fusion.inference.synth import generate_cohort
-    from dicom_fusion.service.components import free_port, start_fhir_server, start_orthanc, start_redis
+    from dicom_fusion.inference.synth.generate import generate_cohort
+    from dicom_fusion.service.demo.components import free_port, start_fhir_server, start_orthanc, start_redis
     from dicom_fusion.service.server import wait_for_port
 
     tmpdir = None

@@ -26,7 +26,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from .errors import AuthenticationError, FHIRError, FHIRUnavailable, error_for_status
+from dicom_fusion.fhir.errors import AuthenticationError, FHIRError, FHIRUnavailable, error_for_status
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import codes
-from .report import ReportContent, summary_lines
+from dicom_fusion.fhir import codes
+from dicom_fusion.fhir.report import ReportContent, summary_lines
 
 VERSION = "2.5.1"
 SEGMENT_END = "\r"

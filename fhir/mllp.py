@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .hl7v2 import Ack, Hl7Error, Hl7Unavailable, check_ack, parse_ack
+from dicom_fusion.fhir.hl7v2 import Ack, Hl7Error, Hl7Unavailable, check_ack, parse_ack
 
 log = logging.getLogger(__name__)
 

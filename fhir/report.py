@@ -22,9 +22,9 @@ from urllib.parse import urlencode
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from . import codes
-from .client import FhirClient
-from .errors import FHIRError, OperationOutcomeError, ResourceNotFound
+from dicom_fusion.fhir import codes
+from dicom_fusion.fhir.client import FhirClient
+from dicom_fusion.fhir.errors import FHIRError, OperationOutcomeError, ResourceNotFound
 
 log = logging.getLogger(__name__)
 

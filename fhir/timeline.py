@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast, get_args
 
-from . import codes, units
-from .client import FhirClient
+from dicom_fusion.fhir import codes, units
+from dicom_fusion.fhir.client import FhirClient
 
 log = logging.getLogger(__name__)
 

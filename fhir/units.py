@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from . import codes
+from dicom_fusion.fhir import codes
 
 MASS_CONC: Final = "mass concentration"  # base g/L
 SUBST_CONC: Final = "substance concentration"  # base mol/L

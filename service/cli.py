@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 model_app = typer.Typer(no_args_is_help=True, help="Model checkpoints and cards.")
 app.add_typer(model_app, name="model")
 app.add_typer(segment_app, name="segment")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # error messages never wrap: paths stay whole, whatever the width
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "
                                                    "(default: $DICOM_FUSION_CONFIG).")]
@@ -36,7 +36,8 @@ def serve(config: ConfigOpt = None,
           worker: Annotated[Optional[bool], typer.Option("--worker/--no-worker",
                             help="Start an embedded worker (default: worker.embedded).")] = None) -> None:
     """Run the DICOM listener, study completion, the lease reaper and (by default) a worker."""
-    from dicom_fusion.service.server import configure_logging, serve as _serve
+    from dicom_fusion.service.server import configure_logging
+    from dicom_fusion.service.server import serve as _serve
 
     settings = _settings(config)
     configure_logging(settings.log_level)
@@ -50,7 +51,8 @@ def serve(config: ConfigOpt = None,
 @app.command(hidden=True)
 def listen(config: ConfigOpt = None) -> None:
     """An extra listener process on serve's port (started by serve when listener.processes > 1)."""
-    from dicom_fusion.service.server import configure_logging, listen as _listen
+    from dicom_fusion.service.server import configure_logging
+    from dicom_fusion.service.server import listen as _listen
 
     settings = _settings(config)
     configure_logging(settings.log_level)
@@ -83,7 +85,7 @@ def synth(patients: Annotated[int, typer.Option(min=1, help="Number of synthetic
               help="DX: 1-2 radiographs per study; CT: a small chest CT volume (32 x 96 x 96).")] = "DX") -> None:
     """Write a synthetic paired cohort: DICOM studies + one FHIR transaction Bundle per patient, and the
     exact lesion mask of each study (<patient>/mask.npy)."""
-    from dicom_fusion.inference.synth import MODALITIES, generate_cohort
+    from dicom_fusion.inference.synth.generate import MODALITIES, generate_cohort
 
     if modality.upper() not in MODALITIES:
         console.print(f"[red]error:[/red] --modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
@@ -96,7 +98,7 @@ def synth(patients: Annotated[int, typer.Option(min=1, help="Number of synthetic
 def model_init(out: Annotated[Path, typer.Option(help="Folder for card.toml + weights.")],
                seed: Annotated[int, typer.Option(help="Seed of the deterministic weights.")] = 0) -> None:
     """Write a deterministic (untrained) checkpoint and its model card."""
-    from dicom_fusion.inference.model import init_model
+    from dicom_fusion.inference.nets.hybrid import init_model
 
     card = init_model(out, seed)
     console.print(f"model {card.name} {card.version} written to {card.path} (sha256 {card.sha256[:12]}…)")
@@ -114,7 +116,7 @@ EncoderOpt = Annotated[Optional[str], typer.Option(help="smallcnn | densenet121 
 
 
 def _train_config(config: Path | None, **overrides: object):  # type: ignore[no-untyped-def]
-    from dicom_fusion.inference.train import load_train_config
+    from dicom_fusion.inference.train.classifier import load_train_config
 
     try:
         return load_train_config(config, **overrides)
@@ -126,8 +128,8 @@ def _train_config(config: Path | None, **overrides: object):  # type: ignore[no-
 def _print_comparison(summary: dict) -> None:  # type: ignore[type-arg]
     from rich.table import Table
 
-    from dicom_fusion.inference.evaluate import LABELS
-    from dicom_fusion.inference.metrics import format_mean_sd
+    from dicom_fusion.inference.report.evaluate import LABELS
+    from dicom_fusion.inference.report.scores import format_mean_sd
 
     table = Table("model", "ROC-AUC", "F1", "ECE", title="cross-validation, mean ± sd over folds")
     for variant, metrics in summary.items():
@@ -146,9 +148,9 @@ def train(cohort: CohortOpt,
               "write the evaluation report here.")] = None) -> None:
     """Cross-validate the hybrid model, train it on every patient, write checkpoint + model card."""
     from dicom_fusion.inference.errors import InferenceError
-    from dicom_fusion.inference.evaluate import evaluate_cv
-    from dicom_fusion.inference.fitloop import MODES
-    from dicom_fusion.inference.train import train_model
+    from dicom_fusion.inference.report.evaluate import evaluate_cv
+    from dicom_fusion.inference.train.classifier import train_model
+    from dicom_fusion.inference.train.fitloop import MODES
 
     settings = _train_config(config, folds=folds, max_epochs=epochs, seed=seed, encoder=encoder)
     try:
@@ -173,7 +175,7 @@ def evaluate(cohort: CohortOpt,
              seed: TrainSeedOpt = None, encoder: EncoderOpt = None) -> None:
     """k-fold report: fusion vs image-only CNN vs timeline-only LSTM vs sklearn baselines, explanations."""
     from dicom_fusion.inference.errors import InferenceError
-    from dicom_fusion.inference.evaluate import evaluate_cohort
+    from dicom_fusion.inference.report.evaluate import evaluate_cohort
 
     settings = _train_config(config, folds=folds, max_epochs=epochs, seed=seed, encoder=encoder)
     try:
@@ -198,7 +200,7 @@ def demo(patients: Annotated[int, typer.Option(min=1, max=50, help="Synthetic pa
          seed: Annotated[int, typer.Option(help="Cohort seed.")] = 7,
          timeout: Annotated[float, typer.Option(help="Seconds to wait for all reports.")] = 240.0) -> None:
     """Run the whole loop on one machine: FHIR server, PACS, listener, worker, synthetic studies."""
-    from dicom_fusion.service.demo import run_demo
+    from dicom_fusion.service.demo.demo import run_demo
 
     raise typer.Exit(run_demo(patients=patients, out=out, seed=seed, timeout=timeout))
 
@@ -211,11 +213,11 @@ def redeliver(target: Annotated[str, typer.Argument(metavar="JOB_ID|STUDY_UID",
 
     Its dead deliveries (SR, report, HL7) become pending again; delivered ones are not sent twice.
     With a Study Instance UID, the study's dead jobs are re-delivered (same as the API's dead-letter
-    action: both call service/operations.py).
+    action: both call service/ops/operations.py).
     """
     from dicom_fusion.service.errors import ActionRefusedError, StudyNotFoundError
-    from dicom_fusion.service.ledger import Ledger
-    from dicom_fusion.service.operations import make_enqueue, redeliver_dead, redeliver_job
+    from dicom_fusion.service.ops.operations import make_enqueue, redeliver_dead, redeliver_job
+    from dicom_fusion.service.storage.ledger import Ledger
 
     settings = _settings(config)
     ledger = Ledger(settings.ledger_url)
@@ -234,8 +236,8 @@ def redeliver(target: Annotated[str, typer.Argument(metavar="JOB_ID|STUDY_UID",
         typer.echo(f"{r.message} with a fresh retry budget")
 
 
-# Operator commands: api, status, retry, replay, send (service/opscli.py).
-from dicom_fusion.service.opscli import register as _register_operator_commands  # noqa: E402
+# Operator commands: api, status, retry, replay, send (service/ops/opscli.py).
+from dicom_fusion.service.ops.opscli import register as _register_operator_commands  # noqa: E402
 
 _register_operator_commands(app)
 

@@ -169,7 +169,7 @@ class ModelSettings(_Section):
     # the top `explain_drivers` timeline features (integrated gradients) in the SR and the reports.
     explain: bool = True
     explain_drivers: int = Field(3, ge=0, le=20)
-    # Lesion segmentation card (inference/segcard.py): overrides the classifier card's `segmenter` key.
+    # Lesion segmentation card (inference/card/segmenter.py): overrides the classifier card's `segmenter` key.
     # Unset = what the card says (absent there = no segmentation).
     segmenter: Path | None = None
 

@@ -26,6 +26,14 @@ class JobError(ServiceError):
     """A job cannot run (missing files, unsupported study); the job is failed with this reason."""
 
 
+class TransientError(ServiceError):
+    """A stage failed in a way worth retrying with backoff (PACS/FHIR down, broker hiccup)."""
+
+
+class PermanentError(ServiceError):
+    """Retrying a stage cannot help (no suitable series, invalid model card); the job goes to dead."""
+
+
 class DeliveryError(ServiceError):
     """A result could not be delivered to its destination (PACS over DICOM).
 

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 segment_app = typer.Typer(no_args_is_help=True, help="Lesion segmentation: train, evaluate (k-fold report).")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # error messages never wrap: paths stay whole, whatever the width
 
 CohortOpt = Annotated[Path, typer.Option(help="Cohort folder (cohort.csv with a mask column, as `synth` writes).")]
 FoldsOpt = Annotated[int, typer.Option(min=2, help="Cross-validation folds (by patient).")]
@@ -19,8 +19,8 @@ ThreeDOpt = Annotated[bool, typer.Option("--3d", help="Volumes (CT cohort): 3D n
 
 
 def _setup(cohort: Path, three_d: bool):  # type: ignore[no-untyped-def]
-    from dicom_fusion.inference.cohort import CohortError
-    from dicom_fusion.inference.segtrain import DEFAULT_SPEC_2D, DEFAULT_SPEC_3D, load_seg_cohort
+    from dicom_fusion.inference.data.cohort import CohortError
+    from dicom_fusion.inference.train.segmenter import DEFAULT_SPEC_2D, DEFAULT_SPEC_3D, load_seg_cohort
 
     spec = DEFAULT_SPEC_3D if three_d else DEFAULT_SPEC_2D
     try:
@@ -31,7 +31,7 @@ def _setup(cohort: Path, three_d: bool):  # type: ignore[no-untyped-def]
 
 
 def _archs(text: str) -> list[str]:
-    from dicom_fusion.inference.segment import ARCHS
+    from dicom_fusion.inference.card.segmenter import ARCHS
 
     archs = [a.strip() for a in text.split(",") if a.strip()]
     bad = [a for a in archs if a not in ARCHS]
@@ -42,7 +42,7 @@ def _archs(text: str) -> list[str]:
 
 
 def _run_cv(cohort_data, archs, folds, seed, epochs):  # type: ignore[no-untyped-def]
-    from dicom_fusion.inference.segtrain import SegFitSettings, cross_validate_segmenter
+    from dicom_fusion.inference.train.segmenter import SegFitSettings, cross_validate_segmenter
 
     settings = SegFitSettings(max_epochs=epochs)
     results = []
@@ -63,7 +63,7 @@ def evaluate(cohort: CohortOpt, report: Annotated[Path, typer.Option(help="Repor
     """k-fold cross-validation of each architecture: Dice, Jaccard, HD95, overlays, report.md/html + metrics.json.
 
     Architectures already saved in the report folder (cv-<arch>.json) stay in the comparison table."""
-    from dicom_fusion.inference.segreport import save_arch_result, write_seg_report
+    from dicom_fusion.inference.report.segmentation import save_arch_result, write_seg_report
 
     chosen = _archs(archs)
     _, data = _setup(cohort, three_d)
@@ -85,11 +85,11 @@ def train(cohort: CohortOpt, out: Annotated[Path, typer.Option(help="Folder for 
     """Cross-validate, train the final segmenter on every patient, write weights.pt + card.toml (CV metrics)."""
     import torch
 
-    from dicom_fusion.inference.modelcard import sha256_file
-    from dicom_fusion.inference.segcard import SegInput, SegmenterCard, write_segmenter_card
-    from dicom_fusion.inference.segment import DEFAULT_FEATURES
-    from dicom_fusion.inference.segreport import save_arch_result, write_seg_report
-    from dicom_fusion.inference.segtrain import train_final
+    from dicom_fusion.inference.card.model import sha256_file
+    from dicom_fusion.inference.card.segmenter import SegInput, SegmenterCard, write_segmenter_card
+    from dicom_fusion.inference.nets.segnet import DEFAULT_FEATURES
+    from dicom_fusion.inference.report.segmentation import save_arch_result, write_seg_report
+    from dicom_fusion.inference.train.segmenter import train_final
 
     _archs(arch)
     spec, data = _setup(cohort, three_d)

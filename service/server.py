@@ -15,13 +15,14 @@ import threading
 import time
 from pathlib import Path
 
-from dicom_fusion.service.completion import Completion, PeriodicThread
 from dicom_fusion.service.config import Settings
-from dicom_fusion.service.ledger import Ledger, Stage
-from dicom_fusion.service.listener import Listener
-from dicom_fusion.service.reaper import reap
-from dicom_fusion.service.spool import Spool
-from dicom_fusion.service.tasks import enqueue, make_celery
+from dicom_fusion.service.ingest.listener import Listener
+from dicom_fusion.service.jobs.completion import Completion, PeriodicThread
+from dicom_fusion.service.jobs.queues import enqueue, make_celery
+from dicom_fusion.service.jobs.reaper import reap
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Stage
+from dicom_fusion.service.storage.spool import Spool
 
 log = logging.getLogger("dicom_fusion")
 
@@ -116,7 +117,7 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
             children.append(_ChildSupervisor(f"listener-{i + 2}", _cli("listen", config), stop, env=env,
                                              die_with_parent=True))
             children[-1].start()
-    from dicom_fusion.service.metrics import instrument_listener
+    from dicom_fusion.service.telemetry import instrument_listener
 
     instrument_listener(listener, settings.metrics)
     threads = [
@@ -182,19 +183,18 @@ def _wait_for_stop(stop: threading.Event) -> None:
 def run_worker(settings: Settings, *, queues: list[str] | None = None, concurrency: int | None = None,
                pool: str | None = None) -> None:
     """Start a Celery worker on the given queues (default: settings.worker.queues)."""
-    from dicom_fusion.service import runtime
-    from dicom_fusion.service.tasks import register_tasks
+    from dicom_fusion.service.jobs import worker
 
     if settings.worker.torch_threads:
         import torch
 
         torch.set_num_threads(settings.worker.torch_threads)
     app = make_celery(settings)
-    runtime.install(settings, app)
-    from dicom_fusion.service.metrics import install_worker_metrics
+    worker.install(settings, app)
+    from dicom_fusion.service.telemetry import install_worker_metrics
 
     install_worker_metrics(settings, pool=pool or settings.worker.pool)
-    register_tasks(app, runtime.get)
+    worker.register_tasks(app, worker.get)
     qs = ",".join(queues or settings.worker.queues)
     argv = ["worker", "-Q", qs, "-c", str(concurrency or settings.worker.concurrency),
             "-P", pool or settings.worker.pool, "-n", f"dfusion-{os.getpid()}@%h",

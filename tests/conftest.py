@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, fields
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
-from dicom_fusion.service import components
+from dicom_fusion.service.demo import components
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parents[1]

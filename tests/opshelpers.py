@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_fusion.service.ledger import DeliveryKind, Ledger, Stage
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import DeliveryKind, Stage
 
 OWNER = "test-host:1:task"
 NEXT = {Stage.PREPARE: Stage.TIMELINE, Stage.TIMELINE: Stage.INFER, Stage.INFER: Stage.DELIVER}

@@ -17,10 +17,11 @@ import yaml
 from conftest import REPO, require_tool
 from typer.main import get_command
 
-from dicom_fusion.service import metrics
 from dicom_fusion.service.cli import app
 from dicom_fusion.service.config import ENV_PREFIX, Settings, load_settings
-from dicom_fusion.service.ledger import Ledger
+from dicom_fusion.service import telemetry
+from dicom_fusion.service.ops import metrics
+from dicom_fusion.service.storage.ledger import Ledger
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
@@ -63,9 +64,9 @@ def exported_metric_names(tmp_path: Path) -> set[str]:
     """Sample names the API (ledger collector) and the listener/worker processes can export."""
     settings = load_settings(data_dir=tmp_path / "var")
     families = list(metrics.LedgerCollector(Ledger(settings.ledger_url), settings).collect())
-    for m in metrics.PROCESS_METRICS:
+    for m in telemetry.PROCESS_METRICS:
         families.extend(m.collect())
-    names = {metrics.GPU_MEMORY}
+    names = {telemetry.GPU_MEMORY}
     for fam in families:
         if fam.type == "counter":
             names.add(f"{fam.name}_total")

@@ -23,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require, write_instance
+from mllp_server import MllpServer, running
 from pydicom import dcmread
 
-from conftest import require, write_instance
 from dicom_fusion.fhir import codes
 from dicom_fusion.fhir.client import FhirClient
-from dicom_fusion.service import components
-from dicom_fusion.service.ledger import DeliveryState, Job, JobState, Ledger
+from dicom_fusion.service.demo import components
+from dicom_fusion.service.outputs.sr.reader import read_sr
 from dicom_fusion.service.server import wait_for_port
-from dicom_fusion.service.sr_reader import read_sr
-from mllp_server import MllpServer, running
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import DeliveryState, Job, JobState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

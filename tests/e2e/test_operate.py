@@ -27,8 +27,8 @@ from conftest import require, require_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_fusion.fhir.client import FhirClient
-from dicom_fusion.inference.synth import SyntheticPatient, generate_cohort
-from dicom_fusion.service.components import FhirServer, Pacs, RedisServer, free_port, start_redis
+from dicom_fusion.inference.synth.generate import SyntheticPatient, generate_cohort
+from dicom_fusion.service.demo.components import FhirServer, Pacs, RedisServer, free_port, start_redis
 from dicom_fusion.service.server import wait_for_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-
-from dicom_fusion.inference.segcard import default_segmenter_path
-from dicom_fusion.inference.synth import generate_cohort
-from dicom_fusion.service.components import Pacs
-from dicom_fusion.service.ledger import JobState
-from dicom_fusion.service.sr import read_sr
-
 from test_spine import _orthanc, _sr_instances, _storescu, running_serve
+
+from dicom_fusion.inference.card.segmenter import default_segmenter_path
+from dicom_fusion.inference.synth.generate import generate_cohort
+from dicom_fusion.service.demo.components import Pacs
+from dicom_fusion.service.outputs.sr.build import read_sr
+from dicom_fusion.service.storage.models import JobState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

@@ -21,11 +21,12 @@ import pytest
 from pydicom import dcmread
 
 from dicom_fusion.fhir.client import FhirClient
-from dicom_fusion.inference.synth import SyntheticPatient, generate_cohort
-from dicom_fusion.service.components import FhirServer, Pacs, free_port, start_redis
-from dicom_fusion.service.ledger import Job, JobState, Ledger
+from dicom_fusion.inference.synth.generate import SyntheticPatient, generate_cohort
+from dicom_fusion.service.demo.components import FhirServer, Pacs, free_port, start_redis
+from dicom_fusion.service.outputs.sr.build import read_sr
 from dicom_fusion.service.server import wait_for_port
-from dicom_fusion.service.sr import read_sr
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Job, JobState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 PHI_STRINGS = ("SYNTH^", "SYN0")  # synthetic names / PatientIDs must never reach the logs
@@ -88,8 +89,9 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, orthanc: Pacs,
     extra: dict[str, str] = {}
     redis = None
     if request.param == "redis":
-        from conftest import require
         import shutil
+
+        from conftest import require
 
         require(shutil.which("redis-server") is not None, "redis-server")
         redis = start_redis(tmp_path / "redis")

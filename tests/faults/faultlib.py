@@ -18,8 +18,9 @@ from pydicom import dcmread
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_fusion.service.ledger import Instance, Ledger
 from dicom_fusion.service.server import wait_for_port
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Instance
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 

@@ -11,8 +11,9 @@ import pytest
 from conftest import Figures, require, write_instance
 from faultlib import Proc, base_env, wait_until
 
-from dicom_fusion.service.components import Pacs, free_port, start_redis
-from dicom_fusion.service.ledger import JobState, Ledger
+from dicom_fusion.service.demo.components import Pacs, free_port, start_redis
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import JobState
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

@@ -11,11 +11,12 @@ from conftest import Figures, require, write_instance
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_fusion.service.components import free_port
 from dicom_fusion.service.config import ListenerSettings
-from dicom_fusion.service.ledger import Instance, Ledger
-from dicom_fusion.service.listener import Listener
-from dicom_fusion.service.spool import Spool
+from dicom_fusion.service.demo.components import free_port
+from dicom_fusion.service.ingest.listener import Listener
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Instance
+from dicom_fusion.service.storage.spool import Spool
 
 pytestmark = pytest.mark.faults
 

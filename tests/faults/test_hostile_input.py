@@ -17,8 +17,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_fusion.service.components import free_port
-from dicom_fusion.service.ledger import JobState, Ledger
+from dicom_fusion.service.demo.components import free_port
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import JobState
 
 pytestmark = pytest.mark.faults
 

@@ -9,8 +9,9 @@ import pytest
 from conftest import FAULT_ROUNDS, Figures
 from faultlib import Proc, SendLog, base_env, parallel_send, study_batches, verify_spool, wait_until
 
-from dicom_fusion.service.components import free_port
-from dicom_fusion.service.ledger import Instance, Ledger, Study
+from dicom_fusion.service.demo.components import free_port
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Instance, Study
 
 pytestmark = pytest.mark.faults
 
@@ -70,7 +71,7 @@ def test_listener_kill9(tmp_path: Path, figures: Figures, raw_send: None) -> Non
 
 
 def _job_studies(ledger: Ledger) -> set[int]:
-    from dicom_fusion.service.ledger import Job
+    from dicom_fusion.service.storage.models import Job
 
     with ledger.session() as s:
         return {j.study_id for j in s.query(Job)}

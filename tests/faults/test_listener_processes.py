@@ -11,8 +11,9 @@ import pytest
 from conftest import Figures
 from faultlib import Proc, SendLog, base_env, parallel_send, study_batches, verify_spool, wait_until
 
-from dicom_fusion.service.components import free_port
-from dicom_fusion.service.ledger import Instance, Ledger
+from dicom_fusion.service.demo.components import free_port
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Instance
 
 pytestmark = pytest.mark.faults
 

@@ -9,10 +9,11 @@ import pytest
 from conftest import Figures, require, write_instance
 from faultlib import Proc, base_env, wait_until
 
-from dicom_fusion.service import components
 from dicom_fusion.service.config import load_settings
-from dicom_fusion.service.ledger import DeliveryState, JobState, Ledger, Stage
-from dicom_fusion.service.tasks import enqueue, make_celery
+from dicom_fusion.service.demo import components
+from dicom_fusion.service.jobs.queues import enqueue, make_celery
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import DeliveryState, JobState, Stage
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

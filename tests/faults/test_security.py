@@ -12,11 +12,12 @@ from conftest import require_tool, write_instance
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_fusion.service.components import free_port
 from dicom_fusion.service.config import ListenerSettings, TLSSettings
-from dicom_fusion.service.ledger import AuditEvent, Instance, Ledger
-from dicom_fusion.service.listener import Listener
-from dicom_fusion.service.spool import Spool
+from dicom_fusion.service.demo.components import free_port
+from dicom_fusion.service.ingest.listener import Listener
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import AuditEvent, Instance
+from dicom_fusion.service.storage.spool import Spool
 
 pytestmark = pytest.mark.faults
 

@@ -13,9 +13,10 @@ from conftest import Figures, require
 from faultlib import Proc, base_env, wait_until
 
 from dicom_fusion.fhir.client import FhirClient
-from dicom_fusion.inference.synth import SyntheticPatient, generate_cohort
-from dicom_fusion.service.components import FhirServer, Pacs, free_port, start_redis
-from dicom_fusion.service.ledger import QUEUED_OWNER, STAGE_STATE, JobState, Ledger, Stage
+from dicom_fusion.inference.synth.generate import SyntheticPatient, generate_cohort
+from dicom_fusion.service.demo.components import FhirServer, Pacs, free_port, start_redis
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import QUEUED_OWNER, STAGE_STATE, JobState, Stage
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

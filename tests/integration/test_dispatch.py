@@ -13,18 +13,25 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import require_tool
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from conftest import require_tool
-from dicom_fusion.inference.predict import ClassProbability, InferenceResult
-from dicom_fusion.service import dispatch
-from dicom_fusion.service.components import free_port
-from dicom_fusion.service.dispatch import DicomNode, StoreOutcome, classify_store_status, echo, store_to_pacs
+from dicom_fusion.inference.serve.predict import ClassProbability, InferenceResult
+from dicom_fusion.service.demo.components import free_port
 from dicom_fusion.service.errors import DeliveryError
-from dicom_fusion.service.sr import build_sr, check_sr, derive_sr_uids, sr_to_bytes
+from dicom_fusion.service.outputs import dispatch
+from dicom_fusion.service.outputs.dispatch import (
+    DicomNode,
+    StoreOutcome,
+    classify_store_status,
+    echo,
+    store_to_pacs,
+)
+from dicom_fusion.service.outputs.identity import derive_sr_uids
+from dicom_fusion.service.outputs.sr.build import build_sr, check_sr, sr_to_bytes
 
 CALLING_AE = "DFUSION"
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage

@@ -23,7 +23,7 @@ from dicom_fusion.fhir.client import FhirAuth, FhirClient
 from dicom_fusion.fhir.errors import AuthenticationError, FHIRUnavailable
 from dicom_fusion.fhir.report import ReportContent, ReportFinding, post_report
 from dicom_fusion.fhir.timeline import Timeline, fetch_timeline
-from dicom_fusion.service import components
+from dicom_fusion.service.demo import components
 
 pytestmark = pytest.mark.integration
 

@@ -7,17 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import write_instance
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import write_instance
-from dicom_fusion.service.components import free_port
 from dicom_fusion.service.config import ListenerSettings
-from dicom_fusion.service.ledger import Instance, Ledger
-from dicom_fusion.service.listener import Listener
-from dicom_fusion.service.spool import Spool
+from dicom_fusion.service.demo.components import free_port
+from dicom_fusion.service.ingest.listener import Listener
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Instance
+from dicom_fusion.service.storage.spool import Spool
 
 pytestmark = pytest.mark.integration
 
@@ -153,7 +154,7 @@ def test_unwritable_spool_answers_out_of_resources(scp: Running, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from dicom_fusion.service import spool as spool_mod
+    from dicom_fusion.service.storage import spool as spool_mod
 
     def no_space(*a: object, **k: object) -> bool:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -7,14 +7,20 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from mllp_server import MllpServer, running
 
 from dicom_fusion.fhir import codes
-from dicom_fusion.fhir.hl7v2 import (Hl7ApplicationError, Hl7Header, Hl7Rejected, Hl7Unavailable, build_oru,
-                                     message_control_id)
+from dicom_fusion.fhir.hl7v2 import (
+    Hl7ApplicationError,
+    Hl7Header,
+    Hl7Rejected,
+    Hl7Unavailable,
+    build_oru,
+    message_control_id,
+)
 from dicom_fusion.fhir.mllp import MllpTarget, send_message
 from dicom_fusion.fhir.report import ReportContent, ReportFinding
-from dicom_fusion.service.components import free_port
-from mllp_server import MllpServer, running
+from dicom_fusion.service.demo.components import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_instance
-from dicom_fusion.service.components import Pacs, free_port
-from dicom_fusion.service.ledger import JobState, Ledger
+
+from dicom_fusion.service.demo.components import Pacs, free_port
 from dicom_fusion.service.server import wait_for_port
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import JobState
 
 pytestmark = pytest.mark.integration
 

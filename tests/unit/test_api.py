@@ -9,12 +9,13 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from opshelpers import add_study, complete, run_to_dead, run_to_done
 
-from dicom_fusion.service.api.main import create_app
-from dicom_fusion.service.api.routes import dashboard, health, metrics, queues, studies
-from dicom_fusion.service.components import free_port
 from dicom_fusion.service.config import Settings, load_settings
+from dicom_fusion.service.demo.components import free_port
 from dicom_fusion.service.errors import ConfigError
-from dicom_fusion.service.ledger import Ledger, Stage
+from dicom_fusion.service.ops.api.main import create_app
+from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queues, studies
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Stage
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

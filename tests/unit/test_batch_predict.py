@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_fusion.inference.batch import BatchOptions, predict_batch, prepare_model
-from dicom_fusion.inference.modelcard import default_card_path
-from dicom_fusion.inference.predict import Predictor
-from dicom_fusion.inference.synth import generate_cohort
-from dicom_fusion.inference.timeline import TimelineTensor, encode_timeline
-from dicom_fusion.inference.transforms import PreparedImage, load_study_image
+from dicom_fusion.inference.card.model import default_card_path
+from dicom_fusion.inference.data.images import PreparedImage, load_study_image
+from dicom_fusion.inference.data.timeline_tensor import TimelineTensor, encode_timeline
+from dicom_fusion.inference.serve.batch_predict import BatchOptions, predict_batch, prepare_model
+from dicom_fusion.inference.serve.predict import Predictor
+from dicom_fusion.inference.synth.generate import generate_cohort
 
 
 @pytest.fixture(scope="module")

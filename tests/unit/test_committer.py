@@ -15,12 +15,18 @@ import pytest
 from conftest import write_instance
 from sqlalchemy.exc import OperationalError
 
-from dicom_fusion.service import committer as committer_mod
-from dicom_fusion.service import spool as spool_mod
-from dicom_fusion.service.committer import CommitError, GroupCommitter
-from dicom_fusion.service.ledger import Instance, Ledger, RecordOutcome
-from dicom_fusion.service.listener import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, StoreHandler, parse_header
-from dicom_fusion.service.spool import Spool
+from dicom_fusion.service.ingest import committer as committer_mod
+from dicom_fusion.service.ingest.committer import CommitError, GroupCommitter
+from dicom_fusion.service.ingest.listener import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    StoreHandler,
+    parse_header,
+)
+from dicom_fusion.service.storage import spool as spool_mod
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Instance, RecordOutcome
+from dicom_fusion.service.storage.spool import Spool
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
 SERIES = STUDY + ".1"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_fusion.inference.cohort import EhrEvent
-from dicom_fusion.inference.explain import explain, integrated_gradients, save_overlay
-from dicom_fusion.inference.model import build_model, collate_timelines, init_model
-from dicom_fusion.inference.modelcard import ModelCard
-from dicom_fusion.inference.predict import Predictor
-from dicom_fusion.inference.timeline import TimelineTensor, encode_timeline
+from dicom_fusion.inference.card.model import ModelCard
+from dicom_fusion.inference.data.cohort import EhrEvent
+from dicom_fusion.inference.data.timeline_tensor import TimelineTensor, encode_timeline
+from dicom_fusion.inference.nets.hybrid import build_model, collate_timelines, init_model
+from dicom_fusion.inference.serve.explain import explain, integrated_gradients, save_overlay
+from dicom_fusion.inference.serve.predict import Predictor
 
 STUDY = datetime(2025, 1, 1, tzinfo=UTC)
 

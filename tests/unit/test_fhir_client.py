@@ -9,16 +9,21 @@ import base64
 import json
 import logging
 from collections.abc import Callable
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from urllib.parse import parse_qs
 
 import httpx
 import pytest
 
 from dicom_fusion.fhir.client import FhirAuth, FhirClient, _TokenCache
-from dicom_fusion.fhir.errors import (AuthenticationError, FHIRError, FHIRUnavailable, OperationOutcomeError,
-                                      ResourceNotFound)
+from dicom_fusion.fhir.errors import (
+    AuthenticationError,
+    FHIRError,
+    FHIRUnavailable,
+    OperationOutcomeError,
+    ResourceNotFound,
+)
 
 BASE = "http://fhir.test/fhir"
 

@@ -11,8 +11,13 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
 from dicom_fusion.fhir import codes
-from dicom_fusion.fhir.report import (ReportContent, ReportFinding, build_report_bundle, report_identifier,
-                                      validate_resource)
+from dicom_fusion.fhir.report import (
+    ReportContent,
+    ReportFinding,
+    build_report_bundle,
+    report_identifier,
+    validate_resource,
+)
 
 SR_UID = "1.2.826.0.1.3680043.8.498.12345"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.999"

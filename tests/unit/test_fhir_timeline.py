@@ -14,9 +14,16 @@ import pytest
 
 from dicom_fusion.fhir import codes
 from dicom_fusion.fhir.errors import FHIRUnavailable
-from dicom_fusion.fhir.timeline import (PatientMatch, Timeline, TimelineEvent, events_from_resource,
-                                        fetch_timeline, normalise_resource_types, parse_fhir_datetime,
-                                        resolve_patient)
+from dicom_fusion.fhir.timeline import (
+    PatientMatch,
+    Timeline,
+    TimelineEvent,
+    events_from_resource,
+    fetch_timeline,
+    normalise_resource_types,
+    parse_fhir_datetime,
+    resolve_patient,
+)
 
 STUDY = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 

@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_fusion.inference.batch import predict_batch
-from dicom_fusion.inference.guide import GuideMismatchError, load_guide, with_lesion_channel
-from dicom_fusion.inference.model import build_model
-from dicom_fusion.inference.modelcard import (
+from dicom_fusion.inference.card.model import (
     ImageSpec,
     ModelCard,
     default_card,
@@ -21,11 +18,14 @@ from dicom_fusion.inference.modelcard import (
     sha256_file,
     write_card,
 )
-from dicom_fusion.inference.predict import Predictor
-from dicom_fusion.inference.segcard import default_segmenter_path
-from dicom_fusion.inference.segment import Segmenter, resize_mask
-from dicom_fusion.inference.synth import generate_cohort
-from dicom_fusion.inference.transforms import load_study_image
+from dicom_fusion.inference.card.segmenter import default_segmenter_path
+from dicom_fusion.inference.data.images import load_study_image
+from dicom_fusion.inference.nets.hybrid import build_model
+from dicom_fusion.inference.serve.batch_predict import predict_batch
+from dicom_fusion.inference.serve.lesion_channel import GuideMismatchError, load_guide, with_lesion_channel
+from dicom_fusion.inference.serve.predict import Predictor
+from dicom_fusion.inference.serve.segment import Segmenter, resize_mask
+from dicom_fusion.inference.synth.generate import generate_cohort
 
 
 def _guided_card(out: Path, *, size: tuple[int, int] = (128, 128)) -> ModelCard:

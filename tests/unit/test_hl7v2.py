@@ -10,8 +10,18 @@ import hl7
 import pytest
 
 from dicom_fusion.fhir import codes
-from dicom_fusion.fhir.hl7v2 import (Ack, Hl7ApplicationError, Hl7Header, Hl7Rejected, Hl7Unavailable, build_oru,
-                                     check_ack, escape, message_control_id, parse_ack)
+from dicom_fusion.fhir.hl7v2 import (
+    Ack,
+    Hl7ApplicationError,
+    Hl7Header,
+    Hl7Rejected,
+    Hl7Unavailable,
+    build_oru,
+    check_ack,
+    escape,
+    message_control_id,
+    parse_ack,
+)
 from dicom_fusion.fhir.report import ReportContent, ReportFinding
 
 BENIGN = ReportFinding("3898006", codes.SNOMED_CT, "Neoplasm, benign", 0.25)

@@ -4,14 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_fusion.service.ledger import (
-    DeliveryKind,
-    DeliveryState,
-    JobState,
-    Ledger,
-    Stage,
-    utcnow,
-)
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import DeliveryKind, DeliveryState, JobState, Stage, utcnow
 
 
 @pytest.fixture
@@ -79,7 +73,7 @@ def test_never_enqueued_job_is_reaped(ledger: Ledger) -> None:
     _receive(ledger, "1.1", "1.1.1.1")
     [job] = ledger.complete_studies(quiet_before=utcnow() + timedelta(seconds=1))
     with ledger.transaction() as s:  # pretend it was created a minute ago and the enqueue crashed
-        from dicom_fusion.service.ledger import Job
+        from dicom_fusion.service.storage.models import Job
         s.get(Job, job).created_at = utcnow() - timedelta(seconds=60)
     assert ledger.expired_jobs() == [(job, Stage.PREPARE)]
 

@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from dicom_fusion.service.ledger import (
-    AuditEvent,
-    Instance,
-    InstanceRecord,
-    Ledger,
-    Series,
-    Study,
-    utcnow,
-)
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import AuditEvent, Instance, InstanceRecord, Series, Study, utcnow
 
 
 def rec(study: str, series: str, sop: str, ae: str = "PACS") -> InstanceRecord:

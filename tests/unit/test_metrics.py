@@ -15,11 +15,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import update
 
-from dicom_fusion.service import metrics
 from dicom_fusion.service.config import Settings, load_settings
-from dicom_fusion.service.ledger import Job, Ledger, Stage, utcnow
-from dicom_fusion.service.listener import Listener
-from dicom_fusion.service.spool import Spool
+from dicom_fusion.service.ingest.listener import Listener
+from dicom_fusion.service import telemetry
+from dicom_fusion.service.ops import metrics
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Job, Stage, utcnow
+from dicom_fusion.service.storage.spool import Spool
 
 
 @pytest.fixture
@@ -90,7 +92,7 @@ def test_listener_counts_store_responses_and_associations(tmp_path: Path, settin
     accepted0 = _value("dicom_fusion_listener_associations_total", event="accepted")
     rejected0 = _value("dicom_fusion_listener_associations_total", event="rejected")
     try:
-        metrics.instrument_listener(listener, settings.metrics)
+        telemetry.instrument_listener(listener, settings.metrics)
         files = [write_instance(tmp_path / f"{i}.dcm", study_uid="1.2.3", series_uid="1.2.3.1",
                                 sop_uid=f"1.2.3.1.{i}") for i in range(3)]
         ae = AE(ae_title="GOODSCU")
@@ -120,10 +122,10 @@ def test_worker_task_timing_by_stage_and_outcome() -> None:
 
     ok0, retry0, skipped0 = count("ok"), count("retry"), count("skipped")
     for task_id, state, retval in (("a", "SUCCESS", "deliver"), ("b", "RETRY", None), ("c", "SUCCESS", "skipped")):
-        metrics._task_prerun(task_id=task_id)
-        metrics._task_postrun(task_id=task_id, task=_Task(), retval=retval, state=state)
+        telemetry._task_prerun(task_id=task_id)
+        telemetry._task_postrun(task_id=task_id, task=_Task(), retval=retval, state=state)
     assert (count("ok") - ok0, count("retry") - retry0, count("skipped") - skipped0) == (1, 1, 1)
-    metrics.observe_inference("hybrid", "1.0.0", 0.02)
+    telemetry.observe_inference("hybrid", "1.0.0", 0.02)
     assert _value("dicom_fusion_model_inference_seconds_count", model="hybrid", version="1.0.0") >= 1
 
 
@@ -134,5 +136,5 @@ def test_a_busy_metrics_port_is_logged_not_fatal(caplog: pytest.LogCaptureFixtur
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        metrics._serve(port, "127.0.0.1", "worker")
+        telemetry._serve(port, "127.0.0.1", "worker")
     assert "cannot bind 127.0.0.1" in caplog.text and "metrics.worker_port" in caplog.text

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dicom_fusion.inference.model import HybridNet, build_model, collate_timelines, init_model, main
-from dicom_fusion.inference.modelcard import (
+from dicom_fusion.inference.card.model import (
     DEFAULT_IMAGE,
     DEFAULT_TIMELINE,
     ImageSpec,
@@ -17,7 +16,8 @@ from dicom_fusion.inference.modelcard import (
     sha256_file,
     verify_weights,
 )
-from dicom_fusion.inference.timeline import TimelineTensor
+from dicom_fusion.inference.data.timeline_tensor import TimelineTensor
+from dicom_fusion.inference.nets.hybrid import HybridNet, build_model, collate_timelines, init_model, main
 
 T, F = DEFAULT_TIMELINE.n_bins, len(DEFAULT_TIMELINE.features)
 

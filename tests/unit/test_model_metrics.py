@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dicom_fusion.inference.document import Heading, Image, Paragraph, Table, to_html, to_markdown
-from dicom_fusion.inference.metrics import (
+from dicom_fusion.inference.report.document import Heading, Image, Paragraph, Table, to_html, to_markdown
+from dicom_fusion.inference.report.scores import (
     binary_metrics,
     confusion,
     expected_calibration_error,

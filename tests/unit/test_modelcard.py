@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_fusion.inference.errors import InferenceError, ModelCardError, WeightsMismatchError
-from dicom_fusion.inference.modelcard import (
+from dicom_fusion.inference.card.model import (
     ClassSpec,
     ImageSpec,
     InputSelection,
@@ -23,6 +22,7 @@ from dicom_fusion.inference.modelcard import (
     verify_weights,
     write_card,
 )
+from dicom_fusion.inference.errors import InferenceError, ModelCardError, WeightsMismatchError
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ import pytest
 from opshelpers import add_study, complete, run_to_dead, run_to_done, run_to_failed
 from sqlalchemy import update
 
-from dicom_fusion.service import monitoring
 from dicom_fusion.service.config import Settings, load_settings
 from dicom_fusion.service.errors import StudyNotFoundError
-from dicom_fusion.service.ledger import Job, Ledger, Stage, utcnow
-from dicom_fusion.service.tasks import make_celery
+from dicom_fusion.service.jobs.queues import make_celery
+from dicom_fusion.service.ops import monitoring
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Job, Stage, utcnow
 
 
 @pytest.fixture

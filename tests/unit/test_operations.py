@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from opshelpers import add_study, complete, run_to_dead, run_to_done, run_to_failed
 
-from dicom_fusion.service import operations
 from dicom_fusion.service.config import Settings, load_settings
 from dicom_fusion.service.errors import ActionRefusedError, StudyNotFoundError
-from dicom_fusion.service.ledger import DeliveryState, JobState, Ledger, Stage
+from dicom_fusion.service.ops import operations
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import DeliveryState, JobState, Stage
 
 
 @pytest.fixture

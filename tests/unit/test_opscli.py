@@ -9,8 +9,9 @@ from opshelpers import add_study, complete, run_to_dead
 from typer.testing import CliRunner
 
 from dicom_fusion.service.cli import app
-from dicom_fusion.service.components import free_port
-from dicom_fusion.service.ledger import Ledger, Stage
+from dicom_fusion.service.demo.components import free_port
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Stage
 
 
 @pytest.fixture

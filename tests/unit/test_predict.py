@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dicom_fusion.inference.card.model import ImageSpec, default_card_path, load_card, write_card
+from dicom_fusion.inference.data.images import PreparedImage, load_study_image
+from dicom_fusion.inference.data.timeline_tensor import TimelineTensor, encode_timeline
 from dicom_fusion.inference.errors import InferenceError, WeightsMismatchError
-from dicom_fusion.inference.modelcard import ImageSpec, default_card_path, load_card, write_card
-from dicom_fusion.inference.predict import (
+from dicom_fusion.inference.serve.predict import (
     ClassProbability,
     InferenceResult,
     Predictor,
     choose_finding,
     resolve_device,
 )
-from dicom_fusion.inference.synth import generate_cohort
-from dicom_fusion.inference.timeline import TimelineTensor, encode_timeline
-from dicom_fusion.inference.transforms import PreparedImage, load_study_image
+from dicom_fusion.inference.synth.generate import generate_cohort
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from test_sr import SR_UID, WHEN, build, make_ct, make_result
 
 from dicom_fusion.fhir.report import build_report_bundle, summary_lines
-from dicom_fusion.inference.predict import Driver, InferenceResult
+from dicom_fusion.inference.serve.predict import Driver, InferenceResult
 from dicom_fusion.service.errors import SRValidationError
-from dicom_fusion.service.saliency import build_saliency_sc, derive_saliency_uids, render_overlay
-from dicom_fusion.service.sr import check_sr, read_sr, sr_to_bytes
-
-from test_sr import SR_UID, WHEN, build, make_ct, make_result
+from dicom_fusion.service.outputs.identity import derive_saliency_uids
+from dicom_fusion.service.outputs.sc.build import build_saliency_sc, render_overlay
+from dicom_fusion.service.outputs.sr.build import check_sr, read_sr, sr_to_bytes
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_sr_references_the_saliency_sc_and_names_the_drivers(sources: list[Datas
 
 
 def test_drivers_reach_the_diagnostic_report_text() -> None:
-    from dicom_fusion.service.wiring import StudyFacts, report_content
+    from dicom_fusion.service.jobs.study_context import StudyFacts, report_content
 
     facts = StudyFacts.from_dict({"study_uid": "1.2.826.0.1.3680043.8.498.1", "patient_id": "DF-0001",
                                   "issuer": "", "accession_number": "ACC42",
@@ -100,7 +100,7 @@ def test_dciodvfy_accepts_sc_and_sr_with_saliency(sources: list[Dataset], tmp_pa
 
 def test_saliency_sc_from_a_source_without_type2_patient_attributes(sources: list[Dataset]) -> None:
     """Modalities leave out PatientSex & co.; the pipeline passes sources through `source_header`."""
-    from dicom_fusion.service.sr import source_header
+    from dicom_fusion.service.outputs.sr.build import source_header
 
     bare = sources[0]
     for keyword in ("PatientSex", "PatientBirthDate", "ReferringPhysicianName", "AccessionNumber"):

@@ -12,20 +12,19 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from test_sr import make_result
 
-from dicom_fusion.inference.synth import generate_patient
+from dicom_fusion.inference.synth.generate import generate_patient
 from dicom_fusion.service.errors import SRValidationError
-from dicom_fusion.service.seg import (
+from dicom_fusion.service.outputs.identity import derive_seg_uids, derive_sr_uids
+from dicom_fusion.service.outputs.seg.build import (
     SegmentCodes,
     build_segmentation,
-    derive_seg_uids,
     measure_lesion,
     seg_mask,
     source_spacing,
 )
-from dicom_fusion.service.sr import build_sr, check_sr, derive_sr_uids, read_sr, sr_to_bytes
-
-from test_sr import make_result
+from dicom_fusion.service.outputs.sr.build import build_sr, check_sr, read_sr, sr_to_bytes
 
 WHEN = datetime(2024, 5, 17, 9, 30, 15)
 LESION = SegmentCodes("Lesion", "52988006", "Lesion", "49755003", "Morphologically abnormal structure")
@@ -142,7 +141,7 @@ def test_sr_marks_a_2d_lesion_centre_and_box_as_scoord(dx: tuple[list[Dataset], 
     """2D lesions get SCOORD items a viewer can draw: centroid POINT and bounding-box POLYLINE on the image."""
     from highdicom.sr.utils import find_content_items
 
-    from dicom_fusion.service import codes
+    from dicom_fusion.service.outputs import codes
 
     sources, mask = dx
     seg = _seg(sources, mask)

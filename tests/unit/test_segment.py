@@ -9,19 +9,24 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_fusion.inference.card.model import default_card, load_card, sha256_file, write_card
+from dicom_fusion.inference.card.segmenter import (
+    SegInput,
+    SegmenterCard,
+    load_segmenter_card,
+    write_segmenter_card,
+)
 from dicom_fusion.inference.errors import ModelCardError
-from dicom_fusion.inference.modelcard import default_card, load_card, sha256_file, write_card
-from dicom_fusion.inference.segcard import SegInput, SegmenterCard, load_segmenter_card, write_segmenter_card
-from dicom_fusion.inference.segment import (
+from dicom_fusion.inference.nets.segnet import build_segnet
+from dicom_fusion.inference.report.seg_scores import case_metrics
+from dicom_fusion.inference.serve.segment import (
     Segmenter,
-    build_segnet,
     mask_coverage,
     postprocess,
     resize_mask,
     to_source_grid,
 )
-from dicom_fusion.inference.segmetrics import case_metrics
-from dicom_fusion.inference.segtrain import SegCohort, SegFitSettings, fit_segnet, predict_cases
+from dicom_fusion.inference.train.segmenter import SegCohort, SegFitSettings, fit_segnet, predict_cases
 
 
 def disc(shape: tuple[int, ...], centre: tuple[float, ...], radius: float) -> np.ndarray:
@@ -147,8 +152,8 @@ def test_segmenter_card_round_trip_and_classifier_card_key(tmp_path: Path) -> No
 
 
 def test_cross_validation_report_and_seeded_reproducibility(tmp_path: Path) -> None:
-    from dicom_fusion.inference.segreport import save_arch_result, write_seg_report
-    from dicom_fusion.inference.segtrain import cross_validate_segmenter
+    from dicom_fusion.inference.report.segmentation import save_arch_result, write_seg_report
+    from dicom_fusion.inference.train.segmenter import cross_validate_segmenter
 
     cohort = _easy_cohort(tmp_path, n=24)
     settings = SegFitSettings(batch_size=8, max_epochs=2, patience=2)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
-from dicom_fusion.service.spool import Spool, check_uid, write_durable
+from dicom_fusion.service.storage.spool import Spool, check_uid, write_durable
 
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 

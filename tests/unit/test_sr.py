@@ -15,17 +15,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_fusion.inference.predict import ClassProbability, InferenceResult
-from dicom_fusion.service import codes
+from dicom_fusion.inference.serve.predict import ClassProbability, InferenceResult
 from dicom_fusion.service.errors import SRValidationError
-from dicom_fusion.service.sr import (
-    build_sr,
-    check_sr,
-    derive_sr_uids,
-    device_observer_uid,
-    read_sr,
-    sr_to_bytes,
-)
+from dicom_fusion.service.outputs import codes
+from dicom_fusion.service.outputs.identity import derive_sr_uids, device_observer_uid
+from dicom_fusion.service.outputs.sr.build import build_sr, check_sr, read_sr, sr_to_bytes
 
 SNOMED = "http://snomed.info/sct"
 WHEN = datetime(2024, 5, 17, 9, 30, 15, 123456)

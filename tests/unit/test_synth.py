@@ -13,9 +13,9 @@ import pydicom
 import pytest
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, RLELossless
 
-from dicom_fusion.inference.modelcard import DEFAULT_TIMELINE
-from dicom_fusion.inference.synth import MRN_SYSTEM, SyntheticPatient, generate_cohort
-from dicom_fusion.inference.timeline import encode_timeline
+from dicom_fusion.inference.card.model import DEFAULT_TIMELINE
+from dicom_fusion.inference.data.timeline_tensor import encode_timeline
+from dicom_fusion.inference.synth.generate import MRN_SYSTEM, SyntheticPatient, generate_cohort
 
 N = 4
 
@@ -199,9 +199,9 @@ def test_synth_mask_marks_the_planted_lesion(cohort: tuple[Path, list[SyntheticP
 
 def test_synth_ct_volume_option(tmp_path: Path) -> None:
     """--modality CT: one axial series ordered by position, HU rescale, the nodule's mask in slice order."""
-    from dicom_fusion.inference.modelcard import ImageSpec, default_card
-    from dicom_fusion.inference.synth import CT_SHAPE
-    from dicom_fusion.inference.transforms import load_study_image
+    from dicom_fusion.inference.card.model import ImageSpec, default_card
+    from dicom_fusion.inference.data.images import load_study_image
+    from dicom_fusion.inference.synth.generate import CT_SHAPE
 
     (p,) = generate_cohort(1, tmp_path, seed=5, progress=False, modality="CT")
     files = sorted(p.study_dir.glob("*.dcm"))

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from dicom_fusion.inference.modelcard import DEFAULT_TIMELINE, LOINC, TimelineFeature, TimelineSpec
-from dicom_fusion.inference.timeline import EventLike, TimelineTensor, encode_timeline
+from dicom_fusion.inference.card.model import DEFAULT_TIMELINE, LOINC, TimelineFeature, TimelineSpec
+from dicom_fusion.inference.data.timeline_tensor import EventLike, TimelineTensor, encode_timeline
 
 STUDY = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SPEC = TimelineSpec(

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_fusion.inference.cohort import Cohort, EhrEvent, load_cohort, read_bundle_events
-from dicom_fusion.inference.evaluate import evaluate_cv, lesion_mass
-from dicom_fusion.inference.fitloop import FitData, FitSettings, fit, predict_positive
-from dicom_fusion.inference.metrics import binary_metrics
-from dicom_fusion.inference.model import HybridNet, collate_timelines
-from dicom_fusion.inference.modelcard import DEFAULT_TIMELINE, ImageSpec, load_card, sha256_file
-from dicom_fusion.inference.predict import Predictor
-from dicom_fusion.inference.segcard import default_segmenter_path
-from dicom_fusion.inference.synth import generate_cohort
-from dicom_fusion.inference.train import (
+from dicom_fusion.inference.card.model import DEFAULT_TIMELINE, ImageSpec, load_card, sha256_file
+from dicom_fusion.inference.card.segmenter import default_segmenter_path
+from dicom_fusion.inference.data.cohort import Cohort, EhrEvent, load_cohort, read_bundle_events
+from dicom_fusion.inference.nets.hybrid import HybridNet, collate_timelines
+from dicom_fusion.inference.report.evaluate import evaluate_cv, lesion_mass
+from dicom_fusion.inference.report.scores import binary_metrics
+from dicom_fusion.inference.serve.predict import Predictor
+from dicom_fusion.inference.synth.generate import generate_cohort
+from dicom_fusion.inference.train.classifier import (
     TrainConfig,
     TrainResult,
     base_card,
@@ -31,6 +30,7 @@ from dicom_fusion.inference.train import (
     new_model,
     train_model,
 )
+from dicom_fusion.inference.train.fitloop import FitData, FitSettings, fit, predict_positive
 
 TINY = TrainConfig(folds=2, max_epochs=2, patience=1, batch_size=16, seed=5)
 

@@ -14,9 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
-from dicom_fusion.inference import transforms
-from dicom_fusion.inference.errors import ImageDecodeError, NoSuitableSeriesError
-from dicom_fusion.inference.modelcard import (
+from dicom_fusion.inference.card.model import (
     DEFAULT_INPUT,
     ImageSpec,
     InputSelection,
@@ -25,8 +23,10 @@ from dicom_fusion.inference.modelcard import (
     default_card_path,
     load_card,
 )
-from dicom_fusion.inference.synth import SyntheticPatient, generate_cohort
-from dicom_fusion.inference.transforms import PreparedImage, load_study_image, prepare_array
+from dicom_fusion.inference.data import images as transforms
+from dicom_fusion.inference.data.images import PreparedImage, load_study_image, prepare_array
+from dicom_fusion.inference.errors import ImageDecodeError, NoSuitableSeriesError
+from dicom_fusion.inference.synth.generate import SyntheticPatient, generate_cohort
 
 
 @pytest.fixture(scope="module")

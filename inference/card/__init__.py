@@ -1,0 +1,1 @@
+"""Model cards: the versioned description of a classifier or segmenter checkpoint."""

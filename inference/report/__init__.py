@@ -1,0 +1,1 @@
+"""Evaluation reports: scores, baselines, plots, the document model, the k-fold reports."""

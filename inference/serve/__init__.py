@@ -1,0 +1,1 @@
+"""Serving: predictor, batched prediction, explanations, lesion segmentation, lesion channel."""

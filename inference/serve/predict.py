@@ -1,0 +1,245 @@
+"""Serving: load a verified checkpoint once, turn one prepared study (+ timeline) into an InferenceResult.
+
+`InferenceResult` is what crosses into the service (SR builder, FHIR report, ledger): plain values with
+codes copied from the card, JSON round-trippable so it can be stored and replayed without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dicom_fusion.inference.card.model import REGENERATE_HINT, ModelCard, load_card, verify_weights
+from dicom_fusion.inference.data.images import PreparedImage
+from dicom_fusion.inference.data.timeline_tensor import TimelineTensor
+from dicom_fusion.inference.errors import InferenceError, WeightsMismatchError
+from dicom_fusion.inference.nets.hybrid import HybridNet, build_model, collate_timelines
+from dicom_fusion.inference.serve.lesion_channel import load_guide, with_lesion_channel
+
+if TYPE_CHECKING:
+    from dicom_fusion.inference.serve.explain import Explanation
+
+NO_TIMELINE = "no_timeline"
+
+
+@dataclass(frozen=True)
+class ClassProbability:
+    """One class of the card with its predicted probability."""
+
+    name: str
+    code: str
+    system: str
+    display: str
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassProbability:
+        return cls(
+            name=str(data["name"]),
+            code=str(data["code"]),
+            system=str(data["system"]),
+            display=str(data["display"]),
+            probability=float(data["probability"]),
+        )
+
+
+@dataclass(frozen=True)
+class Driver:
+    """A timeline feature that moved the prediction: integrated-gradients attribution toward the
+    card's positive class (positive = toward it), from `Predictor.explain`."""
+
+    name: str
+    attribution: float
+
+    def describe(self, positive_class: str) -> str:
+        """One line for the SR, the DiagnosticReport and the ORU, e.g. "glucose +0.121 toward malignant"."""
+        direction = "toward" if self.attribution >= 0 else "against"
+        return f"{self.name} {self.attribution:+.3f} {direction} {positive_class}"
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """Model output for one study; `image_only_reason` says why the timeline was not used, if it was not.
+    `drivers` are the top timeline features of the explanation (empty when not explained or image-only)."""
+
+    model_name: str
+    model_version: str
+    probabilities: tuple[ClassProbability, ...]
+    finding: ClassProbability
+    image_only: bool
+    image_only_reason: str | None
+    drivers: tuple[Driver, ...] = ()
+    positive_class: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "probabilities": [p.to_dict() for p in self.probabilities],
+            "finding": self.finding.to_dict(),
+            "image_only": self.image_only,
+            "image_only_reason": self.image_only_reason,
+            "drivers": [asdict(d) for d in self.drivers],
+            "positive_class": self.positive_class,
+        }
+
+    def driver_lines(self) -> tuple[str, ...]:
+        """The drivers as text lines, largest first (what the reports print)."""
+        return tuple(d.describe(self.positive_class or "the positive class") for d in self.drivers)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InferenceResult:
+        reason = data.get("image_only_reason")
+        return cls(
+            model_name=str(data["model_name"]),
+            model_version=str(data["model_version"]),
+            probabilities=tuple(ClassProbability.from_dict(p) for p in data["probabilities"]),
+            finding=ClassProbability.from_dict(data["finding"]),
+            image_only=bool(data["image_only"]),
+            image_only_reason=None if reason is None else str(reason),
+            drivers=tuple(
+                Driver(name=str(d["name"]), attribution=float(d["attribution"])) for d in data.get("drivers", ())
+            ),
+            positive_class=str(data.get("positive_class", "")),
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> the first CUDA device when there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(
+            f"device {device!r} was requested but CUDA is not available here; "
+            "use device 'auto' or 'cpu', or install the CUDA build of torch"
+        )
+    return resolved
+
+
+def choose_finding(card: ModelCard, probabilities: tuple[ClassProbability, ...]) -> ClassProbability:
+    """The positive class if its probability reaches the card's threshold, else the likeliest other class."""
+    positive = probabilities[card.positive_index]
+    if positive.probability >= card.threshold:
+        return positive
+    others = [p for i, p in enumerate(probabilities) if i != card.positive_index]
+    return max(others, key=lambda p: p.probability)  # max keeps the first of equals: deterministic
+
+
+class Predictor:
+    """A loaded model ready to predict single studies; build it with `Predictor.load`."""
+
+    def __init__(self, card: ModelCard, model: HybridNet, device: torch.device) -> None:
+        self.card = card
+        self.device = device
+        self.model = model.to(device).eval()
+        self.guide = load_guide(card, device)  # the lesion-channel segmenter, if the card has one
+
+    @classmethod
+    def load(cls, card_path: Path, device: str = "auto") -> Predictor:
+        """Read the card, check the weights' sha256, load them strictly and switch to eval mode."""
+        card = load_card(card_path)
+        verify_weights(card)
+        target = resolve_device(device)
+        try:
+            state = torch.load(card.weights, map_location=target, weights_only=True)
+        except Exception as exc:  # unpickling / zip errors: the file is not a state_dict we can use
+            raise WeightsMismatchError(
+                f"weights file {card.weights} could not be loaded as a state_dict ({exc}); {REGENERATE_HINT}"
+            ) from exc
+        model = build_model(card)
+        try:
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise WeightsMismatchError(
+                f"weights file {card.weights} does not fit the network described by card {card.path} "
+                f"(encoder {card.image.encoder}, {card.image.network_channels} input channel(s), "
+                f"{len(card.timeline.features)} timeline features, {len(card.classes)} classes): "
+                f"{str(exc).splitlines()[0]}; write the card from the same training run as the weights, or "
+                f"{REGENERATE_HINT}"
+            ) from exc
+        return cls(card, model, target)
+
+    def network_input(self, images: Sequence[PreparedImage | np.ndarray]) -> np.ndarray:
+        """Prepared images -> the network's input batch [N, network_channels, *size] (lesion channel added
+        when the card asks for it); a wrongly prepared image fails here with its index."""
+        expected = (self.card.image.channels, *self.card.image.size)
+        arrays = []
+        for i, image in enumerate(images):
+            array = image.array if isinstance(image, PreparedImage) else np.asarray(image)
+            if array.shape != expected:
+                where = f"image {i} of the batch" if len(images) > 1 else "image"
+                raise ValueError(
+                    f"{where} has shape {array.shape} but the model expects {expected} (channels, *size); "
+                    "prepare it with transforms.load_study_image or transforms.prepare_array"
+                )
+            arrays.append(np.asarray(array, dtype=np.float32))
+        return with_lesion_channel(np.stack(arrays), self.guide)
+
+    def _image_tensor(self, image: PreparedImage | np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(self.network_input([image]), device=self.device)
+
+    def predict(
+        self,
+        image: PreparedImage | np.ndarray,
+        timeline: TimelineTensor | None,
+        image_only_reason: str | None = None,
+    ) -> InferenceResult:
+        """Class probabilities and finding for one study.
+
+        With `timeline` None the prediction is image-only and flagged with `image_only_reason` (default
+        "no_timeline"; the service passes e.g. the FHIR timeline status). The reason is ignored when a
+        timeline is given. Same inputs give the same result (eval mode, no sampling).
+        """
+        x = self._image_tensor(image)
+        tl = collate_timelines([timeline], self.card.timeline).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(x, tl.values, tl.mask, tl.deltas, tl.lengths, tl.has_timeline)
+            probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
+        probabilities = tuple(
+            ClassProbability(
+                name=c.name, code=c.code, system=c.system, display=c.display, probability=float(p)
+            )
+            for c, p in zip(self.card.classes, probs, strict=True)
+        )
+        image_only = timeline is None
+        return InferenceResult(
+            model_name=self.card.name,
+            model_version=self.card.version,
+            probabilities=probabilities,
+            finding=choose_finding(self.card, probabilities),
+            image_only=image_only,
+            image_only_reason=(image_only_reason or NO_TIMELINE) if image_only else None,
+            positive_class=self.card.classes[self.card.positive_index].name,
+        )
+
+    def explain(self, image: PreparedImage | np.ndarray, timeline: TimelineTensor | None) -> Explanation:
+        """Grad-CAM saliency map [*size] of the image branch and, with a timeline, integrated-gradients
+        attributions per timeline feature (`Explanation.top_features()` for the report text).
+
+        A separate call rather than a flag on `predict`, so `InferenceResult` stays a plain JSON value;
+        costs about one extra forward/backward pass (see explain.py).
+        """
+        from dicom_fusion.inference.serve.explain import explain
+
+        array = self._image_tensor(image)[0].cpu().numpy()
+        return explain(self.model, self.card, array, timeline)
+
+
+__all__ = [
+    "NO_TIMELINE",
+    "ClassProbability",
+    "Driver",
+    "InferenceResult",
+    "Predictor",
+    "choose_finding",
+    "resolve_device",
+]

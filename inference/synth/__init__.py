@@ -1,0 +1,1 @@
+"""The synthetic cohort generator (DX studies + FHIR bundles with a learnable label)."""

@@ -1,0 +1,1 @@
+"""Training: settings, the fit loop, cross-validation, the classifier and segmenter runs."""

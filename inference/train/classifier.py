@@ -1,0 +1,173 @@
+"""Training: stratified k-fold cross-validation by patient, then a final model on every patient.
+
+Recipe (DESIGN "Method"): Adam, class-weighted cross-entropy, early stopping on the loss of an inner
+validation split, MONAI augmentation on training images only, modality dropout for the fusion model
+(fitloop.py); folds, per-fold scaler and no-leakage rules in crossval.py; settings in trainconfig.py.
+Images are normalised per image (percentiles, `transforms.prepare_array`), so there is nothing to fit
+for them.
+
+The final model is fitted on all patients for the median early-stopping epoch of the folds, its
+scaler on all patients; the card is written after the weights with the cross-validated metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicom_fusion.inference.card.model import ModelCard, sha256_file, write_card
+from dicom_fusion.inference.data.cohort import Cohort, load_cohort
+from dicom_fusion.inference.nets.hybrid import HybridNet
+from dicom_fusion.inference.report.scores import summarise
+from dicom_fusion.inference.train.config import TrainConfig, base_card, load_train_config
+from dicom_fusion.inference.train.crossval import (
+    NO_EHR,
+    CVResult,
+    FoldResult,
+    cross_validate,
+    derive_seed,
+    deterministic,
+    encode_timelines,
+    fit_data,
+    fit_timeline_scaler,
+    inner_split,
+    make_folds,
+    new_model,
+    progress_bar,
+)
+from dicom_fusion.inference.train.fitloop import EpochStats, fit
+
+
+def card_metrics(cv: CVResult, final_epochs: int) -> dict[str, float]:
+    """`cv_<metric>_mean` / `_sd` of the fusion model (and its no-EHR path) plus cohort facts."""
+    out: dict[str, float] = {}
+    for variant, prefix in (("fusion", "cv"), (NO_EHR, "cv_no_ehr")):
+        if variant in cv.variants:
+            for name, (mean, sd) in summarise(cv.fold_metrics(variant)).items():
+                if math.isfinite(mean):
+                    out[f"{prefix}_{name}_mean"], out[f"{prefix}_{name}_sd"] = round(mean, 4), round(sd, 4)
+    out.update(
+        cv_folds=float(cv.config.folds),
+        n_patients=float(cv.labels.size),
+        prevalence=round(float(cv.labels.mean()), 4),
+        final_epochs=float(final_epochs),
+        seed=float(cv.config.seed),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- final model
+
+
+def save_model(model: HybridNet, card: ModelCard, metrics: dict[str, float]) -> ModelCard:
+    """Write the weights (temp file, fsync, rename), then the card naming their sha256: never a card
+    that points at missing or other weights."""
+    out_dir = card.weights.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".weights-", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, card.weights)
+    final = dataclasses.replace(card, sha256=sha256_file(card.weights), metrics=metrics)
+    write_card(final, card.path)
+    return final
+
+
+@dataclass(eq=False)
+class TrainResult:
+    card: ModelCard
+    cv: CVResult
+    cohort: Cohort
+    final_history: tuple[EpochStats, ...]
+    seconds: float
+
+
+def train_model(
+    cohort_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    modes: Sequence[str] = ("fusion",),
+    progress: bool = True,
+    cohort: Cohort | None = None,
+) -> TrainResult:
+    """Cross-validate, train the final fusion model on every patient, write weights + card + training.json."""
+    started = time.monotonic()
+    card = base_card(config, out_dir)
+    cohort = cohort if cohort is not None else load_cohort(cohort_dir, card, progress=progress)
+    modes = ("fusion", *[m for m in modes if m != "fusion"])
+    cv = cross_validate(cohort, card, config, modes, progress=progress)
+    epochs = max(1, int(np.median([f.best_epochs["fusion"] for f in cv.folds])))
+    spec = fit_timeline_scaler(cohort.events, cohort.study_times, card.timeline)
+    final_card = dataclasses.replace(card, timeline=spec)
+    data = fit_data(cohort, final_card, spec, cv.images)
+    seed = derive_seed(config.seed, 0)
+    with progress_bar(progress) as bar, deterministic(seed):
+        task = bar.add_task("final model (all patients)", total=epochs, status="")
+        model = new_model(final_card, config)
+        outcome = fit(
+            model,
+            data,
+            np.arange(len(cohort)),
+            None,
+            "fusion",
+            config.fit_settings,
+            seed=seed,
+            epochs=epochs,
+            on_epoch=lambda s: bar.update(task, advance=1, status=f"train {s.train_loss:.3f}"),
+        )
+    saved = save_model(model, final_card, card_metrics(cv, epochs))
+    seconds = time.monotonic() - started
+    summary = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
+        "cohort": str(cohort_dir),
+        "seconds": round(seconds, 1),
+        "cv_seconds": round(cv.seconds, 1),
+        "folds": [
+            {
+                "fold": f.fold,
+                "best_epochs": f.best_epochs,
+                "metrics": {v: f.metrics(cv.labels, v, card.threshold) for v in cv.variants},
+            }
+            for f in cv.folds
+        ],
+        "final_history": [dataclasses.asdict(s) for s in outcome.history],
+    }
+    (saved.path.parent / "training.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return TrainResult(saved, cv, cohort, outcome.history, seconds)
+
+
+__all__ = [
+    "NO_EHR",
+    "CVResult",
+    "FoldResult",
+    "TrainConfig",
+    "TrainResult",
+    "base_card",
+    "card_metrics",
+    "cross_validate",
+    "derive_seed",
+    "encode_timelines",
+    "fit_data",
+    "fit_timeline_scaler",
+    "inner_split",
+    "load_train_config",
+    "make_folds",
+    "new_model",
+    "save_model",
+    "train_model",
+]

@@ -1,0 +1,1 @@
+"""Receiving instances: the DIMSE listener and the group committer (torch-free hot path)."""

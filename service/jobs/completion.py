@@ -1,0 +1,73 @@
+"""Study completion: a study is complete after a quiet period with no new instance (or, with
+``completion.on_release``, when the association that sent it is released).
+
+Completing a study creates exactly one job version in the ledger (a conditional UPDATE, safe with
+several listeners) and enqueues its first stage. A late instance reopens the study, and the next
+completion creates a new job version, never a silent drop.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Stage, utcnow
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[int, Stage], None]
+
+
+class Completion:
+    def __init__(self, ledger: Ledger, enqueue: Enqueue, *, quiet_seconds: float) -> None:
+        self.ledger = ledger
+        self.enqueue = enqueue
+        self.quiet_seconds = quiet_seconds
+
+    def _start_jobs(self, job_ids: Iterable[int]) -> list[int]:
+        started = []
+        for job_id in job_ids:
+            try:
+                self.enqueue(job_id, Stage.PREPARE)
+                started.append(job_id)
+            except Exception as exc:  # the reaper retries jobs left in state `complete`
+                log.error("job %s created but not enqueued: %s", job_id, exc)
+        return started
+
+    def poll(self) -> list[int]:
+        """Complete every study quiet for ``quiet_seconds``; returns the new job ids."""
+        cutoff = utcnow() - timedelta(seconds=self.quiet_seconds)
+        jobs = self.ledger.complete_studies(quiet_before=cutoff)
+        for job_id in jobs:
+            log.info("study complete after quiet period: job %s", job_id)
+        return self._start_jobs(jobs)
+
+    def release(self, study_uids: set[str]) -> list[int]:
+        """Complete the studies an association sent, right when it is released."""
+        jobs = self.ledger.complete_studies(quiet_before=None, study_uids=sorted(study_uids))
+        for job_id in jobs:
+            log.info("study complete on association release: job %s", job_id)
+        return self._start_jobs(jobs)
+
+
+class PeriodicThread(threading.Thread):
+    """Runs ``fn`` every ``interval`` seconds until stopped; an exception is logged, never fatal."""
+
+    def __init__(self, name: str, interval: float, fn: Callable[[], object]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.interval = interval
+        self.fn = fn
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.fn()
+            except Exception as exc:
+                log.error("%s failed: %s: %s", self.name, type(exc).__name__, exc)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)

@@ -1,0 +1,345 @@
+"""Stage bodies of a job: prepare → timeline → infer → deliver.
+
+Each body reads its inputs from, and writes its outputs to, the job's folder in the spool (files
+replaced atomically), so any stage can be re-run after a crash and produce the same result. Bodies
+raise :class:`PermanentError` when retrying cannot help and let anything else propagate to be retried.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+
+from dicom_fusion.service.errors import PermanentError, TransientError
+from dicom_fusion.service.jobs.study_context import (
+    StudyFacts,
+    identifier_system,
+    report_content,
+    study_facts,
+)
+from dicom_fusion.service.outputs.identity import derive_sr_uids
+from dicom_fusion.service.outputs.sr.build import source_header
+from dicom_fusion.service.storage.models import DeliveryKind, JobRef, Stage, utcnow
+from dicom_fusion.service.storage.spool import write_durable
+
+log = logging.getLogger(__name__)
+
+
+def _write_json(path: Path, data: Any, fsync: bool) -> None:
+    write_durable(path, json.dumps(data, indent=2, sort_keys=True).encode(), fsync=fsync, replace=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise PermanentError(f"{path.name} missing in {path.parent}; replay the study") from exc
+
+
+def prepare(rt: Any, job: JobRef) -> Stage:
+    from dicom_fusion.inference.data.images import load_study_image
+    from dicom_fusion.inference.errors import InferenceError
+
+    files = [p for p in rt.ledger.study_files(job.study_id) if p.exists()]
+    if not files:
+        raise PermanentError("no spooled instance files found for the study")
+    try:
+        prepared = load_study_image(files, rt.card)
+    except InferenceError as exc:
+        raise PermanentError(str(exc)) from exc
+    d = rt.spool.job_dir(job.job_id)
+    source_files = [str(p) for p in files]
+    by_sop = {}
+    for p in files:  # map the used SOP Instance UIDs back to their spool files (name starts with the UID)
+        by_sop[p.name.rsplit(".", 2)[0]] = str(p)
+    used = [by_sop[u] for u in prepared.sop_instance_uids if u in by_sop] or source_files[:1]
+    facts = study_facts(Path(used[0]))
+    buf = io.BytesIO()
+    np.save(buf, prepared.array.astype(np.float32), allow_pickle=False)
+    write_durable(d / "image.npy", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    _write_json(d / "prepared.json", {"series_instance_uid": prepared.series_instance_uid,
+                                      "sop_instance_uids": list(prepared.sop_instance_uids),
+                                      "source_files": used, "shape": list(prepared.array.shape)},
+                rt.spool.fsync)
+    _write_json(d / "study.json", facts.to_dict(), rt.spool.fsync)
+    return Stage.TIMELINE
+
+
+#: Why a prediction is image-only, per timeline status; written into the SR, the report and the ORU.
+IMAGE_ONLY_REASONS = {
+    "no_patient": "no FHIR Patient has the study's patient identifier",
+    "ambiguous_patient": "several FHIR Patients share the study's patient identifier; none was used",
+    "empty": "no EHR events in the model's window",
+}
+
+
+def timeline(rt: Any, job: JobRef) -> Stage:
+    """Fetch the EHR timeline; FHIR trouble degrades to image-only once the wait budget is spent
+    (``fhir.unavailable_wait_seconds`` since the job was created, or the stage's last retry)."""
+    from dicom_fusion.fhir.errors import AuthenticationError, FHIRError, FHIRUnavailable
+    from dicom_fusion.fhir.timeline import fetch_timeline
+
+    d = rt.spool.job_dir(job.job_id)
+    facts = StudyFacts.from_dict(_read_json(d / "study.json"))
+    fhir = rt.settings.fhir
+    record: dict[str, Any]
+    if not fhir.enabled:
+        record = {"status": "disabled", "reason": "fhir.base_url not set"}
+    elif not facts.patient_id:
+        record = {"status": "no_patient", "reason": "study has no PatientID"}
+    else:
+        system = identifier_system(fhir, facts.issuer)
+        card = rt.card
+        units = {f"{f.system}|{f.code}": f.unit for f in card.timeline.features if f.unit}
+        try:
+            with rt.fhir_client() as client:
+                tl, resources = fetch_timeline(
+                    client, identifier_system=system, identifier_value=facts.patient_id,
+                    study_time=facts.time, window_days=card.timeline.window_days,
+                    resource_types=card.timeline.resource_types, target_units=units,
+                    elements=fhir.search_elements)
+        except (FHIRUnavailable, AuthenticationError) as exc:
+            waited = utcnow() - job.created_at
+            last_try = job.attempts + 1 > rt.settings.worker.max_retries
+            if waited.total_seconds() < fhir.unavailable_wait_seconds and not last_try:
+                raise TransientError(f"FHIR unavailable: {exc}") from exc
+            log.warning("job %s: FHIR unavailable for %.0fs, predicting image-only", job.job_id,
+                        waited.total_seconds())
+            record = {"status": "unavailable", "reason": f"FHIR unavailable: {type(exc).__name__}"}
+        except FHIRError as exc:
+            record = {"status": "error", "reason": f"FHIR error: {exc}"}
+        else:
+            blob = json.dumps(resources, sort_keys=True).encode()
+            digest = hashlib.sha256(blob).hexdigest()
+            # The exact resources the prediction saw, content-addressed, for audit and reproduction.
+            write_durable(d / f"resources-{digest[:16]}.json", blob, fsync=rt.spool.fsync, replace=True)
+            record = {"status": tl.status, "timeline": tl.to_dict(), "resources_sha256": digest,
+                      "identifier_system": system}
+            if tl.status in IMAGE_ONLY_REASONS:
+                record["reason"] = IMAGE_ONLY_REASONS[tl.status]
+    _write_json(d / "timeline.json", record, rt.spool.fsync)
+    return Stage.INFER
+
+
+def infer(rt: Any, job: JobRef) -> Stage:
+    from dicom_fusion.fhir.timeline import Timeline
+    from dicom_fusion.inference.data.timeline_tensor import encode_timeline
+
+    d = rt.spool.job_dir(job.job_id)
+    try:
+        image = np.load(d / "image.npy", allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise PermanentError("image.npy missing; replay the study") from exc
+    facts = StudyFacts.from_dict(_read_json(d / "study.json"))
+    record = _read_json(d / "timeline.json")
+    tensor = None
+    reason: str | None = None
+    if record.get("status") == "ok":
+        tl = Timeline.from_dict(record["timeline"])
+        tensor = encode_timeline(tl.events, facts.time, rt.card.timeline)
+        if tensor is None:
+            reason = "no EHR events in the model's window"
+    else:
+        reason = record.get("reason") or str(record.get("status"))
+    import time
+
+    from dicom_fusion.service.telemetry import observe_inference
+
+    predictor = rt.predictor  # loaded on first use: not part of the inference time
+    started = time.perf_counter()
+    result = predictor.predict(image, tensor, image_only_reason=reason)
+    observe_inference(result.model_name, result.model_version, time.perf_counter() - started)
+    _, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
+    if rt.settings.model.explain:
+        result = _explain(rt, job, d, predictor, image, tensor, result, sr_uid)
+    if rt.segmenter is not None:
+        _segment(rt, job, d, sr_uid)
+    _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
+    rt.ledger.set_result(job.job_id, finding=result.finding.name, probability=result.finding.probability,
+                         image_only=result.image_only, sr_uid=sr_uid)
+    return Stage.DELIVER
+
+
+def _explain(rt: Any, job: JobRef, d: Path, predictor: Any, image: np.ndarray, tensor: Any, result: Any,
+             sr_uid: str) -> Any:
+    """Grad-CAM + timeline attributions: `saliency.png` and the Secondary Capture `saliency.dcm` in the job
+    folder (deliver sends the SC with the SR), the top drivers into the result."""
+    import dataclasses
+
+    from dicom_fusion.inference.serve.explain import save_overlay
+    from dicom_fusion.inference.serve.predict import Driver
+    from dicom_fusion.service.outputs.sc.build import build_saliency_sc, render_overlay
+
+    explanation = predictor.explain(image, tensor)
+    n = rt.settings.model.explain_drivers
+    drivers = tuple(Driver(a.name, a.attribution) for a in explanation.top_features(n)) if tensor is not None else ()
+    save_overlay(image, explanation.saliency, d / "saliency.png", title=f"{result.finding.display}")
+    prepared = _read_json(d / "prepared.json")
+    source = source_header(dcmread(prepared["source_files"][0], stop_before_pixels=True))
+    sc = build_saliency_sc(source, render_overlay(image, explanation.saliency), sr_instance_uid=sr_uid,
+                           model_name=result.model_name, model_version=result.model_version,
+                           content_datetime=job.created_at)
+    buf = io.BytesIO()
+    sc.save_as(buf, enforce_file_format=True)
+    write_durable(d / "saliency.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    return dataclasses.replace(result, drivers=drivers)
+
+
+def _segment(rt: Any, job: JobRef, d: Path, sr_uid: str) -> None:
+    """Lesion segmentation of the model's series on its source grid: the DICOM SEG `seg.dcm` and its
+    measurement `lesion.json` in the job folder (deliver sends the SEG with the SR, which measures it).
+    No lesion found: `lesion.json` says so and there is no SEG."""
+    from dicom_fusion.inference.data.images import decode_series, read_headers, select_series
+    from dicom_fusion.service.outputs.seg.build import SegmentCodes, build_segmentation, measure_lesion
+
+    segmenter = rt.segmenter
+    headers, _ = read_headers([p for p in rt.ledger.study_files(job.study_id) if p.exists()])
+    instances = select_series(headers, rt.card.input)
+    pixels, uids = decode_series(instances, segmenter.image_spec)
+    by_uid = {h.sop_instance_uid: h.path for h in instances}
+    sources = [source_header(dcmread(by_uid[u], stop_before_pixels=True)) for u in uids]
+    lesion = segmenter.segment(pixels)
+    if not lesion.mask.any():
+        (d / "seg.dcm").unlink(missing_ok=True)
+        _write_json(d / "lesion.json", {"status": "none", "model": lesion.model_name}, rt.spool.fsync)
+        return
+    label = segmenter.card.segment
+    try:
+        seg = build_segmentation(
+            sources, lesion.mask, sr_instance_uid=sr_uid,
+            segment=SegmentCodes(label.label, label.type_code, label.type_display, label.category_code,
+                                 label.category_display),
+            model_name=lesion.model_name, model_version=lesion.model_version, content_datetime=job.created_at)
+    except ValueError as exc:
+        # The sources cannot carry a SEG (e.g. a CT without Frame of Reference UID): retrying cannot
+        # help, and the classification must still be delivered. Recorded in lesion.json, logged.
+        log.warning("job %s: no DICOM SEG (%s); SR and report go without the lesion measurement",
+                    job.job_id, exc)
+        (d / "seg.dcm").unlink(missing_ok=True)
+        _write_json(d / "lesion.json", {"status": "not_encodable", "reason": str(exc)}, rt.spool.fsync)
+        return
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    write_durable(d / "seg.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    _write_json(d / "lesion.json", {"status": "segmented", **measure_lesion(lesion.mask, sources).to_dict()},
+                rt.spool.fsync)
+
+
+def _pacs_target(rt: Any) -> str:
+    p = rt.settings.pacs
+    return f"{p.ae_title}@{p.host}:{p.port}"
+
+
+def deliver(rt: Any, job: JobRef) -> Stage:
+    """Deliver the pair (SR to PACS, report to FHIR); each side is recorded separately in the ledger."""
+    from dicom_fusion.inference.serve.predict import InferenceResult
+
+    d = rt.spool.job_dir(job.job_id)
+    facts = StudyFacts.from_dict(_read_json(d / "study.json"))
+    result = InferenceResult.from_dict(_read_json(d / "result.json"))
+    fhir = rt.settings.fhir
+    hl7 = rt.settings.hl7
+    rt.ledger.ensure_deliveries(job.job_id, targets={
+        DeliveryKind.SR: _pacs_target(rt),
+        DeliveryKind.REPORT: fhir.base_url if fhir.enabled else None,
+        DeliveryKind.HL7: f"{hl7.host}:{hl7.port}" if hl7.enabled else None,
+    })
+    series_uid, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
+    failures: list[str] = []
+    for kind in rt.ledger.pending_deliveries(job.job_id):
+        try:
+            if kind == DeliveryKind.SR:
+                remote = _deliver_sr(rt, job, d, result, series_uid, sr_uid)
+            elif kind == DeliveryKind.HL7:
+                remote = _deliver_hl7(rt, d, result, facts, sr_uid)
+            else:
+                remote = _deliver_report(rt, d, result, facts, sr_uid)
+        except PermanentError as exc:
+            rt.ledger.delivery_result(job.job_id, kind, ok=False, error=str(exc), dead=True)
+            raise
+        except Exception as exc:
+            rt.ledger.delivery_result(job.job_id, kind, ok=False, error=f"{type(exc).__name__}: {exc}")
+            failures.append(f"{kind}: {exc}")
+            continue
+        rt.ledger.delivery_result(job.job_id, kind, ok=True, remote_id=remote)
+    if failures:
+        raise TransientError("; ".join(failures))
+    return Stage.FINISHED
+
+
+def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_uid: str) -> str:
+    from dicom_fusion.service.errors import DeliveryError
+    from dicom_fusion.service.outputs.dispatch import DicomNode, store_to_pacs
+    from dicom_fusion.service.outputs.sr.build import build_sr, check_sr
+
+    prepared = _read_json(d / "prepared.json")
+    sources = [dcmread(p, stop_before_pixels=True) for p in prepared["source_files"]]
+    saliency_path = d / "saliency.dcm"
+    saliency = dcmread(saliency_path) if saliency_path.exists() else None
+    segmentation, lesion = None, None
+    if (d / "seg.dcm").exists():
+        from dicom_fusion.service.outputs.seg.build import LesionMeasurement
+
+        segmentation, lesion = dcmread(d / "seg.dcm"), LesionMeasurement.from_dict(_read_json(d / "lesion.json"))
+    ds = build_sr(sources, result, sr_instance_uid=sr_uid, sr_series_uid=series_uid,
+                  content_datetime=job.created_at, saliency=saliency, segmentation=segmentation, lesion=lesion)
+    check_sr(ds, expected=result, expected_lesion=lesion)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    write_durable(d / "sr.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    p = rt.settings.pacs
+    try:
+        # SC and SEG first: a viewer that opens the SR finds the objects it references already there.
+        objects = [o for o in (saliency, segmentation, ds) if o is not None]
+        store_to_pacs(objects, DicomNode(p.ae_title, p.host, p.port), calling_ae=p.calling_ae_title,
+                      timeout=p.timeout)
+    except DeliveryError as exc:
+        if not exc.retryable:
+            raise PermanentError(str(exc)) from exc
+        raise
+    return sr_uid
+
+
+def _deliver_report(rt: Any, d: Path, result: Any, facts: StudyFacts, sr_uid: str) -> str:
+    from dicom_fusion.fhir.report import post_report
+
+    record = _read_json(d / "timeline.json")
+    patient_id = None
+    if record.get("status") in ("ok", "empty"):
+        patient_id = record.get("timeline", {}).get("patient_id")
+    system = record.get("identifier_system") or identifier_system(rt.settings.fhir, facts.issuer)
+    content = report_content(result, facts, sr_uid=sr_uid, patient_id=patient_id, system=system)
+    with rt.fhir_client() as client:
+        outcome = post_report(client, content)
+    _write_json(d / "report.json", {"report_id": outcome.report_id, "created": outcome.created},
+                rt.spool.fsync)
+    return f"DiagnosticReport/{outcome.report_id}"
+
+
+def _deliver_hl7(rt: Any, d: Path, result: Any, facts: StudyFacts, sr_uid: str) -> str:
+    """ORU^R01 to the RIS over MLLP; a rejection (AR) is permanent, anything else is retried."""
+    from dicom_fusion.fhir.hl7v2 import Hl7Error, Hl7Header, build_oru, message_control_id
+    from dicom_fusion.fhir.mllp import MllpTarget, send_message
+
+    h = rt.settings.hl7
+    record = _read_json(d / "timeline.json")
+    system = record.get("identifier_system") or identifier_system(rt.settings.fhir, facts.issuer)
+    content = report_content(result, facts, sr_uid=sr_uid, patient_id=None, system=system)
+    header = Hl7Header(h.sending_app, h.sending_facility, h.receiving_app, h.receiving_facility)
+    message = build_oru(content, header)
+    control_id = message_control_id(content)
+    write_durable(d / "oru.hl7", message.encode(), fsync=rt.spool.fsync, replace=True)
+    try:
+        send_message(message, control_id, MllpTarget(h.host, h.port, timeout=h.timeout, retries=h.retries),
+                     redact=(facts.patient_id, facts.accession_number))
+    except Hl7Error as exc:
+        if not exc.retryable:
+            raise PermanentError(str(exc)) from exc
+        raise TransientError(str(exc)) from exc
+    return f"MSH-10 {control_id}"

@@ -1,0 +1,99 @@
+"""Typed dependencies of the API routes: the per-app context (settings, ledger, Celery) and the token check.
+
+Authentication: every route except ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <api.token>``
+unless ``api.auth = false``. The dashboard page alone also accepts ``?token=`` (a browser cannot
+send a header on navigation); its script then keeps the token in ``sessionStorage`` and sends it as a
+header on every later request.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry
+
+from dicom_fusion.service.config import Settings
+from dicom_fusion.service.errors import BrokerError
+from dicom_fusion.service.jobs.queues import enqueue
+from dicom_fusion.service.ops.broker import workers_online
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Stage
+
+WORKERS_TTL = 10.0
+
+
+@dataclass
+class ApiContext:
+    """Everything the routes share, built once per app by :func:`~.main.create_app`."""
+
+    settings: Settings
+    ledger: Ledger
+    celery: Celery
+    registry: CollectorRegistry
+    _workers: tuple[float, list[str] | None] = field(default=(0.0, None))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def enqueue(self, job_id: int, stage: Stage, requeue: bool) -> None:
+        try:
+            enqueue(self.celery, self.ledger, self.settings, job_id, stage, requeue=requeue)
+        except BrokerError:
+            raise
+        except Exception as exc:  # kombu/redis connection errors: the reaper re-enqueues later
+            raise BrokerError(f"could not publish to the broker ({type(exc).__name__}: {exc}); the lease "
+                              "reaper re-enqueues the job once its queued lease expires") from exc
+
+    def workers(self) -> list[str] | None:
+        """Workers answering a ping, cached a few seconds (a ping waits for replies)."""
+        with self._lock:
+            stamp, names = self._workers
+            if time.monotonic() - stamp < WORKERS_TTL:
+                return names
+            try:
+                names = workers_online(self.celery)
+            except BrokerError:
+                names = None
+            self._workers = (time.monotonic(), names)
+            return names
+
+
+def get_context(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+ContextDep = Annotated[ApiContext, Depends(get_context)]
+_bearer = HTTPBearer(auto_error=False, description="api.token (DICOM_FUSION_API__TOKEN)")
+
+
+def _valid(ctx: ApiContext, token: str | None) -> bool:
+    return bool(token) and secrets.compare_digest(str(token).encode(), ctx.settings.api.token.encode())
+
+
+def _unauthorized() -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token (api.token)",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_token(ctx: ContextDep,
+                  cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    if ctx.settings.api.auth and not _valid(ctx, cred.credentials if cred else None):
+        raise _unauthorized()
+
+
+def dashboard_token(ctx: ContextDep,
+                    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                    token: Annotated[str | None, Query(description="api.token, for browsers")] = None) -> bool:
+    """The dashboard page: header or ``?token=``; False (show the login form) instead of a 401."""
+    if not ctx.settings.api.auth:
+        return True
+    return _valid(ctx, cred.credentials if cred else None) or _valid(ctx, token)
+
+
+Authorized = Depends(require_token)
+DashboardAuth = Annotated[bool, Depends(dashboard_token)]

@@ -1,0 +1,81 @@
+"""App factory and runner of the REST API + dashboard (``dicom-fusion api``)."""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from dicom_fusion.service.config import Settings
+from dicom_fusion.service.errors import ConfigError
+from dicom_fusion.service.jobs.queues import make_celery
+from dicom_fusion.service.ops.api.deps import ApiContext
+from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queues, studies
+from dicom_fusion.service.ops.metrics import api_registry
+from dicom_fusion.service.storage.ledger import Ledger
+
+DESCRIPTION = """Operate dicom-fusion: queues, studies, job history, retries, replays, dead letters, metrics.
+
+Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <api.token>`
+(set `DICOM_FUSION_API__TOKEN`). Responses carry UIDs, states, counts and reasons: never patient data.
+"""
+
+
+def check_api_settings(settings: Settings) -> Settings:
+    """Settings with ``api.token`` read from ``api.token_file`` when set; refuses to serve with
+    authentication on and no token (:class:`ConfigError`)."""
+    api = settings.api
+    if api.token_file is not None:
+        try:
+            api = api.model_copy(update={"token": api.token_file.read_text().strip()})
+        except OSError as exc:
+            raise ConfigError(f"cannot read api.token_file {api.token_file}: {exc.strerror}") from exc
+    if api.auth and not api.token.strip():
+        raise ConfigError("api.token is empty while api.auth is on: set DICOM_FUSION_API__TOKEN=<a long random "
+                          "secret> (or token / token_file under [api] in the config file); api.auth = false "
+                          "turns authentication off (development only)")
+    return settings.model_copy(update={"api": api})
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; raises :class:`ConfigError` when the settings are unsafe to serve."""
+    settings = check_api_settings(settings)
+    ledger = Ledger(settings.ledger_url)
+    ctx = ApiContext(settings=settings, ledger=ledger, celery=make_celery(settings),
+                     registry=api_registry(ledger, settings))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        ledger.close()
+
+    app = FastAPI(title="dicom-fusion", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.ctx = ctx
+    for module in (health, studies, queues, metrics, dashboard):
+        app.include_router(module.router)
+    return app
+
+
+class _RedactToken(logging.Filter):
+    """Access logs must not record the dashboard's ``?token=``."""
+
+    _re = re.compile(r"(token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._re.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def run(settings: Settings) -> None:
+    """Serve the API with uvicorn on ``api.host:api.port`` until interrupted."""
+    import uvicorn
+
+    app = create_app(settings)
+    logging.getLogger("uvicorn.access").addFilter(_RedactToken())
+    print(f"dicom-fusion api on http://{settings.api.host}:{settings.api.port} "
+          f"(dashboard /dashboard, docs /docs)", flush=True)
+    uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level=settings.log_level.lower(),
+                log_config=None)

@@ -1,0 +1,1 @@
+"""What the service emits: derived identities, coded concepts, SR / SEG / SC builders, PACS dispatch."""

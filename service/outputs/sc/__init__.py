@@ -1,0 +1,1 @@
+"""The Grad-CAM overlay as a DICOM Secondary Capture."""

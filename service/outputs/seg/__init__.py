@@ -1,0 +1,1 @@
+"""The DICOM Segmentation of the lesion and its SR measurement group."""

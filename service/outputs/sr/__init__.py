@@ -1,0 +1,1 @@
+"""The DICOM Structured Report (TID 1500): `build` writes it, `reader` checks what was written."""

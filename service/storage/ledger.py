@@ -1,0 +1,485 @@
+"""The ledger: the source of truth for what was received, what runs and what was delivered.
+
+Brokers lose messages in ways that are easy to miss (docs/architecture.md, "Durability"), so every job row carries a lease
+(owner + expiry). A task may only work on a job after *claiming* it with one conditional UPDATE; the
+reaper re-enqueues jobs whose lease expired. Every state change writes an audit row. Rows hold UIDs,
+paths and states, never patient names, IDs or birth dates.
+
+SQLite (WAL, synchronous=FULL) is the embedded default; any SQLAlchemy URL (PostgreSQL) works.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import (
+    create_engine,
+    event,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_fusion.service.storage.ledger_batch import CoreWriter, SqliteWriter, record_batch
+from dicom_fusion.service.storage.models import (
+    QUEUED_OWNER,
+    STAGE_STATE,
+    TERMINAL,
+    AuditEvent,
+    Base,
+    Delivery,
+    DeliveryKind,
+    DeliveryState,
+    Instance,
+    InstanceRecord,
+    Job,
+    JobRef,
+    JobState,
+    RecordOutcome,
+    Stage,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    # SQLAlchemy emits BEGIN itself (`_sqlite_begin`), so that writers can take the lock up front.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, not just kill -9
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    """Write transactions start with BEGIN IMMEDIATE: the write lock is taken (or waited for, up to
+    the busy timeout) before the first read, so a transaction that reads then writes never fails with
+    SQLITE_BUSY_SNAPSHOT when another process (a second listener, a worker) committed in between."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("ledger_write") else "BEGIN")
+
+
+class Ledger:
+    """Typed operations on the ledger; each one is a short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, object] = {}
+        if self.is_sqlite:
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)  # type: ignore[arg-type]
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        self._write_engine = self.engine.execution_options(ledger_write=True)  # same pool
+        # The listener's batches go through the sqlite3 driver directly (see ledger_ingest); False = Core.
+        self.fast_sqlite_ingest = True
+        # SQLite allows one writer; serialising writers in-process avoids busy spins between threads.
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A read session (no commit)."""
+        with self._sessions() as s:
+            yield s
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        lock = self._write_lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            with self._write_sessions() as s, s.begin():
+                yield s
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @staticmethod
+    def _audit(s: Session, entity: str, entity_id: int, event_name: str, detail: str = "") -> None:
+        s.add(AuditEvent(ts=utcnow(), entity=entity, entity_id=entity_id, event=event_name,
+                         detail=detail[:2000]))
+
+    # ---- ingest -------------------------------------------------------------------------------
+    def has_instance(self, sop_uid: str) -> bool:
+        with self.session() as s:
+            return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
+
+    def record_instance(
+        self,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sop_class_uid: str,
+        modality: str,
+        transfer_syntax: str,
+        path: Path,
+        sha256: str,
+        size: int,
+        calling_ae: str,
+    ) -> RecordOutcome:
+        """Record a durable instance; a late instance reopens a completed study for a new job version."""
+        return self.record_instances([InstanceRecord(
+            study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class_uid=sop_class_uid,
+            modality=modality, transfer_syntax=transfer_syntax, path=path, sha256=sha256, size=size,
+            calling_ae=calling_ae)])[0]
+
+    @contextmanager
+    def _write_connection(self) -> Iterator[Connection]:
+        """A Core connection in a transaction, serialised like :meth:`transaction` (hot ingest path)."""
+        lock = self._write_lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            with self._write_engine.begin() as conn:
+                yield conn
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def record_instances(self, records: Sequence[InstanceRecord], *,
+                         before_write: Callable[[list[int]], None] | None = None) -> list[RecordOutcome]:
+        """Record a batch of durable instances in one transaction (one commit, one WAL fsync).
+
+        Outcomes are in the order of ``records``: ``new=False`` for a SOP Instance UID recorded
+        before or earlier in the batch (the first copy is kept). ``before_write`` is called inside the
+        transaction, after the duplicate check and before any row is written, with the indexes of the
+        records that will be new: the listener makes their files durable there (an exception aborts
+        the transaction). If another process inserts one of the UIDs concurrently (PostgreSQL; SQLite
+        writers hold the lock from BEGIN IMMEDIATE), the batch is retried one record per transaction,
+        so the others still land. Any other database error propagates: nothing of the batch is recorded.
+        This is the listener's hot path: see :mod:`.ledger_batch` for the statements.
+        """
+        if not records:
+            return []
+        try:
+            if self.is_sqlite and self.fast_sqlite_ingest:
+                return self._record_sqlite(records, before_write)
+            with self._write_connection() as conn:
+                return record_batch(CoreWriter(conn), records, utcnow(), before_write)
+        except (IntegrityError, sqlite3.IntegrityError):
+            if len(records) == 1:
+                # Another association recorded the same SOP Instance UID between our check and insert.
+                return [RecordOutcome(new=False, study_uid=records[0].study_uid)]
+            return [self.record_instances(
+                [r], before_write=None if before_write is None else (lambda _idx, i=i: before_write([i])))[0]
+                for i, r in enumerate(records)]
+
+    def _record_sqlite(self, records: Sequence[InstanceRecord],
+                       before_write: Callable[[list[int]], None] | None) -> list[RecordOutcome]:
+        lock = self._write_lock
+        assert lock is not None
+        with lock:
+            raw = self.engine.raw_connection()  # pooled; the connect hook set WAL, FULL, busy timeout
+            try:
+                db = raw.driver_connection
+                assert isinstance(db, sqlite3.Connection)
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    outcomes = record_batch(SqliteWriter(db, self.engine.dialect), records, utcnow(), before_write)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+                return outcomes
+            finally:
+                raw.close()
+
+    # ---- completion ---------------------------------------------------------------------------
+    def complete_studies(self, *, quiet_before: datetime | None, study_uids: Sequence[str] = ()) -> list[int]:
+        """Close receiving studies (quiet since ``quiet_before``, or named) and create one job each.
+
+        The conditional UPDATE makes this exactly-once even with several listeners polling.
+        """
+        created: list[int] = []
+        with self.session() as s:
+            q = select(Study.id).where(Study.state == StudyState.RECEIVING)
+            if study_uids:
+                q = q.where(Study.study_uid.in_(list(study_uids)))
+            elif quiet_before is not None:
+                q = q.where(Study.last_received_at <= quiet_before)
+            else:
+                return []
+            candidates = list(s.scalars(q))
+        for study_id in candidates:
+            with self.transaction() as s:
+                cond = [Study.id == study_id, Study.state == StudyState.RECEIVING]
+                if not study_uids and quiet_before is not None:
+                    cond.append(Study.last_received_at <= quiet_before)
+                res = s.execute(update(Study).where(*cond).values(
+                    state=StudyState.COMPLETE, job_version=Study.job_version + 1))
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    continue
+                study = s.get(Study, study_id)
+                assert study is not None
+                now = utcnow()
+                job = Job(study_id=study_id, version=study.job_version, state=JobState.COMPLETE,
+                          stage=Stage.PREPARE, attempts=0, instance_count=study.instance_count,
+                          created_at=now, updated_at=now, lease_owner=None, lease_expires=None)
+                s.add(job)
+                s.flush()
+                self._audit(s, "study", study_id, "complete", f"job={job.id} version={job.version}")
+                self._audit(s, "job", job.id, JobState.COMPLETE, f"instances={study.instance_count}")
+                created.append(job.id)
+        return created
+
+    # ---- job leases ---------------------------------------------------------------------------
+    def mark_enqueued(self, job_id: int, *, stage: Stage, lease_seconds: float, requeue: bool = False) -> None:
+        """Record that a message for ``stage`` is in the broker; the lease bounds how long we trust it."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state in TERMINAL:
+                return
+            if job.state == JobState.COMPLETE:
+                job.state = JobState.QUEUED
+            job.lease_owner = QUEUED_OWNER
+            job.lease_expires = utcnow() + timedelta(seconds=lease_seconds)
+            job.updated_at = utcnow()
+            self._audit(s, "job", job_id, "requeued" if requeue else "queued", f"stage={stage}")
+
+    def claim(self, job_id: int, *, stage: Stage, owner: str, lease_seconds: float) -> JobRef | None:
+        """Take the job for ``stage``; None when another worker holds it or the stage is past."""
+        now = utcnow()
+        with self.transaction() as s:
+            res = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.stage == stage,
+                    Job.state.not_in([str(t) for t in TERMINAL]),
+                    or_(Job.lease_owner.is_(None), Job.lease_owner == QUEUED_OWNER,
+                        Job.lease_expires < now),
+                )
+                .values(lease_owner=owner, lease_expires=now + timedelta(seconds=lease_seconds),
+                        state=STAGE_STATE[stage], updated_at=now)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            job = s.get(Job, job_id)
+            assert job is not None
+            study = s.get(Study, job.study_id)
+            assert study is not None
+            self._audit(s, "job", job_id, STAGE_STATE[stage], f"stage={stage} owner={owner}")
+            return JobRef(job_id=job.id, study_id=job.study_id, study_uid=study.study_uid,
+                          version=job.version, stage=Stage(job.stage), attempts=job.attempts,
+                          created_at=job.created_at)
+
+    def renew(self, job_id: int, *, owner: str, lease_seconds: float) -> bool:
+        with self.transaction() as s:
+            res = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner).values(
+                lease_expires=utcnow() + timedelta(seconds=lease_seconds)))
+            return res.rowcount == 1  # type: ignore[attr-defined]
+
+    def advance(self, job_id: int, *, owner: str, next_stage: Stage, lease_seconds: float) -> bool:
+        """Finish the current stage and hand the job to ``next_stage`` (message about to be sent)."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.lease_owner != owner:
+                return False
+            now = utcnow()
+            job.stage = next_stage
+            job.state = STAGE_STATE[next_stage]
+            job.lease_owner = QUEUED_OWNER
+            job.lease_expires = now + timedelta(seconds=lease_seconds)
+            job.attempts = 0
+            job.error = None
+            job.updated_at = now
+            self._audit(s, "job", job_id, "stage_done", f"next={next_stage}")
+            return True
+
+    def finish(self, job_id: int, *, owner: str) -> None:
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.lease_owner != owner:
+                return
+            now = utcnow()
+            job.state = JobState.DONE
+            job.stage = Stage.FINISHED
+            job.lease_owner = None
+            job.lease_expires = None
+            job.error = None
+            job.updated_at = now
+            job.finished_at = now
+            self._audit(s, "job", job_id, JobState.DONE)
+
+    def fail(self, job_id: int, *, owner: str, reason: str, retry_in: float | None,
+             lease_seconds: float) -> JobState:
+        """Record a failure: retrying (``retry_in`` seconds) or dead. Returns the new state."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return JobState.DEAD
+            if job.lease_owner not in (owner, QUEUED_OWNER) and job.state in TERMINAL:
+                return JobState(job.state)
+            now = utcnow()
+            job.attempts += 1
+            job.error = reason[:2000]
+            job.updated_at = now
+            if retry_in is None:
+                job.state = JobState.DEAD
+                job.lease_owner = None
+                job.lease_expires = None
+                job.finished_at = now
+            else:
+                job.state = JobState.FAILED
+                job.lease_owner = QUEUED_OWNER
+                job.lease_expires = now + timedelta(seconds=retry_in + lease_seconds)
+            self._audit(s, "job", job_id, job.state, reason)
+            return JobState(job.state)
+
+    def expired_jobs(self) -> list[tuple[int, Stage]]:
+        """Jobs whose lease ran out (worker killed, message lost) or never got enqueued."""
+        now = utcnow()
+        with self.session() as s:
+            rows = s.execute(
+                select(Job.id, Job.stage, Job.state).where(
+                    Job.state.not_in([str(t) for t in TERMINAL]),
+                    or_(Job.lease_expires < now,
+                        (Job.state == JobState.COMPLETE) & (Job.created_at < now - timedelta(seconds=5))),
+                )
+            ).all()
+        return [(r[0], Stage(r[1])) for r in rows]
+
+    def reset_for_redelivery(self, job_id: int) -> bool:
+        """Operator action: a dead job goes back to its stage with a fresh retry budget."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != JobState.DEAD:
+                return False
+            job.state = JobState.QUEUED
+            job.attempts = 0
+            job.lease_owner = None
+            job.lease_expires = None
+            job.finished_at = None
+            for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id)):
+                if d.state in (DeliveryState.DEAD, DeliveryState.FAILED):
+                    d.state = DeliveryState.PENDING
+            self._audit(s, "job", job_id, "redeliver", "operator")
+            return True
+
+    def add_job_version(self, study_uid: str, *, reason: str) -> int | None:
+        """Operator replay: a new job version over the instances stored so far.
+
+        None when the study is unknown, still receiving, or has a job that is not finished yet.
+        """
+        with self.transaction() as s:
+            study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None or study.state != StudyState.COMPLETE:
+                return None
+            if s.scalar(select(Job.id).where(Job.study_id == study.id,
+                                             Job.state.not_in([str(t) for t in TERMINAL]))) is not None:
+                return None
+            study.job_version += 1
+            now = utcnow()
+            job = Job(study_id=study.id, version=study.job_version, state=JobState.COMPLETE,
+                      stage=Stage.PREPARE, attempts=0, instance_count=study.instance_count,
+                      created_at=now, updated_at=now, lease_owner=None, lease_expires=None)
+            s.add(job)
+            s.flush()
+            self._audit(s, "study", study.id, "replay", f"job={job.id} version={job.version} {reason}")
+            self._audit(s, "job", job.id, JobState.COMPLETE, f"instances={study.instance_count} replay")
+            return job.id
+
+    # ---- results and deliveries ---------------------------------------------------------------
+    def set_result(self, job_id: int, *, finding: str, probability: float, image_only: bool,
+                   sr_uid: str) -> None:
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is not None:
+                job.finding, job.probability, job.image_only, job.sr_uid = finding, probability, image_only, sr_uid
+
+    def ensure_deliveries(self, job_id: int, *, targets: dict[DeliveryKind, str | None]) -> None:
+        """Create the delivery pair; a target of None means the side is not owed (skipped)."""
+        with self.transaction() as s:
+            existing = {d.kind for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id))}
+            for kind, target in targets.items():
+                if kind in existing:
+                    continue
+                state = DeliveryState.PENDING if target else DeliveryState.SKIPPED
+                d = Delivery(job_id=job_id, kind=kind, state=state, attempts=0, target=target or "")
+                s.add(d)
+                s.flush()
+                self._audit(s, "delivery", d.id, state, f"kind={kind}")
+
+    def pending_deliveries(self, job_id: int) -> list[DeliveryKind]:
+        with self.session() as s:
+            rows = s.scalars(select(Delivery.kind).where(
+                Delivery.job_id == job_id,
+                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED])))
+            return [DeliveryKind(k) for k in rows]
+
+    def delivery_result(self, job_id: int, kind: DeliveryKind, *, ok: bool, remote_id: str | None = None,
+                        error: str | None = None, dead: bool = False) -> None:
+        with self.transaction() as s:
+            d = s.scalar(select(Delivery).where(Delivery.job_id == job_id, Delivery.kind == kind))
+            if d is None:
+                return
+            d.attempts += 1
+            if ok:
+                d.state = DeliveryState.DELIVERED
+                d.remote_id = remote_id
+                d.delivered_at = utcnow()
+                d.last_error = None
+            else:
+                d.state = DeliveryState.DEAD if dead else DeliveryState.FAILED
+                d.last_error = (error or "")[:2000]
+            self._audit(s, "delivery", d.id, d.state, f"kind={kind} {error or remote_id or ''}")
+
+    def bury_deliveries(self, job_id: int, *, reason: str) -> int:
+        """The job died: every side not yet delivered becomes `dead`, keeping its own last error
+        (the attempt count is not touched: burying is not an attempt). Returns how many."""
+        n = 0
+        with self.transaction() as s:
+            for d in s.scalars(select(Delivery).where(
+                    Delivery.job_id == job_id,
+                    Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]))):
+                d.state = DeliveryState.DEAD
+                d.last_error = d.last_error or reason[:2000]
+                self._audit(s, "delivery", d.id, DeliveryState.DEAD, f"kind={d.kind} job dead: {reason[:200]}")
+                n += 1
+        return n
+
+    # ---- queries ------------------------------------------------------------------------------
+    def study_files(self, study_id: int) -> list[Path]:
+        with self.session() as s:
+            return [Path(p) for p in s.scalars(
+                select(Instance.path).where(Instance.study_id == study_id).order_by(Instance.id))]
+
+    def job(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def jobs_for_study(self, study_uid: str) -> list[Job]:
+        with self.session() as s:
+            return list(s.scalars(select(Job).join(Study, Study.id == Job.study_id)
+                                  .where(Study.study_uid == study_uid).order_by(Job.version)))
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        with self.session() as s:
+            return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.kind)))
+
+    def audit_events(self, entity: str, entity_id: int) -> list[AuditEvent]:
+        with self.session() as s:
+            return list(s.scalars(select(AuditEvent).where(
+                AuditEvent.entity == entity, AuditEvent.entity_id == entity_id).order_by(AuditEvent.id)))

@@ -1,0 +1,190 @@
+"""The ledger's tables, state enums and the small records that cross its API.
+
+The table models (SQLAlchemy declarative) are the schema Alembic migrates
+(:mod:`dicom_fusion.service.storage.migrations`); the enums are the job state machine of
+docs/architecture.md ("Job states"). Rows hold UIDs, paths and states, never patient names, IDs or
+birth dates.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+QUEUED_OWNER = "queued"
+
+
+def utcnow() -> datetime:
+    """Naive UTC, so comparisons behave the same on SQLite and PostgreSQL."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"  # instances arriving; completion waits for the quiet period
+    COMPLETE = "complete"  # a job version was created for the instances received so far
+
+
+class JobState(enum.StrEnum):
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    INFERRING = "inferring"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"  # retrying
+    DEAD = "dead"
+
+
+class Stage(enum.StrEnum):
+    PREPARE = "prepare"
+    TIMELINE = "timeline"
+    INFER = "infer"
+    DELIVER = "deliver"
+    FINISHED = "finished"
+
+
+STAGE_STATE = {
+    Stage.PREPARE: JobState.PREPARING,
+    Stage.TIMELINE: JobState.PREPARING,
+    Stage.INFER: JobState.INFERRING,
+    Stage.DELIVER: JobState.DELIVERING,
+}
+TERMINAL = (JobState.DONE, JobState.DEAD)
+
+
+class DeliveryKind(enum.StrEnum):
+    SR = "sr"
+    REPORT = "report"
+    HL7 = "hl7"  # optional HL7 v2 ORU^R01 over MLLP (skipped unless hl7.enabled)
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # retrying
+    DEAD = "dead"
+    SKIPPED = "skipped"  # not owed (e.g. FHIR not configured)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    job_version: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("study_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str] = mapped_column(String(16), default=Stage.PREPARE)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    finding: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    image_only: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    sr_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    target: Mapped[str] = mapped_column(String(256), default="")
+    remote_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[datetime] = mapped_column(DateTime, index=True)
+    entity: Mapped[str] = mapped_column(String(16))
+    entity_id: Mapped[int] = mapped_column(Integer, index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """What a task needs to run a job: ids and paths only."""
+
+    job_id: int
+    study_id: int
+    study_uid: str
+    version: int
+    stage: Stage
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One durable instance to record (what the listener learnt from the header and the spool)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    transfer_syntax: str
+    path: Path
+    sha256: str
+    size: int
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    new: bool  # False: duplicate SOP Instance UID, already acknowledged earlier
+    study_uid: str
