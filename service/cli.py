@@ -36,8 +36,8 @@ def serve(config: ConfigOpt = None,
           worker: Annotated[Optional[bool], typer.Option("--worker/--no-worker",
                             help="Start an embedded worker (default: worker.embedded).")] = None) -> None:
     """Run the DICOM listener, study completion, the lease reaper and (by default) a worker."""
-    from dicom_fusion.service.server import configure_logging
     from dicom_fusion.service.server import serve as _serve
+    from dicom_fusion.service.telemetry import configure_logging
 
     settings = _settings(config)
     configure_logging(settings.log_level)
@@ -51,8 +51,8 @@ def serve(config: ConfigOpt = None,
 @app.command(hidden=True)
 def listen(config: ConfigOpt = None) -> None:
     """An extra listener process on serve's port (started by serve when listener.processes > 1)."""
-    from dicom_fusion.service.server import configure_logging
     from dicom_fusion.service.server import listen as _listen
+    from dicom_fusion.service.telemetry import configure_logging
 
     settings = _settings(config)
     configure_logging(settings.log_level)
@@ -65,7 +65,8 @@ def worker(config: ConfigOpt = None,
            concurrency: Annotated[Optional[int], typer.Option(help="Worker processes/threads.")] = None,
            pool: Annotated[Optional[str], typer.Option(help="solo | prefork | threads")] = None) -> None:
     """Run a Celery worker for the given queues."""
-    from dicom_fusion.service.server import configure_logging, run_worker
+    from dicom_fusion.service.server import run_worker
+    from dicom_fusion.service.telemetry import configure_logging
 
     settings = _settings(config)
     configure_logging(settings.log_level)
@@ -129,7 +130,7 @@ def _print_comparison(summary: dict) -> None:  # type: ignore[type-arg]
     from rich.table import Table
 
     from dicom_fusion.inference.report.evaluate import LABELS
-    from dicom_fusion.inference.report.scores import format_mean_sd
+    from dicom_fusion.inference.train.scores import format_mean_sd
 
     table = Table("model", "ROC-AUC", "F1", "ECE", title="cross-validation, mean ± sd over folds")
     for variant, metrics in summary.items():

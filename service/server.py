@@ -27,16 +27,6 @@ from dicom_fusion.service.storage.spool import Spool
 log = logging.getLogger("dicom_fusion")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    # pynetdicom's INFO/DEBUG output echoes association details and, at DEBUG, whole datasets (PHI).
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # httpx logs full request URLs at INFO, and FHIR search URLs carry patient identifiers.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
-
-
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGKILL when the process that started it dies (even by kill -9), so an
     extra listener never outlives `serve` holding the DICOM port."""

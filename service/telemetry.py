@@ -1,4 +1,4 @@
-"""Per-process Prometheus metrics: what only one listener or worker process sees.
+"""Logging set-up, and the per-process Prometheus metrics: what only one listener or worker process sees.
 
 DICOM responses and associations in the listener; task durations per stage, model inference time and
 GPU memory in a worker. Each process serves its own (``[metrics] listener_port`` / ``worker_port``,
@@ -24,6 +24,18 @@ from prometheus_client.registry import Collector
 from dicom_fusion.service.config import MetricsSettings, Settings
 
 log = logging.getLogger(__name__)
+
+
+def configure_logging(level: str) -> None:
+    """Root logging to stderr; the libraries that would log patient data are held at WARNING."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    # pynetdicom's INFO/DEBUG output echoes association details and, at DEBUG, whole datasets (PHI).
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # httpx logs full request URLs at INFO, and FHIR search URLs carry patient identifiers.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
 
 PREFIX = "dicom_fusion"
 TASK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

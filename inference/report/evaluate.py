@@ -49,13 +49,6 @@ from dicom_fusion.inference.report.plots import (
     reliability_diagram,
     roc_curves,
 )
-from dicom_fusion.inference.report.scores import (
-    METRIC_NAMES,
-    confusion,
-    expected_calibration_error,
-    format_mean_sd,
-    mean_sd,
-)
 from dicom_fusion.inference.serve.explain import explain, save_overlay
 from dicom_fusion.inference.train.config import TrainConfig, base_card
 from dicom_fusion.inference.train.crossval import (
@@ -66,6 +59,13 @@ from dicom_fusion.inference.train.crossval import (
     encode_timelines,
 )
 from dicom_fusion.inference.train.fitloop import MODES
+from dicom_fusion.inference.train.scores import (
+    METRIC_NAMES,
+    confusion,
+    expected_calibration_error,
+    format_mean_sd,
+    mean_sd,
+)
 
 LABELS = {
     "fusion": "Fusion CNN+LSTM (image + EHR)",

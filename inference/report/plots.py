@@ -18,8 +18,8 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from dicom_fusion.inference.report.scores import reliability_curve
 from dicom_fusion.inference.train.fitloop import EpochStats
+from dicom_fusion.inference.train.scores import reliability_curve
 
 DPI = 110
 COLOURS = {

@@ -29,8 +29,8 @@ from dicom_fusion.inference.report.document import (
     to_html,
     to_markdown,
 )
-from dicom_fusion.inference.report.scores import format_mean_sd
-from dicom_fusion.inference.report.seg_scores import METRICS
+from dicom_fusion.inference.train.scores import format_mean_sd
+from dicom_fusion.inference.train.seg_scores import METRICS
 from dicom_fusion.inference.train.segmenter import SegCohort, SegCVResult
 
 LABELS = {"dice": "Dice", "jaccard": "Jaccard", "hd95_mm": "HD95 (mm)"}

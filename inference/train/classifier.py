@@ -28,7 +28,6 @@ import torch
 from dicom_fusion.inference.card.model import ModelCard, sha256_file, write_card
 from dicom_fusion.inference.data.cohort import Cohort, load_cohort
 from dicom_fusion.inference.nets.hybrid import HybridNet
-from dicom_fusion.inference.report.scores import summarise
 from dicom_fusion.inference.train.config import TrainConfig, base_card, load_train_config
 from dicom_fusion.inference.train.crossval import (
     NO_EHR,
@@ -46,6 +45,7 @@ from dicom_fusion.inference.train.crossval import (
     progress_bar,
 )
 from dicom_fusion.inference.train.fitloop import EpochStats, fit
+from dicom_fusion.inference.train.scores import summarise
 
 
 def card_metrics(cv: CVResult, final_epochs: int) -> dict[str, float]:

@@ -26,10 +26,10 @@ from dicom_fusion.inference.card.model import ModelCard, TimelineSpec
 from dicom_fusion.inference.data.cohort import Cohort
 from dicom_fusion.inference.data.timeline_tensor import EventLike, TimelineTensor, encode_timeline
 from dicom_fusion.inference.nets.hybrid import HybridNet, build_model, collate_timelines
-from dicom_fusion.inference.report.scores import binary_metrics
 from dicom_fusion.inference.serve.lesion_channel import load_guide, with_lesion_channel
 from dicom_fusion.inference.train.config import TrainConfig
 from dicom_fusion.inference.train.fitloop import MODES, EpochStats, FitData, fit, predict_positive
+from dicom_fusion.inference.train.scores import binary_metrics
 
 NO_EHR = "fusion_no_ehr"
 """Prediction variant: the fusion model with every timeline withheld (the service's image-only path)."""

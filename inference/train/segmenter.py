@@ -37,7 +37,6 @@ from dicom_fusion.inference.card.model import DEFAULT_INPUT, ImageSpec
 from dicom_fusion.inference.data.cohort import CACHE_DIR, CohortError, read_cohort_csv
 from dicom_fusion.inference.data.images import decode_series, prepare_array, read_headers, select_series
 from dicom_fusion.inference.nets.segnet import DEFAULT_FEATURES, build_segnet
-from dicom_fusion.inference.report.seg_scores import CaseMetrics, case_metrics
 from dicom_fusion.inference.serve.segment import foreground_probability, mask_coverage, mask_from_probability
 from dicom_fusion.inference.train.crossval import (
     derive_seed,
@@ -46,6 +45,7 @@ from dicom_fusion.inference.train.crossval import (
     make_folds,
     progress_bar,
 )
+from dicom_fusion.inference.train.seg_scores import CaseMetrics, case_metrics
 
 SEG_CACHE_FORMAT = 2
 AUGMENT_GROUP = 8

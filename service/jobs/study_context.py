@@ -1,5 +1,5 @@
-"""Glue between the libraries: settings → FHIR client, DICOM header → patient identifier,
-and model result → FHIR report content.
+"""What a job knows of its study, and the glue between the libraries: DICOM header → study facts and
+patient identifier, model result → FHIR report content.
 
 ``inference/`` and ``fhir/`` do not know each other; this is the one place that translates.
 """
@@ -15,7 +15,6 @@ from pydicom import dcmread
 from dicom_fusion.service.config import FhirSettings
 
 if TYPE_CHECKING:
-    from dicom_fusion.fhir.client import FhirClient
     from dicom_fusion.fhir.report import ReportContent
     from dicom_fusion.inference.serve.predict import InferenceResult
 
@@ -75,19 +74,6 @@ def identifier_system(fhir: FhirSettings, issuer: str) -> str:
     if issuer.startswith(("urn:", "http://", "https://")):
         return issuer
     return fhir.default_identifier_system
-
-
-def make_fhir_client(fhir: FhirSettings) -> FhirClient:
-    from dicom_fusion.fhir.client import FhirAuth, FhirClient
-
-    auth = None
-    if fhir.auth_mode != "none":
-        auth = FhirAuth(mode=fhir.auth_mode, token=fhir.token or None, token_url=fhir.token_url or None,
-                        client_id=fhir.client_id or None, client_secret=fhir.client_secret or None,
-                        scope=fhir.scope)
-    verify: bool | str = str(fhir.ca_file) if fhir.ca_file else fhir.verify_tls
-    return FhirClient(fhir.base_url, timeout=fhir.timeout, auth=auth, retries=fhir.retries, verify=verify,
-                      page_size=fhir.page_size)
 
 
 def report_content(result: InferenceResult, facts: StudyFacts, *, sr_uid: str, patient_id: str | None,

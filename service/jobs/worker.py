@@ -74,7 +74,7 @@ class WorkerRuntime:
             return Segmenter.load(path, device=self.settings.model.device)
 
     def fhir_client(self) -> FhirClient:
-        from dicom_fusion.service.jobs.study_context import make_fhir_client
+        from dicom_fusion.service.peers import make_fhir_client
 
         return make_fhir_client(self.settings.fhir)
 

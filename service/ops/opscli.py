@@ -36,7 +36,7 @@ def api(config: ConfigOpt = None,
         port: Annotated[Optional[int], typer.Option(help="Port (default: api.port).")] = None) -> None:
     """Serve the REST API, the dashboard (/dashboard) and Prometheus metrics (/metrics)."""
     from dicom_fusion.service.ops.api.main import check_api_settings, run
-    from dicom_fusion.service.server import configure_logging
+    from dicom_fusion.service.telemetry import configure_logging
 
     settings = _settings(config)
     if host is not None or port is not None:

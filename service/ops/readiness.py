@@ -52,7 +52,7 @@ def check_pacs(settings: Settings) -> str:
 def check_fhir(settings: Settings) -> str:
     if not settings.fhir.enabled:
         return "disabled (fhir.base_url not set): reports are not owed"
-    from dicom_fusion.service.jobs.study_context import make_fhir_client
+    from dicom_fusion.service.peers import make_fhir_client
 
     quick = settings.fhir.model_copy(update={"timeout": CHECK_TIMEOUT, "retries": 0})
     with make_fhir_client(quick) as client:

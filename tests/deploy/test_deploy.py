@@ -17,9 +17,9 @@ import yaml
 from conftest import REPO, require_tool
 from typer.main import get_command
 
+from dicom_fusion.service import telemetry
 from dicom_fusion.service.cli import app
 from dicom_fusion.service.config import ENV_PREFIX, Settings, load_settings
-from dicom_fusion.service import telemetry
 from dicom_fusion.service.ops import metrics
 from dicom_fusion.service.storage.ledger import Ledger
 

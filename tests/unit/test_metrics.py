@@ -15,9 +15,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import update
 
+from dicom_fusion.service import telemetry
 from dicom_fusion.service.config import Settings, load_settings
 from dicom_fusion.service.ingest.listener import Listener
-from dicom_fusion.service import telemetry
 from dicom_fusion.service.ops import metrics
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import Job, Stage, utcnow

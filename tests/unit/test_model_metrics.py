@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dicom_fusion.inference.report.document import Heading, Image, Paragraph, Table, to_html, to_markdown
-from dicom_fusion.inference.report.scores import (
+from dicom_fusion.inference.train.scores import (
     binary_metrics,
     confusion,
     expected_calibration_error,

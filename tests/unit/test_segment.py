@@ -18,7 +18,6 @@ from dicom_fusion.inference.card.segmenter import (
 )
 from dicom_fusion.inference.errors import ModelCardError
 from dicom_fusion.inference.nets.segnet import build_segnet
-from dicom_fusion.inference.report.seg_scores import case_metrics
 from dicom_fusion.inference.serve.segment import (
     Segmenter,
     mask_coverage,
@@ -26,6 +25,7 @@ from dicom_fusion.inference.serve.segment import (
     resize_mask,
     to_source_grid,
 )
+from dicom_fusion.inference.train.seg_scores import case_metrics
 from dicom_fusion.inference.train.segmenter import SegCohort, SegFitSettings, fit_segnet, predict_cases
 
 

@@ -15,7 +15,6 @@ from dicom_fusion.inference.card.segmenter import default_segmenter_path
 from dicom_fusion.inference.data.cohort import Cohort, EhrEvent, load_cohort, read_bundle_events
 from dicom_fusion.inference.nets.hybrid import HybridNet, collate_timelines
 from dicom_fusion.inference.report.evaluate import evaluate_cv, lesion_mass
-from dicom_fusion.inference.report.scores import binary_metrics
 from dicom_fusion.inference.serve.predict import Predictor
 from dicom_fusion.inference.synth.generate import generate_cohort
 from dicom_fusion.inference.train.classifier import (
@@ -31,6 +30,7 @@ from dicom_fusion.inference.train.classifier import (
     train_model,
 )
 from dicom_fusion.inference.train.fitloop import FitData, FitSettings, fit, predict_positive
+from dicom_fusion.inference.train.scores import binary_metrics
 
 TINY = TrainConfig(folds=2, max_epochs=2, patience=1, batch_size=16, seed=5)
 
