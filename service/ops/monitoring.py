@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import numpy as np
 from sqlalchemy import Select, case, func, select
 
 from dicom_fusion.service.config import Settings
@@ -311,24 +312,16 @@ class Failure:
     updated_at: datetime
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of already sorted values."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def latency(ledger: Ledger, *, since: datetime) -> Latency:
     """End-to-end job latency (job created at study completion → done) of jobs finished since ``since``."""
     with ledger.session() as s:
         rows = s.execute(select(Job.created_at, Job.finished_at).where(
             Job.state == JobState.DONE, Job.finished_at >= since)).all()
-    values = sorted((f - c).total_seconds() for c, f in rows)
-    return Latency(count=len(values), p50=percentile(values, 50), p90=percentile(values, 90),
-                   p99=percentile(values, 99), max=values[-1] if values else None)
+    if not rows:
+        return Latency(count=0, p50=None, p90=None, p99=None, max=None)
+    values = np.array([(f - c).total_seconds() for c, f in rows])
+    p50, p90, p99 = (float(v) for v in np.percentile(values, [50, 90, 99]))  # linear interpolation
+    return Latency(count=len(values), p50=p50, p90=p90, p99=p99, max=float(values.max()))
 
 
 def throughput(ledger: Ledger, *, now: datetime | None = None, window: timedelta = timedelta(hours=1),

@@ -26,13 +26,6 @@ def ledger(settings: Settings) -> Ledger:
     return Ledger(settings.ledger_url)
 
 
-def test_percentile_interpolates() -> None:
-    assert monitoring.percentile([], 50) is None
-    assert monitoring.percentile([4.0], 99) == 4.0
-    assert monitoring.percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
-    assert monitoring.percentile([float(i) for i in range(101)], 90) == pytest.approx(90.0)
-
-
 def test_states_pages_and_filters(ledger: Ledger) -> None:
     add_study(ledger, "1.1")  # still receiving
     for uid in ("1.2", "1.3", "1.4"):

@@ -13,6 +13,7 @@ from dicom_fusion.service.errors import ConfigError
 from dicom_fusion.service.jobs.queues import make_celery
 from dicom_fusion.service.ops.api.deps import ApiContext
 from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queues, studies
+from dicom_fusion.service.ops.api.routes.errors import install_error_handler
 from dicom_fusion.service.ops.metrics import api_registry
 from dicom_fusion.service.storage.ledger import Ledger
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="dicom-fusion", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.ctx = ctx
+    install_error_handler(app)
     for module in (health, studies, queues, metrics, dashboard):
         app.include_router(module.router)
     return app

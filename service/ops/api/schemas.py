@@ -1,169 +1,98 @@
-"""Response schemas of the REST API (separate from the ledger's storage models).
+"""Response schemas of the REST API, built from the read models they serialise.
 
+Each schema is generated from its read model (the frozen dataclasses of :mod:`..monitoring`,
+:mod:`..operations` and :mod:`..readiness`): a field added to a read model appears in the API, and
+a field the API must not show is excluded here by name, so the two cannot drift apart field by field.
+Properties of a read model that the API shows (``JobInfo.latency_seconds``) are named explicitly.
 They carry UIDs, counts, states, timestamps (UTC) and failure reasons only: no patient name, ID or
-birth date is ever part of a response.
+birth date is ever part of a read model, hence of a response.
 """
 from __future__ import annotations
 
-from datetime import datetime
+import dataclasses
+import types
+import typing
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
+
+from dicom_fusion.service.ops import monitoring
+from dicom_fusion.service.ops.operations import ActionResult
+from dicom_fusion.service.ops.readiness import Check
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True, frozen=True)
 
 
+_SCHEMAS: dict[type, type[BaseModel]] = {}
+
+
+def _api_type(hint: Any) -> Any:
+    """A read model's type as the API states it: nested read models → their schemas, tuples → lists."""
+    if hint in _SCHEMAS:
+        return _SCHEMAS[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return list[_api_type(args[0])]  # type: ignore[misc]
+    if origin in (types.UnionType, typing.Union):
+        out = _api_type(args[0])
+        for arg in args[1:]:
+            out = out | _api_type(arg)
+        return out
+    return hint
+
+
+def schema_of(read_model: type, name: str, *, exclude: tuple[str, ...] = (), properties: tuple[str, ...] = (),
+              extra: dict[str, tuple[Any, Any]] | None = None) -> type[BaseModel]:
+    """The response schema of a dataclass read model: its fields but ``exclude``, the named
+    ``properties`` (typed by their return annotation), and API-only ``extra`` fields (type, default)."""
+    hints = typing.get_type_hints(read_model)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(read_model):
+        if f.name not in exclude:
+            fields[f.name] = (_api_type(hints[f.name]), ...)
+    for prop in properties:
+        getter = getattr(read_model, prop).fget
+        fields[prop] = (_api_type(typing.get_type_hints(getter)["return"]), ...)
+    unknown = set(exclude) - {f.name for f in dataclasses.fields(read_model)}
+    if unknown:
+        raise TypeError(f"{read_model.__name__} has no field(s) {sorted(unknown)} to exclude")
+    fields.update(extra or {})
+    schema = create_model(name, __base__=_Out, __module__=__name__, **fields)
+    _SCHEMAS[read_model] = schema
+    return schema
+
+
 class HealthOut(_Out):
     status: str
 
 
-class CheckOut(_Out):
-    name: str
-    ok: bool
-    detail: str
-    seconds: float
+CheckOut = schema_of(Check, "CheckOut")
 
 
 class ReadyOut(_Out):
     ready: bool
-    checks: list[CheckOut]
+    checks: list[CheckOut]  # type: ignore[valid-type]
 
 
-class QueueOut(_Out):
-    name: str
-    depth: int | None
-    waiting: int
-    in_flight: int
-    oldest_waiting_seconds: float | None
-
-
-class QueuesOut(_Out):
-    broker: str
-    broker_error: str | None
-    queues: list[QueueOut]
-    workers: list[str] | None
-
-
-class StudySummaryOut(_Out):
-    study_uid: str
-    state: str
-    instances: int
-    first_received_at: datetime
-    last_received_at: datetime
-    job_version: int
-    stage: str | None
-    finding: str | None
-    probability: float | None
-    error: str | None
-
-
-class StudyPageOut(_Out):
-    items: list[StudySummaryOut]
-    total: int
-    page: int
-    page_size: int
-
-
-class SeriesOut(_Out):
-    series_uid: str
-    modality: str
-    instances: int
-
-
-class DeliveryOut(_Out):
-    kind: str
-    state: str
-    attempts: int
-    target: str
-    remote_id: str | None
-    last_error: str | None
-    delivered_at: datetime | None
-
-
-class AuditOut(_Out):
-    ts: datetime
-    event: str
-    detail: str
-
-
-class JobOut(_Out):
-    version: int
-    state: str
-    stage: str
-    attempts: int
-    error: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    latency_seconds: float | None
-    stage_seconds: dict[str, float]
-    finding: str | None
-    probability: float | None
-    image_only: bool | None
-    sr_uid: str | None
-    report_id: str | None
-    report_url: str | None = None
-    deliveries: list[DeliveryOut]
-    history: list[AuditOut]
-
-
-class StudyDetailOut(_Out):
-    study_uid: str
-    state: str
-    instances: int
-    bytes: int
-    first_received_at: datetime
-    last_received_at: datetime
-    calling_ae: str
-    series: list[SeriesOut]
-    jobs: list[JobOut]
-    errors: list[str]
-
-
-class ActionOut(_Out):
-    action: str
-    study_uid: str
-    job_version: int
-    stage: str
-    message: str
+QueueOut = schema_of(monitoring.QueueStatus, "QueueOut")
+QueuesOut = schema_of(monitoring.QueueOverview, "QueuesOut")
+StudySummaryOut = schema_of(monitoring.StudyRow, "StudySummaryOut", exclude=("updated_at",))
+StudyPageOut = schema_of(monitoring.StudyPage, "StudyPageOut")
+SeriesOut = schema_of(monitoring.SeriesInfo, "SeriesOut")
+DeliveryOut = schema_of(monitoring.DeliveryInfo, "DeliveryOut")
+AuditOut = schema_of(monitoring.AuditEntry, "AuditOut")
+JobOut = schema_of(monitoring.JobInfo, "JobOut", exclude=("job_id",), properties=("latency_seconds", "report_id"),
+                   extra={"report_url": (str | None, None)})
+StudyDetailOut = schema_of(monitoring.StudyDetail, "StudyDetailOut", properties=("errors",))
+ActionOut = schema_of(ActionResult, "ActionOut")
+FailureOut = schema_of(monitoring.Failure, "FailureOut")
+LatencyOut = schema_of(monitoring.Latency, "LatencyOut")
+BucketOut = schema_of(monitoring.Bucket, "BucketOut")
+OverviewOut = schema_of(monitoring.Overview, "OverviewOut", exclude=("recent",),
+                        properties=("done_last_hour", "instances_last_hour"))
 
 
 class RedeliverOut(_Out):
-    redelivered: list[ActionOut]
-
-
-class FailureOut(_Out):
-    study_uid: str
-    version: int
-    state: str
-    stage: str
-    attempts: int
-    error: str
-    updated_at: datetime
-
-
-class LatencyOut(_Out):
-    count: int
-    p50: float | None
-    p90: float | None
-    p99: float | None
-    max: float | None
-
-
-class BucketOut(_Out):
-    start: datetime
-    instances: int
-    done: int
-    dead: int
-
-
-class OverviewOut(_Out):
-    generated_at: datetime
-    queues: QueuesOut
-    studies_by_state: dict[str, int]
-    throughput: list[BucketOut]
-    latency: LatencyOut
-    failures: list[FailureOut]
-    done_last_hour: int
-    instances_last_hour: int
+    redelivered: list[ActionOut]  # type: ignore[valid-type]

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from dicom_fusion.service.errors import ServiceError
 from dicom_fusion.service.ops import monitoring, operations
 from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep
-from dicom_fusion.service.ops.api.routes.errors import http_error
 from dicom_fusion.service.ops.api.schemas import ActionOut, FailureOut, OverviewOut, QueuesOut, RedeliverOut
 
 router = APIRouter(prefix="/api", tags=["queues"], dependencies=[Authorized])
@@ -40,8 +38,5 @@ def dead_letter(ctx: ContextDep) -> list[FailureOut]:
              summary="Re-deliver every dead job: back to the stage it died at, fresh retry budget",
              responses={503: {"description": "the broker is unreachable"}})
 def redeliver_all(ctx: ContextDep) -> RedeliverOut:
-    try:
-        done = operations.redeliver_dead(ctx.ledger, ctx.enqueue)
-    except ServiceError as exc:
-        raise http_error(exc) from exc
+    done = operations.redeliver_dead(ctx.ledger, ctx.enqueue)
     return RedeliverOut(redelivered=[ActionOut.model_validate(r) for r in done])

@@ -6,10 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from dicom_fusion.service.errors import ServiceError
 from dicom_fusion.service.ops import monitoring, operations
 from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep
-from dicom_fusion.service.ops.api.routes.errors import http_error
 from dicom_fusion.service.ops.api.schemas import ActionOut, JobOut, RedeliverOut, StudyDetailOut, StudyPageOut
 
 router = APIRouter(prefix="/api/studies", tags=["studies"], dependencies=[Authorized])
@@ -53,10 +51,7 @@ def study_out(ctx: ApiContext, detail: monitoring.StudyDetail) -> StudyDetailOut
             summary="One study: instances, series, job versions with history, deliveries, errors",
             responses={404: {"description": "unknown study"}})
 def get_study(ctx: ContextDep, study_uid: StudyUID) -> StudyDetailOut:
-    try:
-        return study_out(ctx, monitoring.study_detail(ctx.ledger, study_uid))
-    except ServiceError as exc:
-        raise http_error(exc) from exc
+    return study_out(ctx, monitoring.study_detail(ctx.ledger, study_uid))
 
 
 _ACTION_RESPONSES: dict[int | str, dict[str, str]] = {
@@ -67,26 +62,17 @@ _ACTION_RESPONSES: dict[int | str, dict[str, str]] = {
 @router.post("/{study_uid}/retry", response_model=ActionOut, responses=_ACTION_RESPONSES,
              summary="Re-enqueue the current stage of a failed or dead job")
 def retry(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
-    try:
-        return ActionOut.model_validate(operations.retry_study(ctx.ledger, ctx.enqueue, study_uid))
-    except ServiceError as exc:
-        raise http_error(exc) from exc
+    return ActionOut.model_validate(operations.retry_study(ctx.ledger, ctx.enqueue, study_uid))
 
 
 @router.post("/{study_uid}/replay", response_model=ActionOut, responses=_ACTION_RESPONSES,
              summary="Run the study again as a new job version from its stored instances")
 def replay(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
-    try:
-        return ActionOut.model_validate(operations.replay_study(ctx.ledger, ctx.enqueue, study_uid))
-    except ServiceError as exc:
-        raise http_error(exc) from exc
+    return ActionOut.model_validate(operations.replay_study(ctx.ledger, ctx.enqueue, study_uid))
 
 
 @router.post("/{study_uid}/redeliver", response_model=RedeliverOut, responses=_ACTION_RESPONSES,
              summary="Dead-letter re-delivery of this study's dead job")
 def redeliver(ctx: ContextDep, study_uid: StudyUID) -> RedeliverOut:
-    try:
-        done = operations.redeliver_dead(ctx.ledger, ctx.enqueue, study_uid=study_uid)
-    except ServiceError as exc:
-        raise http_error(exc) from exc
+    done = operations.redeliver_dead(ctx.ledger, ctx.enqueue, study_uid=study_uid)
     return RedeliverOut(redelivered=[ActionOut.model_validate(r) for r in done])
