@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import DeliveryKind, Stage
+from dicom_fusion.service.storage.models import DeliveryKind, InstanceRecord, Stage
 
 OWNER = "test-host:1:task"
 NEXT = {Stage.PREPARE: Stage.TIMELINE, Stage.TIMELINE: Stage.INFER, Stage.INFER: Stage.DELIVER}
@@ -14,9 +14,9 @@ NEXT = {Stage.PREPARE: Stage.TIMELINE, Stage.TIMELINE: Stage.INFER, Stage.INFER:
 def add_study(ledger: Ledger, uid: str, n: int = 2, size: int = 1000, series: int = 1) -> None:
     for i in range(n):
         ser = f"{uid}.{1 + i % series}"
-        ledger.record_instance(study_uid=uid, series_uid=ser, sop_uid=f"{ser}.{i + 1}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        ledger.record_instances([InstanceRecord(study_uid=uid, series_uid=ser, sop_uid=f"{ser}.{i + 1}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                                modality="CT", transfer_syntax="1.2.840.10008.1.2.1", path=Path(f"/spool/{uid}/{i}.dcm"),
-                               sha256="0" * 64, size=size, calling_ae="MODALITY")
+                               sha256="0" * 64, size=size, calling_ae="MODALITY")])[0]
 
 
 def complete(ledger: Ledger, uid: str) -> int:

@@ -47,7 +47,7 @@ class PreparedImage:
 
 
 @dataclass(frozen=True)
-class InstanceHeader:
+class ImageFileHeader:
     """What series selection needs from one file, read without its pixel data."""
 
     path: Path
@@ -86,12 +86,12 @@ def _slice_position(ds: Dataset) -> float | None:
     return float(np.dot(normal, pos))
 
 
-def read_headers(files: Sequence[Path]) -> tuple[list[InstanceHeader], list[Path]]:
+def read_headers(files: Sequence[Path]) -> tuple[list[ImageFileHeader], list[Path]]:
     """Headers of the image instances among `files`, and the files that are not readable DICOM.
 
     Instances without Rows/Columns (SR, KO, PR) are not images and are left out silently.
     """
-    headers: list[InstanceHeader] = []
+    headers: list[ImageFileHeader] = []
     unreadable: list[Path] = []
     for f in files:
         path = Path(f)
@@ -103,7 +103,7 @@ def read_headers(files: Sequence[Path]) -> tuple[list[InstanceHeader], list[Path
         if "Rows" not in ds or "Columns" not in ds or "SeriesInstanceUID" not in ds:
             continue
         headers.append(
-            InstanceHeader(
+            ImageFileHeader(
                 path=path,
                 series_instance_uid=str(ds.SeriesInstanceUID),
                 sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
@@ -117,7 +117,7 @@ def read_headers(files: Sequence[Path]) -> tuple[list[InstanceHeader], list[Path
     return headers, unreadable
 
 
-def _series_key(rule: str, instances: list[InstanceHeader]) -> tuple[float, ...]:
+def _series_key(rule: str, instances: list[ImageFileHeader]) -> tuple[float, ...]:
     number = instances[0].series_number
     number_key = float(number) if number is not None else math.inf
     count = sum(h.frames for h in instances)
@@ -127,13 +127,13 @@ def _series_key(rule: str, instances: list[InstanceHeader]) -> tuple[float, ...]
 
 
 def select_series(
-    headers: Sequence[InstanceHeader], selection: InputSelection, unreadable: int = 0
-) -> list[InstanceHeader]:
+    headers: Sequence[ImageFileHeader], selection: InputSelection, unreadable: int = 0
+) -> list[ImageFileHeader]:
     """The instances of the one series the model reads, per `selection.series_rule`.
 
     Ties are broken by series number, then by SeriesInstanceUID, so the choice is deterministic.
     """
-    groups: dict[str, list[InstanceHeader]] = defaultdict(list)
+    groups: dict[str, list[ImageFileHeader]] = defaultdict(list)
     for h in headers:
         if h.modality in selection.modalities:
             groups[h.series_instance_uid].append(h)
@@ -214,7 +214,7 @@ def _to_channels(pixels: np.ndarray, samples: int, channels: int) -> np.ndarray:
     raise ValueError(f"cannot map {samples} samples per pixel onto a {channels}-channel model")
 
 
-def _middle(items: Sequence[InstanceHeader]) -> InstanceHeader:
+def _middle(items: Sequence[ImageFileHeader]) -> ImageFileHeader:
     ordered = sorted(
         items,
         key=lambda h: (h.instance_number if h.instance_number is not None else math.inf, h.sop_instance_uid),
@@ -222,7 +222,7 @@ def _middle(items: Sequence[InstanceHeader]) -> InstanceHeader:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def decode_series(instances: Sequence[InstanceHeader], spec: ImageSpec) -> tuple[np.ndarray, tuple[str, ...]]:
+def decode_series(instances: Sequence[ImageFileHeader], spec: ImageSpec) -> tuple[np.ndarray, tuple[str, ...]]:
     """Channel-first float32 pixels of the chosen series and the SOP Instance UIDs used.
 
     2D: the middle instance by InstanceNumber (middle frame if multi-frame). 3D: the slices sorted
@@ -318,7 +318,7 @@ def load_study_image(files: Sequence[Path], card: ModelCard) -> PreparedImage:
 
 __all__ = [
     "PERCENTILES",
-    "InstanceHeader",
+    "ImageFileHeader",
     "PreparedImage",
     "build_image_transform",
     "decode_series",

@@ -138,7 +138,7 @@ class HybridNet(nn.Module):
             nn.Linear(fusion_hidden, n_classes),
         )
 
-    def encode_timeline(
+    def timeline_lstm_features(
         self, values: torch.Tensor, mask: torch.Tensor, deltas: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         """Final LSTM hidden state over the valid steps of each sequence: [B, lstm_hidden]."""
@@ -162,9 +162,9 @@ class HybridNet(nn.Module):
     ) -> torch.Tensor:
         """Logits for a batch. image [B, C, *size]; values/mask [B, T, F]; deltas [B, T]; lengths,
         has_timeline [B] (bool or 0/1)."""
-        return self.fuse(self.encode_image(image), values, mask, deltas, lengths, has_timeline)
+        return self.fuse(self.image_cnn_features(image), values, mask, deltas, lengths, has_timeline)
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+    def image_cnn_features(self, image: torch.Tensor) -> torch.Tensor:
         """Image branch features [B, image_features]."""
         features: torch.Tensor = self.image_act(self.image_encoder(image))
         return features
@@ -181,7 +181,7 @@ class HybridNet(nn.Module):
         """Logits from precomputed image features and the timeline inputs; `forward` without the CNN, so
         timeline attributions (explain.py) can run many timeline variants against one image pass."""
         flag = has_timeline.to(image_features.dtype).reshape(-1, 1)
-        timeline_features = self.encode_timeline(values, mask, deltas, lengths) * flag
+        timeline_features = self.timeline_lstm_features(values, mask, deltas, lengths) * flag
         logits: torch.Tensor = self.head(torch.cat([image_features, timeline_features, flag], dim=1))
         return logits
 
@@ -224,7 +224,7 @@ def collate_timelines(timelines: Sequence[TimelineTensor | None], spec: Timeline
         if tl.values.shape != shape or tl.mask.shape != shape or tl.deltas.shape != shape[:1]:
             raise ValueError(
                 f"timeline has values {tl.values.shape}, mask {tl.mask.shape}, deltas {tl.deltas.shape} "
-                f"but the card expects {shape} and ({shape[0]},); encode it with timeline.encode_timeline "
+                f"but the card expects {shape} and ({shape[0]},); encode it with data.timeline_tensor.encode_timeline "
                 "and this model's card.timeline"
             )
         if not 1 <= tl.length <= shape[0]:

@@ -134,7 +134,7 @@ def integrated_gradients(
     model.eval()
     try:
         with torch.no_grad():
-            image_features = model.encode_image(x).expand(steps, -1)  # one CNN pass for every step
+            image_features = model.image_cnn_features(x).expand(steps, -1)  # one CNN pass for every step
         with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
             logits = model.fuse(
                 image_features,

@@ -191,11 +191,8 @@ def fit(
     optimiser = torch.optim.Adam(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     spatial_dims = data.images.dim() - 2
     augment = build_augmentation(spatial_dims, seed) if settings.augment and mode != "timeline" else None
-    max_epochs = epochs if epochs is not None else settings.max_epochs
-    history: list[EpochStats] = []
-    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
-    for epoch in range(1, max_epochs + 1):
-        model.train()
+
+    def train_epoch() -> float:
         running, seen = 0.0, 0
         for part in _batches(len(train_idx), settings.batch_size, rng):
             sub = train_idx[part]
@@ -206,8 +203,37 @@ def fit(
             optimiser.step()
             running += loss.item() * len(sub)
             seen += len(sub)
-        val_loss = _mean_loss(model, data, val_idx, mode, loss_fn) if val_idx is not None else None
-        stats = EpochStats(epoch, running / max(1, seen), val_loss)
+        return running / max(1, seen)
+
+    validate = None if val_idx is None else (lambda: _mean_loss(model, data, val_idx, mode, loss_fn))
+    return early_stopping(model, train_epoch, validate, max_epochs=epochs if epochs is not None else settings.max_epochs,
+                          patience=settings.patience, on_epoch=on_epoch)
+
+
+def early_stopping(
+    model: nn.Module,
+    train_epoch: Callable[[], float],
+    validate: Callable[[], float] | None,
+    *,
+    max_epochs: int,
+    patience: int,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> FitResult:
+    """The epoch loop of every network we train (classifier and segmenter): one place decides when to stop.
+
+    ``train_epoch`` runs one pass over the training data and returns its mean loss; ``validate`` returns
+    the validation loss. With validation, the weights of the lowest validation loss are kept (an
+    improvement must exceed 1e-4) and training stops after ``patience`` epochs without one; without it
+    (the final model, whose epoch count comes from cross-validation) every one of ``max_epochs`` runs and
+    the last weights are kept. The model ends with the kept weights loaded.
+    """
+    history: list[EpochStats] = []
+    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
+    for epoch in range(1, max_epochs + 1):
+        model.train()
+        train_loss = train_epoch()
+        val_loss = validate() if validate is not None else None
+        stats = EpochStats(epoch, train_loss, val_loss)
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
@@ -215,7 +241,7 @@ def fit(
             best_epoch, best_state = epoch, model.state_dict()
         elif val_loss < best_loss - 1e-4:
             best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= settings.patience:
+        elif epoch - best_epoch >= patience:
             break
     state = {k: v.detach().clone().contiguous() for k, v in best_state.items()}
     model.load_state_dict(state)

@@ -15,7 +15,6 @@ post-processed, as the service does) against the exact mask.
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import math
@@ -45,6 +44,7 @@ from dicom_fusion.inference.train.crossval import (
     make_folds,
     progress_bar,
 )
+from dicom_fusion.inference.train.fitloop import EpochStats, FitResult, early_stopping
 from dicom_fusion.inference.train.seg_scores import CaseMetrics, case_metrics
 
 SEG_CACHE_FORMAT = 2
@@ -148,13 +148,6 @@ class SegFitSettings:
     """torch intra-op threads: on a shared 2-core host one thread is 2-10x faster than two."""
 
 
-@dataclass(frozen=True, eq=False)
-class SegFit:
-    state: dict[str, torch.Tensor]
-    history: tuple[tuple[int, float, float | None], ...]  # (epoch, train loss, val loss)
-    best_epoch: int
-
-
 def build_joint_augmentation(spatial_dims: int, seed: int) -> Compose:
     """The classifier's augmentation (`fitloop.build_augmentation`) on keys image + label: one random draw
     moves both (the label, a coverage fraction, linearly); intensity only touches the image."""
@@ -202,7 +195,7 @@ def _val_loss(net: nn.Module, images: torch.Tensor, masks: torch.Tensor, idx: np
 
 def fit_segnet(net: nn.Module, cohort: SegCohort, train_idx: np.ndarray, val_idx: np.ndarray | None,
                settings: SegFitSettings, *, seed: int, epochs: int | None = None,
-               on_epoch: Callable[[int, float, float | None], None] | None = None) -> SegFit:
+               on_epoch: Callable[[EpochStats], None] | None = None) -> FitResult:
     """Adam on Dice + cross-entropy; keeps the weights of the lowest validation loss (early stopping), or
     trains exactly `epochs` without validation (the final model). The caller seeds torch."""
     if val_idx is None and epochs is None:
@@ -214,10 +207,8 @@ def fit_segnet(net: nn.Module, cohort: SegCohort, train_idx: np.ndarray, val_idx
     loss_fn = DiceCELoss(to_onehot_y=False, softmax=True)
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     augment = build_joint_augmentation(images.dim() - 2, seed) if settings.augment else None
-    history: list[tuple[int, float, float | None]] = []
-    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(net.state_dict())
-    for epoch in range(1, (epochs or settings.max_epochs) + 1):
-        net.train()
+
+    def train_epoch() -> float:
         running, seen = 0.0, 0
         order = train_idx[rng.permutation(len(train_idx))]
         for start in range(0, len(order), settings.batch_size):
@@ -233,19 +224,11 @@ def fit_segnet(net: nn.Module, cohort: SegCohort, train_idx: np.ndarray, val_idx
             optimiser.step()
             running += loss.item() * len(sub)
             seen += len(sub)
-        val = _val_loss(net, images, masks, val_idx, loss_fn) if val_idx is not None else None
-        history.append((epoch, running / max(1, seen), val))
-        if on_epoch is not None:
-            on_epoch(epoch, running / max(1, seen), val)
-        if val is None:
-            best_epoch, best_state = epoch, net.state_dict()
-        elif val < best_loss - 1e-4:
-            best_loss, best_epoch, best_state = val, epoch, copy.deepcopy(net.state_dict())
-        elif epoch - best_epoch >= settings.patience:
-            break
-    state = {k: v.detach().clone().contiguous() for k, v in best_state.items()}
-    net.load_state_dict(state)
-    return SegFit(state=state, history=tuple(history), best_epoch=best_epoch)
+        return running / max(1, seen)
+
+    validate = None if val_idx is None else (lambda: _val_loss(net, images, masks, val_idx, loss_fn))
+    return early_stopping(net, train_epoch, validate, max_epochs=epochs or settings.max_epochs,
+                          patience=settings.patience, on_epoch=on_epoch)
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -319,8 +302,8 @@ def cross_validate_segmenter(cohort: SegCohort, *, arch: str = "unet", folds: in
             fit_idx, val_idx = inner_split(cohort.labels, train_idx, settings.val_fraction, derive_seed(seed, k))
             task = bar.add_task(f"{arch} fold {k + 1}/{folds}", total=settings.max_epochs, status="")
 
-            def on_epoch(epoch: int, loss: float, val: float | None, task: int = task) -> None:
-                bar.update(task, completed=epoch, status=f"loss {loss:.3f} val {val:.3f}")
+            def on_epoch(stats: EpochStats, task: int = task) -> None:
+                bar.update(task, completed=stats.epoch, status=f"loss {stats.train_loss:.3f} val {stats.val_loss:.3f}")
 
             fold_seed = derive_seed(seed, k, 7)
             with deterministic(fold_seed):
@@ -356,7 +339,6 @@ __all__ = [
     "CaseResult",
     "SegCVResult",
     "SegCohort",
-    "SegFit",
     "SegFitSettings",
     "build_joint_augmentation",
     "cross_validate_segmenter",

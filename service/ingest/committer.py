@@ -26,11 +26,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from dicom_fusion.service.errors import SpoolError
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import InstanceRecord, RecordOutcome
+from dicom_fusion.service.storage.models import FilingHeader, InstanceRecord, RecordOutcome
 from dicom_fusion.service.storage.spool import Spool, StagedFile, fsync_dirs, sync_filesystem
 
 log = logging.getLogger(__name__)
@@ -40,17 +40,6 @@ SyncMode = Literal["file", "filesystem"]
 
 class CommitError(SpoolError):
     """The batch an instance was in could not be made durable (→ 0xA700); the message says why."""
-
-
-class InstanceKey(Protocol):
-    """The header fields an instance is filed under (the listener's parsed header)."""
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str
-    transfer_syntax: str
 
 
 @dataclass
@@ -133,7 +122,7 @@ class GroupCommitter:
         return self._queue.qsize()
 
     # ---- handler side -------------------------------------------------------------------------
-    def store(self, key: InstanceKey, data: bytes, *, calling_ae: str) -> RecordOutcome:
+    def store(self, key: FilingHeader, data: bytes, *, calling_ae: str) -> RecordOutcome:
         """Stage ``data`` and block until its batch is durable.
 
         Returns the ledger outcome (``new=False`` for a duplicate). Raises :class:`SpoolError` when
@@ -141,11 +130,8 @@ class GroupCommitter:
         """
         staged = self.spool.stage(key.study_uid, key.series_uid, key.sop_uid, data,
                                   sync_data=self.sync_mode == "file")
-        record = InstanceRecord(
-            study_uid=key.study_uid, series_uid=key.series_uid, sop_uid=key.sop_uid,
-            sop_class_uid=key.sop_class_uid, modality=key.modality, transfer_syntax=key.transfer_syntax,
-            path=staged.final, sha256=staged.sha256, size=staged.size, calling_ae=calling_ae,
-        )
+        record = InstanceRecord.of(key, path=staged.final, sha256=staged.sha256, size=staged.size,
+                                   calling_ae=calling_ae)
         item = _Pending(record=record, staged=staged)
         with self._lock:
             accepted = self._accepting

@@ -24,7 +24,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
@@ -38,6 +37,7 @@ from dicom_fusion.service.config import ListenerSettings
 from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
 from dicom_fusion.service.ingest.committer import GroupCommitter
 from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import FilingHeader
 from dicom_fusion.service.storage.spool import Spool, check_uid
 
 log = logging.getLogger(__name__)
@@ -47,30 +47,19 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-_HEADER_TAGS = [Tag(t) for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                 "SOPClassUID", "Modality")]
+_FILING_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
+_HEADER_TAGS = [Tag(k) for k in _FILING_KEYWORDS]
 
 
-@dataclass(frozen=True)
-class InstanceHeader:
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str
-    transfer_syntax: str
-
-
-def parse_header(data: bytes) -> InstanceHeader:
+def parse_header(data: bytes) -> FilingHeader:
     """Read the filing UIDs from encoded bytes (file meta + dataset) without touching pixel data."""
     try:
         ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         ts = str(ds.file_meta.TransferSyntaxUID)
-        values = {k: ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                          "SOPClassUID", "Modality")}
+        values = {k: ds.get(k) for k in _FILING_KEYWORDS}
     except Exception as exc:  # pydicom raises many types on corrupt input; all mean "cannot parse"
         raise MalformedInstanceError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
-    return InstanceHeader(
+    return FilingHeader(
         study_uid=check_uid(values["StudyInstanceUID"], "StudyInstanceUID"),
         series_uid=check_uid(values["SeriesInstanceUID"], "SeriesInstanceUID"),
         sop_uid=check_uid(values["SOPInstanceUID"], "SOPInstanceUID"),

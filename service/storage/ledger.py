@@ -124,26 +124,6 @@ class Ledger:
         with self.session() as s:
             return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
 
-    def record_instance(
-        self,
-        *,
-        study_uid: str,
-        series_uid: str,
-        sop_uid: str,
-        sop_class_uid: str,
-        modality: str,
-        transfer_syntax: str,
-        path: Path,
-        sha256: str,
-        size: int,
-        calling_ae: str,
-    ) -> RecordOutcome:
-        """Record a durable instance; a late instance reopens a completed study for a new job version."""
-        return self.record_instances([InstanceRecord(
-            study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class_uid=sop_class_uid,
-            modality=modality, transfer_syntax=transfer_syntax, path=path, sha256=sha256, size=size,
-            calling_ae=calling_ae)])[0]
-
     @contextmanager
     def _write_connection(self) -> Iterator[Connection]:
         """A Core connection in a transaction, serialised like :meth:`transaction` (hot ingest path)."""

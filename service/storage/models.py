@@ -169,8 +169,9 @@ class JobRef:
 
 
 @dataclass(frozen=True)
-class InstanceRecord:
-    """One durable instance to record (what the listener learnt from the header and the spool)."""
+class FilingHeader:
+    """The six values an instance is filed under, read from its header by the listener (the hot path
+    decodes nothing else) and stored on its ledger rows."""
 
     study_uid: str
     series_uid: str
@@ -178,10 +179,22 @@ class InstanceRecord:
     sop_class_uid: str
     modality: str
     transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class InstanceRecord(FilingHeader):
+    """One durable instance to record: its filing header and where the spool holds its bytes."""
+
     path: Path
     sha256: str
     size: int
     calling_ae: str
+
+    @classmethod
+    def of(cls, header: FilingHeader, *, path: Path, sha256: str, size: int, calling_ae: str) -> InstanceRecord:
+        """The record of an instance filed under ``header`` (any object with the six fields)."""
+        filing = {f: getattr(header, f) for f in FilingHeader.__dataclass_fields__}
+        return cls(**filing, path=path, sha256=sha256, size=size, calling_ae=calling_ae)
 
 
 @dataclass(frozen=True)

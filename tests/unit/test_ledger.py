@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import DeliveryKind, DeliveryState, JobState, Stage, utcnow
+from dicom_fusion.service.storage.models import (
+    DeliveryKind,
+    DeliveryState,
+    InstanceRecord,
+    JobState,
+    Stage,
+    utcnow,
+)
 
 
 @pytest.fixture
@@ -14,10 +21,10 @@ def ledger(tmp_path: Path) -> Ledger:
 
 
 def _receive(ledger: Ledger, study: str, sop: str) -> bool:
-    return ledger.record_instance(study_uid=study, series_uid=study + ".1", sop_uid=sop,
+    return ledger.record_instances([InstanceRecord(study_uid=study, series_uid=study + ".1", sop_uid=sop,
                                   sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", modality="DX",
                                   transfer_syntax="1.2.840.10008.1.2.1", path=Path("/x"), sha256="0" * 64,
-                                  size=1, calling_ae="PACS").new
+                                  size=1, calling_ae="PACS")])[0].new
 
 
 def test_duplicate_instance_is_not_recorded_twice(ledger: Ledger) -> None:

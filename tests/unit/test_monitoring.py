@@ -13,7 +13,7 @@ from dicom_fusion.service.errors import StudyNotFoundError
 from dicom_fusion.service.jobs.queues import make_celery
 from dicom_fusion.service.ops import monitoring
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import Job, Stage, utcnow
+from dicom_fusion.service.storage.models import InstanceRecord, Job, Stage, utcnow
 
 
 @pytest.fixture
@@ -54,9 +54,9 @@ def test_states_pages_and_filters(ledger: Ledger) -> None:
 def test_late_instance_shows_receiving_again(ledger: Ledger) -> None:
     add_study(ledger, "2.1", n=1)
     run_to_done(ledger, complete(ledger, "2.1"))
-    ledger.record_instance(study_uid="2.1", series_uid="2.1.1", sop_uid="2.1.1.99", sop_class_uid="1.2",
+    ledger.record_instances([InstanceRecord(study_uid="2.1", series_uid="2.1.1", sop_uid="2.1.1.99", sop_class_uid="1.2",
                            modality="CT", transfer_syntax="1.2.840.10008.1.2.1", path=Path("/x"), sha256="0" * 64,
-                           size=10, calling_ae="M")
+                           size=10, calling_ae="M")])[0]
     assert monitoring.list_studies(ledger).items[0].state == "receiving"
     assert monitoring.study_detail(ledger, "2.1").state == "receiving"
 
