@@ -22,10 +22,6 @@ class MalformedInstanceError(ServiceError):
     """A received dataset cannot be parsed or lacks the UIDs needed to file it."""
 
 
-class JobError(ServiceError):
-    """A job cannot run (missing files, unsupported study); the job is failed with this reason."""
-
-
 class TransientError(ServiceError):
     """A stage failed in a way worth retrying with backoff (PACS/FHIR down, broker hiccup)."""
 

@@ -167,10 +167,6 @@ class Pacs(Component):
         """How many instances with this SOP Instance UID the PACS holds (0 or 1 for a sane PACS)."""
         return sum(1 for hit in self.lookup(sop_uid) if hit.get("Type") == "Instance")
 
-    def stored_files(self) -> list[Path]:
-        """Files received by the fallback storage SCP (Orthanc: use its REST API instead)."""
-        return sorted((self.workdir / "received").glob("*.dcm"))
-
 
 def orthanc_executable() -> str | None:
     for cand in ("/usr/sbin/Orthanc", shutil.which("Orthanc") or ""):

@@ -120,10 +120,6 @@ class Ledger:
                          detail=detail[:2000]))
 
     # ---- ingest -------------------------------------------------------------------------------
-    def has_instance(self, sop_uid: str) -> bool:
-        with self.session() as s:
-            return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
-
     @contextmanager
     def _write_connection(self) -> Iterator[Connection]:
         """A Core connection in a transaction, serialised like :meth:`transaction` (hot ingest path)."""

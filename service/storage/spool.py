@@ -43,14 +43,6 @@ def check_uid(value: object, name: str) -> str:
 
 
 @dataclass(frozen=True)
-class StoredFile:
-    path: Path
-    sha256: str
-    size: int
-    created: bool  # False when identical bytes were already stored
-
-
-@dataclass(frozen=True)
 class StagedFile:
     """Received bytes in a temp file beside their final name, not yet published (see :meth:`Spool.stage`)."""
 
@@ -191,17 +183,6 @@ class Spool:
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> Path:
         return self.studies_dir / study_uid / series_uid / f"{sop_uid}.{sha256[:12]}.dcm"
-
-    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
-        """Make the received bytes durable. Raises :class:`SpoolError` (→ 0xA700) on any OS error."""
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.instance_path(study_uid, series_uid, sop_uid, digest)
-        try:
-            created = write_durable(path, data, fsync=self.fsync)
-        except OSError as exc:
-            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-            raise SpoolError(f"cannot store instance in {self.root}: {reason}") from exc
-        return StoredFile(path=path, sha256=digest, size=len(data), created=created)
 
     def stage(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *,
               sync_data: bool) -> StagedFile:

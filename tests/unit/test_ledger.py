@@ -3,11 +3,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import (
     DeliveryKind,
     DeliveryState,
+    Instance,
     InstanceRecord,
     JobState,
     Stage,
@@ -30,7 +32,8 @@ def _receive(ledger: Ledger, study: str, sop: str) -> bool:
 def test_duplicate_instance_is_not_recorded_twice(ledger: Ledger) -> None:
     assert _receive(ledger, "1.1", "1.1.1.1")
     assert not _receive(ledger, "1.1", "1.1.1.1")
-    assert ledger.has_instance("1.1.1.1")
+    with ledger.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance).where(Instance.sop_uid == "1.1.1.1")) == 1
 
 
 def test_quiet_period_completes_once(ledger: Ledger) -> None:

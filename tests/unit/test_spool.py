@@ -10,20 +10,27 @@ from dicom_fusion.service.storage.spool import Spool, check_uid, write_durable
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 
 
+def _store(spool: Spool, data: bytes) -> tuple[Path, bool]:
+    """Stage then publish, as the group committer does: (final path, created)."""
+    staged = spool.stage(STUDY, SERIES, SOP, data, sync_data=True)
+    return staged.final, spool.publish(staged)
+
+
 def test_store_is_byte_exact_and_content_addressed(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.ensure()
-    a = spool.store_instance(STUDY, SERIES, SOP, b"abc")
-    assert a.created and a.path.read_bytes() == b"abc"
-    again = spool.store_instance(STUDY, SERIES, SOP, b"abc")
-    assert not again.created and again.path == a.path
-    other = spool.store_instance(STUDY, SERIES, SOP, b"different")
-    assert other.path != a.path and a.path.read_bytes() == b"abc"  # first copy never overwritten
+    a, created = _store(spool, b"abc")
+    assert created and a.read_bytes() == b"abc"
+    again, created = _store(spool, b"abc")
+    assert not created and again == a
+    other, _ = _store(spool, b"different")
+    assert other != a and a.read_bytes() == b"abc"  # first copy never overwritten
 
 
 def test_no_temp_files_left(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    spool.store_instance(STUDY, SERIES, SOP, b"x" * 10000)
+    _store(spool, b"x" * 10000)
+    _store(spool, b"x" * 10000)  # the duplicate's temp name is dropped too
     leftovers = [p for p in tmp_path.rglob(".tmp-*")]
     assert leftovers == []
 
@@ -46,7 +53,7 @@ def test_disk_full_becomes_spool_error_and_leaves_nothing(tmp_path: Path,
 
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(SpoolError, match="disk full"):
-        spool.store_instance(STUDY, SERIES, SOP, b"abc")
+        _store(spool, b"abc")
     monkeypatch.undo()
     assert [p for p in spool.studies_dir.rglob("*") if p.is_file()] == []
 
