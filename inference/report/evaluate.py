@@ -233,7 +233,7 @@ def _blocks(
     if cv.card.image.lesion_channel and seg is not None:
         note = (
             "Segmentation-guided: the image branch reads the prepared image plus, as a second channel, "
-            f"the lesion probability map of segmenter {seg.parent.name}/{seg.name} (guide.py)."
+            f"the lesion probability map of segmenter {seg.parent.name}/{seg.name} (serve/lesion_channel.py)."
         )
         guided = (note,)
     blocks: list[Block] = [

@@ -1,8 +1,8 @@
 """Training: stratified k-fold cross-validation by patient, then a final model on every patient.
 
-Recipe (DESIGN "Method"): Adam, class-weighted cross-entropy, early stopping on the loss of an inner
+Recipe (docs/architecture.md, "Method"): Adam, class-weighted cross-entropy, early stopping on the loss of an inner
 validation split, MONAI augmentation on training images only, modality dropout for the fusion model
-(fitloop.py); folds, per-fold scaler and no-leakage rules in crossval.py; settings in trainconfig.py.
+(fitloop.py); folds, per-fold scaler and no-leakage rules in crossval.py; settings in config.py.
 Images are normalised per image (percentiles, `transforms.prepare_array`), so there is nothing to fit
 for them.
 

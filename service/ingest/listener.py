@@ -111,7 +111,7 @@ class StoreHandler:
 
 
 def _set_nodelay(event: evt.Event) -> None:
-    """pynetdicom leaves Nagle on; small PDUs then wait ~40 ms for ACKs (see DESIGN)."""
+    """pynetdicom leaves Nagle on; small PDUs then wait ~40 ms for ACKs (docs/architecture.md, "Pitfalls met")."""
     try:
         sock = event.assoc.dul.socket.socket
         if sock is not None:

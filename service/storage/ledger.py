@@ -17,8 +17,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import (
-    create_engine,
-    event,
     or_,
     select,
     update,
@@ -27,13 +25,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_fusion.service.storage.engine import WRITE, is_sqlite, ledger_engine
 from dicom_fusion.service.storage.ledger_batch import CoreWriter, SqliteWriter, record_batch
 from dicom_fusion.service.storage.models import (
     QUEUED_OWNER,
     STAGE_STATE,
     TERMINAL,
     AuditEvent,
-    Base,
     Delivery,
     DeliveryKind,
     DeliveryState,
@@ -48,48 +46,26 @@ from dicom_fusion.service.storage.models import (
     StudyState,
     utcnow,
 )
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-    # SQLAlchemy emits BEGIN itself (`_sqlite_begin`), so that writers can take the lock up front.
-    dbapi_conn.isolation_level = None
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, not just kill -9
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    """Write transactions start with BEGIN IMMEDIATE: the write lock is taken (or waited for, up to
-    the busy timeout) before the first read, so a transaction that reads then writes never fails with
-    SQLITE_BUSY_SNAPSHOT when another process (a second listener, a worker) committed in between."""
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("ledger_write") else "BEGIN")
+from dicom_fusion.service.storage.schema import create_if_empty
 
 
 class Ledger:
-    """Typed operations on the ledger; each one is a short transaction."""
+    """Typed operations on the ledger; each one is a short transaction.
+
+    On an empty database the constructor creates the current tables, stamped with the head schema
+    revision; it never changes a database that has tables (:mod:`.schema` says who migrates those).
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, object] = {}
-        if self.is_sqlite:
-            path = url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        self.engine: Engine = create_engine(url, **kwargs)  # type: ignore[arg-type]
-        if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine, "begin", _sqlite_begin)
-        self._write_engine = self.engine.execution_options(ledger_write=True)  # same pool
-        # The listener's batches go through the sqlite3 driver directly (see ledger_ingest); False = Core.
+        self.is_sqlite = is_sqlite(url)
+        self.engine: Engine = ledger_engine(url)  # SQLite: WAL, synchronous=FULL, BEGIN IMMEDIATE writers
+        self._write_engine = self.engine.execution_options(**WRITE)  # same pool
+        # The listener's batches go through the sqlite3 driver directly (see ledger_batch); False = Core.
         self.fast_sqlite_ingest = True
         # SQLite allows one writer; serialising writers in-process avoids busy spins between threads.
         self._write_lock = threading.Lock() if self.is_sqlite else None
-        Base.metadata.create_all(self.engine)
+        create_if_empty(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
 

@@ -141,7 +141,7 @@ def test_sr_marks_a_2d_lesion_centre_and_box_as_scoord(dx: tuple[list[Dataset], 
     """2D lesions get SCOORD items a viewer can draw: centroid POINT and bounding-box POLYLINE on the image."""
     from highdicom.sr.utils import find_content_items
 
-    from dicom_fusion.service.outputs import codes
+    from dicom_fusion.service.outputs import concepts
 
     sources, mask = dx
     seg = _seg(sources, mask)
@@ -150,8 +150,8 @@ def test_sr_marks_a_2d_lesion_centre_and_box_as_scoord(dx: tuple[list[Dataset], 
     sr = build_sr(sources, make_result(), sr_instance_uid=sr_uid, sr_series_uid=series_uid, content_datetime=WHEN,
                   segmentation=seg, lesion=lesion)
     back = pydicom.dcmread(BytesIO(sr_to_bytes(sr)))
-    [centre] = find_content_items(back, name=codes.LESION_CENTER, recursive=True)
-    [box] = find_content_items(back, name=codes.LESION_EXTENT, recursive=True)
+    [centre] = find_content_items(back, name=concepts.LESION_CENTER, recursive=True)
+    [box] = find_content_items(back, name=concepts.LESION_EXTENT, recursive=True)
     rows, cols = np.nonzero(mask)
     assert np.allclose(centre.GraphicData, [cols.mean() + 0.5, rows.mean() + 0.5])
     xs, ys = np.asarray(box.GraphicData)[0::2], np.asarray(box.GraphicData)[1::2]

@@ -17,7 +17,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_fusion.inference.serve.predict import ClassProbability, InferenceResult
 from dicom_fusion.service.errors import SRValidationError
-from dicom_fusion.service.outputs import codes
+from dicom_fusion.service.outputs import concepts
 from dicom_fusion.service.outputs.identity import derive_sr_uids, device_observer_uid
 from dicom_fusion.service.outputs.sr.build import build_sr, check_sr, read_sr, sr_to_bytes
 
@@ -93,16 +93,16 @@ def test_round_trip_through_highdicom(sources: list[Dataset]) -> None:
 
 
 def test_highdicom_sees_finding_evaluation_and_algorithm(sources: list[Dataset]) -> None:
-    """The DESIGN pitfall: an evaluation named (121071, DCM, "Finding") would be filtered out."""
+    """The pitfall of docs/architecture.md ("Pitfalls met"): an evaluation named (121071, DCM, "Finding") would be filtered out."""
     sr = hd.sr.Comprehensive3DSR.from_dataset(build(sources))
     (group,) = sr.content.get_image_measurement_groups()
     (evaluation,) = group.get_qualitative_evaluations()
-    assert evaluation.name == codes.FINDING_EVALUATION
+    assert evaluation.name == concepts.FINDING_EVALUATION
     assert evaluation.value == hd.sr.CodedConcept("363346000", "SCT", "Malignant neoplastic disease")
     assert group.finding_type == evaluation.value
     assert {m.unit.value for m in group.get_measurements()} == {"1"}
     assert len(group.source_images) == 3
-    assert sr.content.get_observer_contexts(observer_type=codes.OBSERVER_TYPE_DEVICE)
+    assert sr.content.get_observer_contexts(observer_type=concepts.OBSERVER_TYPE_DEVICE)
 
 
 def test_same_patient_and_study_as_sources(sources: list[Dataset]) -> None:
@@ -183,7 +183,7 @@ def test_check_sr_reports_what_is_wrong(sources: list[Dataset]) -> None:
     group = sr.ContentSequence[-1].ContentSequence[0]
     group.ContentSequence = [item for item in group.ContentSequence
                              if not (item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue
-                                     == codes.FINDING_EVALUATION.value)]
+                                     == concepts.FINDING_EVALUATION.value)]
     with pytest.raises(SRValidationError, match='Expected 1 qualitative evaluation "Clinical finding", '
                                                 'found 0'):
         check_sr(sr)
@@ -234,11 +234,11 @@ def test_derived_uids() -> None:
 
 
 def test_coded_concepts_from_fhir_systems() -> None:
-    assert codes.coded_concept(SNOMED, "363346000", "Malignant").scheme_designator == "SCT"
-    assert codes.coded_concept("http://loinc.org", "1-8", "x").scheme_designator == "LN"
-    assert codes.coded_concept("SCT", "1", "x").scheme_designator == "SCT"
-    assert codes.fhir_system("SCT") == SNOMED
+    assert concepts.coded_concept(SNOMED, "363346000", "Malignant").scheme_designator == "SCT"
+    assert concepts.coded_concept("http://loinc.org", "1-8", "x").scheme_designator == "LN"
+    assert concepts.coded_concept("SCT", "1", "x").scheme_designator == "SCT"
+    assert concepts.fhir_system("SCT") == SNOMED
     with pytest.raises(ValueError, match="has no DICOM coding scheme designator"):
-        codes.coded_concept("http://example.org", "1", "x")
+        concepts.coded_concept("http://example.org", "1", "x")
     with pytest.raises(ValueError, match="must not be empty"):
-        codes.coded_concept(SNOMED, " ", "x")
+        concepts.coded_concept(SNOMED, " ", "x")

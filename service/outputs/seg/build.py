@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
-from dicom_fusion.service.outputs import codes
+from dicom_fusion.service.outputs import concepts
 from dicom_fusion.service.outputs.identity import MANUFACTURER, derive_seg_uids
 
 SERIES_NUMBER = 997  # next to the saliency SC's 998 and the SR's 999
@@ -77,7 +77,7 @@ class LesionMeasurement:
     def centroid_text(self) -> str:
         axes = ("slice", "row", "column")[-len(self.centroid):]
         where = ", ".join(f"{a} {v:.1f}" for a, v in zip(axes, self.centroid, strict=True))
-        return f"{codes.LESION_CENTROID_PREFIX}: {where} (source pixels, 0-based)"
+        return f"{concepts.LESION_CENTROID_PREFIX}: {where} (source pixels, 0-based)"
 
 
 def source_spacing(sources: Sequence[Dataset]) -> tuple[float, ...]:
@@ -157,7 +157,7 @@ def build_segmentation(
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=model_name[:64], version=model_version[:64], family=dcm_codes.cid7162.ArtificialIntelligence),
         tracking_uid=generate_uid(entropy_srcs=[sr_instance_uid, "lesion", "1"]),
-        tracking_id=f"{codes.LESION_TRACKING_PREFIX} 1",
+        tracking_id=f"{concepts.LESION_TRACKING_PREFIX} 1",
     )
     seg = hd.seg.Segmentation(
         source_images=list(sources),
@@ -208,9 +208,9 @@ def lesion_measurement_group(
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=str(algorithm.AlgorithmName), version=str(algorithm.AlgorithmVersion))
     value = hd.sr.Measurement(
-        name=codes.LESION_AREA if measurement.kind == "area" else codes.LESION_VOLUME,
+        name=concepts.LESION_AREA if measurement.kind == "area" else concepts.LESION_VOLUME,
         value=measurement.value,
-        unit=codes.AREA_UNIT if measurement.kind == "area" else codes.VOLUME_UNIT,
+        unit=concepts.AREA_UNIT if measurement.kind == "area" else concepts.VOLUME_UNIT,
         algorithm_id=algorithm_id,
     )
     common = {"tracking_identifier": tracking, "finding_type": finding, "algorithm_id": algorithm_id,
@@ -240,7 +240,7 @@ def lesion_measurement_group(
             **common,  # type: ignore[arg-type]
         )
     group[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=codes.LESION_CENTROID_COMMENT, value=measurement.centroid_text(),
+        name=concepts.LESION_CENTROID_COMMENT, value=measurement.centroid_text(),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if measurement.kind == "area":
         group[0].ContentSequence.extend(_planar_coordinates(measurement, sources[0]))
@@ -256,8 +256,8 @@ def _planar_coordinates(measurement: LesionMeasurement, source: Dataset) -> list
     box = [[c0, r0], [c1 + 1, r0], [c1 + 1, r1 + 1], [c0, r1 + 1], [c0, r0]]
     items = []
     for name, graphic_type, data in (
-        (codes.LESION_CENTER, hd.sr.GraphicTypeValues.POINT, [[col + 0.5, row + 0.5]]),
-        (codes.LESION_EXTENT, hd.sr.GraphicTypeValues.POLYLINE, box),
+        (concepts.LESION_CENTER, hd.sr.GraphicTypeValues.POINT, [[col + 0.5, row + 0.5]]),
+        (concepts.LESION_EXTENT, hd.sr.GraphicTypeValues.POLYLINE, box),
     ):
         item = hd.sr.ScoordContentItem(
             name=name, graphic_type=graphic_type, graphic_data=np.asarray(data, dtype=np.float64),

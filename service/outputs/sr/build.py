@@ -17,7 +17,7 @@ zero or empty optional patient attributes are dropped, because modalities write 
 
 Everything in the document derives from the inputs and the UIDs given, so a redelivered task builds
 byte-identical SRs (pass ``content_datetime``; it stands in for every "now" highdicom would write).
-`read_sr` / `check_sr` (from `sr_reader`, re-exported here) read an SR back through highdicom, the
+`read_sr` / `check_sr` (from `sr/reader.py`, re-exported here) read an SR back through highdicom, the
 same way a consumer would.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import RE_VALID_UID, UID, generate_uid
 from pydicom.valuerep import DA, DT, TM
 
-from dicom_fusion.service.outputs import codes
+from dicom_fusion.service.outputs import concepts
 from dicom_fusion.service.outputs.identity import MANUFACTURER, device_observer_uid
 from dicom_fusion.service.outputs.sr.reader import ReportedClass, ReportedResult, check_sr, read_sr
 
@@ -98,7 +98,7 @@ def build_sr(
     returned dataset is a `highdicom.sr.Comprehensive3DSR`. `saliency` (the Grad-CAM Secondary
     Capture, `saliency.build_saliency_sc`) is referenced from the measurement group and listed as
     evidence; send it to the PACS with the SR. `segmentation` (the lesion SEG, `seg.build_segmentation`)
-    with its `lesion` measurement adds a TID 1410/1411 group referencing the SEG segment (`seg.py`).
+    with its `lesion` measurement adds a TID 1410/1411 group referencing the SEG segment (`outputs/seg/build.py`).
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -128,25 +128,25 @@ def build_sr(
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[sr_instance_uid, "tracking"]),
-            identifier=codes.ALGORITHM_GROUP_TRACKING_IDENTIFIER,
+            identifier=concepts.ALGORITHM_GROUP_TRACKING_IDENTIFIER,
         ),
         finding_type=finding,
         algorithm_id=hd.sr.AlgorithmIdentification(name=model_name, version=model_version),
         measurements=[
-            hd.sr.Measurement(name=concept, value=probability, unit=codes.PROBABILITY_UNIT)
+            hd.sr.Measurement(name=concept, value=probability, unit=concepts.PROBABILITY_UNIT)
             for concept, probability in measured
         ],
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=codes.FINDING_EVALUATION, value=finding)
+            hd.sr.QualitativeEvaluation(name=concepts.FINDING_EVALUATION, value=finding)
         ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
     )
     if _flag(result, "image_only"):
         reason = getattr(result, "image_only_reason", None)
-        text = codes.IMAGE_ONLY_PREFIX + (f": {reason}" if reason else "")
+        text = concepts.IMAGE_ONLY_PREFIX + (f": {reason}" if reason else "")
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
-                name=codes.IMAGE_ONLY_COMMENT,
+                name=concepts.IMAGE_ONLY_COMMENT,
                 value=text,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
@@ -155,8 +155,8 @@ def build_sr(
     for line in getattr(result, "driver_lines", lambda: ())():
         content.append(
             hd.sr.TextContentItem(
-                name=codes.TIMELINE_DRIVER_COMMENT,
-                value=f"{codes.TIMELINE_DRIVER_PREFIX}: {line}"[:1024],
+                name=concepts.TIMELINE_DRIVER_COMMENT,
+                value=f"{concepts.TIMELINE_DRIVER_PREFIX}: {line}"[:1024],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
@@ -166,7 +166,7 @@ def build_sr(
             raise ValueError("The saliency image belongs to another study than the sources.")
         content.append(
             hd.sr.ImageContentItem(
-                name=codes.SALIENCY_IMAGE,
+                name=concepts.SALIENCY_IMAGE,
                 referenced_sop_class_uid=saliency.SOPClassUID,
                 referenced_sop_instance_uid=saliency.SOPInstanceUID,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -183,7 +183,7 @@ def build_sr(
         groups.append(lesion_measurement_group(segmentation, headers, lesion, sr_instance_uid=sr_instance_uid))
         evidence.append(_header_copy(segmentation))
     observer = hd.sr.ObserverContext(
-        observer_type=hd.sr.CodedConcept.from_code(codes.OBSERVER_TYPE_DEVICE),
+        observer_type=hd.sr.CodedConcept.from_code(concepts.OBSERVER_TYPE_DEVICE),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=device_observer_uid(model_name),
             name=model_name,
@@ -193,9 +193,9 @@ def build_sr(
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.PROCEDURE_REPORTED,
+        procedure_reported=concepts.PROCEDURE_REPORTED,
         imaging_measurements=groups,
-        title=codes.DOCUMENT_TITLE,
+        title=concepts.DOCUMENT_TITLE,
     )
     ours = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
@@ -352,7 +352,7 @@ def _classes(result: object) -> tuple[list[tuple[hd.sr.CodedConcept, float]], hd
 
 def _concept(item: object, label: str) -> hd.sr.CodedConcept:
     try:
-        return codes.coded_concept(item.system, item.code, item.display)  # type: ignore[attr-defined]
+        return concepts.coded_concept(item.system, item.code, item.display)  # type: ignore[attr-defined]
     except AttributeError:
         raise TypeError(f"{label} must have attributes system, code and display.") from None
     except (TypeError, ValueError) as exc:

@@ -20,7 +20,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, Comprehensive3DSRStorage
 
 from dicom_fusion.service.errors import SRValidationError
-from dicom_fusion.service.outputs import codes
+from dicom_fusion.service.outputs import concepts
 
 if TYPE_CHECKING:
     from dicom_fusion.inference.serve.predict import InferenceResult
@@ -95,7 +95,7 @@ def read_sr(ds: Dataset) -> ReportedResult:
     if not isinstance(report, hd.sr.MeasurementReport):
         raise SRValidationError("Root container is not a TID 1500 Measurement Report.")
 
-    observers = report.get_observer_contexts(observer_type=codes.OBSERVER_TYPE_DEVICE)
+    observers = report.get_observer_contexts(observer_type=concepts.OBSERVER_TYPE_DEVICE)
     if len(observers) != 1:
         raise SRValidationError(f"Expected 1 device observer context, found {len(observers)}.")
     groups = report.get_image_measurement_groups()
@@ -109,7 +109,7 @@ def read_sr(ds: Dataset) -> ReportedResult:
     for index, measurement in enumerate(group.get_measurements(), 1):
         concept, value = measurement.name, measurement.value
         label = f'Measurement #{index} ({concept.value}, {concept.scheme_designator}, "{concept.meaning}")'
-        if measurement.unit != codes.PROBABILITY_UNIT:
+        if measurement.unit != concepts.PROBABILITY_UNIT:
             raise SRValidationError(f'{label} has unit "{measurement.unit.value}"; expected UCUM "1".')
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise SRValidationError(f"{label} has value {value}; a probability must be in [0, 1].")
@@ -120,10 +120,10 @@ def read_sr(ds: Dataset) -> ReportedResult:
     if not probabilities:
         raise SRValidationError("The measurement group holds no class probability (NUM) items.")
 
-    evaluations = group.get_qualitative_evaluations(name=codes.FINDING_EVALUATION)
+    evaluations = group.get_qualitative_evaluations(name=concepts.FINDING_EVALUATION)
     if len(evaluations) != 1:
         raise SRValidationError(
-            f'Expected 1 qualitative evaluation "{codes.FINDING_EVALUATION.meaning}", '
+            f'Expected 1 qualitative evaluation "{concepts.FINDING_EVALUATION.meaning}", '
             f"found {len(evaluations)}."
         )
     found = cast(hd.sr.CodedConcept, evaluations[0].value)  # highdicom annotates it as a number
@@ -145,24 +145,24 @@ def read_sr(ds: Dataset) -> ReportedResult:
     flags = [
         item.value
         for item in find_content_items(
-            group[0], name=codes.IMAGE_ONLY_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT
+            group[0], name=concepts.IMAGE_ONLY_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT
         )
-        if item.value.startswith(codes.IMAGE_ONLY_PREFIX)
+        if item.value.startswith(concepts.IMAGE_ONLY_PREFIX)
     ]
     if len(flags) > 1:
-        raise SRValidationError(f'Found {len(flags)} "{codes.IMAGE_ONLY_PREFIX}" items; expected at most 1.')
+        raise SRValidationError(f'Found {len(flags)} "{concepts.IMAGE_ONLY_PREFIX}" items; expected at most 1.')
     reason = None
     if flags:
-        reason = flags[0][len(codes.IMAGE_ONLY_PREFIX):].removeprefix(": ") or None
+        reason = flags[0][len(concepts.IMAGE_ONLY_PREFIX):].removeprefix(": ") or None
 
     drivers = tuple(
-        item.value[len(codes.TIMELINE_DRIVER_PREFIX):].removeprefix(": ")
+        item.value[len(concepts.TIMELINE_DRIVER_PREFIX):].removeprefix(": ")
         for item in find_content_items(
-            group[0], name=codes.TIMELINE_DRIVER_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT
+            group[0], name=concepts.TIMELINE_DRIVER_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT
         )
-        if item.value.startswith(codes.TIMELINE_DRIVER_PREFIX)
+        if item.value.startswith(concepts.TIMELINE_DRIVER_PREFIX)
     )
-    images = find_content_items(group[0], name=codes.SALIENCY_IMAGE, value_type=hd.sr.ValueTypeValues.IMAGE)
+    images = find_content_items(group[0], name=concepts.SALIENCY_IMAGE, value_type=hd.sr.ValueTypeValues.IMAGE)
     if len(images) > 1:
         raise SRValidationError(f"Found {len(images)} saliency images; expected at most 1.")
     saliency = str(images[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) if images else None
@@ -260,7 +260,7 @@ def _describe(concept: hd.sr.CodedConcept | None) -> str:
 
 
 def _compare_class(label: str, got: ReportedClass, want: object) -> None:
-    concept = codes.coded_concept(want.system, want.code, want.display)  # type: ignore[attr-defined]
+    concept = concepts.coded_concept(want.system, want.code, want.display)  # type: ignore[attr-defined]
     if (got.code, got.scheme_designator) != (concept.value, concept.scheme_designator):
         raise SRValidationError(
             f"{label} is ({got.code}, {got.scheme_designator}) in the SR, "
@@ -277,7 +277,7 @@ def _compare_class(label: str, got: ReportedClass, want: object) -> None:
         )
 
 
-_LESION_SIZES = {"area": (codes.LESION_AREA, codes.AREA_UNIT), "volume": (codes.LESION_VOLUME, codes.VOLUME_UNIT)}
+_LESION_SIZES = {"area": (concepts.LESION_AREA, concepts.AREA_UNIT), "volume": (concepts.LESION_VOLUME, concepts.VOLUME_UNIT)}
 
 
 def _read_lesions(report: hd.sr.MeasurementReport, evidence: set[str]) -> tuple[ReportedLesion, ...]:
@@ -304,8 +304,8 @@ def _read_lesions(report: hd.sr.MeasurementReport, evidence: set[str]) -> tuple[
             raise SRValidationError(f"{label}: the referenced SEG {seg_uid} is not listed as evidence.")
         centroid = [
             str(item.value) for item in find_content_items(
-                group[0], name=codes.LESION_CENTROID_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT)
-            if str(item.value).startswith(codes.LESION_CENTROID_PREFIX)
+                group[0], name=concepts.LESION_CENTROID_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT)
+            if str(item.value).startswith(concepts.LESION_CENTROID_PREFIX)
         ]
         finding = group.finding_type
         lesions.append(ReportedLesion(

@@ -1,6 +1,6 @@
-"""Every coded concept the DICOM SR emits, in one place.
+"""Every coded concept the DICOM outputs (SR, SEG) emit, in one place (the FHIR side has its own: `fhir/codes.py`).
 
-The SR builder (`sr.py`) and its reader (`check_sr`) both take their concepts from here, so that a
+The SR builder (`sr/build.py`) and its reader (`sr/reader.py`) both take their concepts from here, so that a
 change of code is one edit and the reader always looks for exactly what the writer wrote. Concepts
 that highdicom's templates fix themselves (e.g. "Tracking Identifier", "Algorithm Name") are not
 repeated here.
@@ -58,7 +58,7 @@ PROBABILITY_UNIT: Code = codes.UCUM.NoUnits
 #: Concept name of the qualitative evaluation that carries the predicted class.
 #: Deliberately *not* (121071, DCM, "Finding"): TID 1501 already uses that concept for the group's
 #: finding type, and highdicom's `get_qualitative_evaluations()` filters it out, so an evaluation
-#: named "Finding" would be written but never read back (see DESIGN "highdicom SR pitfalls").
+#: named "Finding" would be written but never read back (docs/architecture.md, "Pitfalls met").
 FINDING_EVALUATION: Code = Code("404684003", "SCT", "Clinical finding")
 
 #: Concept name of the TEXT item that flags an image-only prediction (EHR timeline not used).
