@@ -5,23 +5,40 @@ series, how images are normalised, which EHR codes make up the timeline) and wha
 with SNOMED CT codes, the decision threshold). Everything downstream reads these values from the card
 rather than from constants, so a retrained model with other codes or image sizes needs no code change.
 
-The value objects validate themselves in their constructors (raising `ModelCardError`, which is also a
-`ValueError`); `load_card` adds the card's path to every message so an operator knows which file to fix.
+The value objects are frozen pydantic dataclasses: pydantic checks types, missing and unknown keys, and
+the validators below the rules between values. Their constructors (and `dataclasses.replace`) raise
+`ModelCardError`, which is also a `ValueError`, never pydantic's `ValidationError`; `load_card` adds the
+card's path to every message so an operator knows which file to fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import json
 import math
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, dataclass_transform, get_args
+
+import pydantic.dataclasses
+import tomlkit
+from annotated_types import Gt
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dicom_fusion.inference.errors import ModelCardError, WeightsMismatchError
 
@@ -31,79 +48,182 @@ LOINC = "http://loinc.org"
 ANY = "*"
 """Wildcard for `TimelineFeature.system` / `.code`: count every event of the feature's kind."""
 
-SERIES_RULES = ("most_instances", "lowest_series_number")
+SeriesRule = Literal["most_instances", "lowest_series_number"]
+SERIES_RULES: tuple[str, ...] = get_args(SeriesRule)
 """How `load_study_image` picks one series when several match the modalities (see transforms.py)."""
-ENCODERS = ("smallcnn", "densenet121", "efficientnet-b0")
-EVENT_KINDS = ("observation", "condition", "medication", "encounter")
-_T = TypeVar("_T")
+Encoder = Literal["smallcnn", "densenet121", "efficientnet-b0"]
+ENCODERS: tuple[str, ...] = get_args(Encoder)
+EventKind = Literal["observation", "condition", "medication", "encounter"]
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 REGENERATE_HINT = (
     "regenerate the default model with `dicom-fusion model init --out DIR` "
     "(or `python -m dicom_fusion.inference.nets.hybrid --out DIR --seed 0`), or retrain and rewrite the card"
 )
 
+# --------------------------------------------------------------------------- value types
 
-def _tuple_of_str(value: Any, what: str) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ModelCardError(f"{what} must be a list of strings, got {value!r}")
-    out = tuple(value)
-    if not all(isinstance(v, str) and v for v in out):
-        raise ModelCardError(f"{what} must hold non-empty strings, got {value!r}")
-    return out
-
-
-def _finite(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ModelCardError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+Text = Annotated[str, StringConstraints(strict=True, pattern=r"\S")]
+"""A string with at least one non-blank character."""
+PositiveInt = Annotated[int, Strict(), Gt(0)]
+"""An integer > 0; `true` and 2.0 are refused rather than read as 1 and 2."""
+Finite = Annotated[float, Strict(), AllowInfNan(False)]
+"""A finite number; integers are accepted and become floats, strings and booleans are refused."""
 
 
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ModelCardError(f"{what} must be a positive integer, got {value!r}")
-    return value
+def _sha256(value: str) -> str:
+    sha = value.lower()
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ModelCardError(f"sha256 must be 64 hex digits (the digest of the weights file), got {value!r}")
+    return sha
 
 
-def _non_empty(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ModelCardError(f"{what} must be a non-empty string, got {value!r}")
-    return value
+Sha256 = Annotated[str, Strict(), AfterValidator(_sha256)]
+
+_C = TypeVar("_C", bound=type)
 
 
-@dataclass(frozen=True)
+@dataclass_transform(frozen_default=True, field_specifiers=(Field, dataclasses.field))
+def card_value(cls: _C) -> _C:
+    """Make `cls` a frozen pydantic dataclass whose unknown keys are errors (a typo like `treshold` must
+    not silently fall back to a default) and whose constructor raises `ModelCardError`."""
+    cls = pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+    validate = cls.__init__
+
+    @functools.wraps(validate)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            validate(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise ModelCardError(explain(exc, cls, f"{cls.__name__}()")) from None
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
+def omitted_is_none(*names: str) -> Any:
+    """A before-validator for optional fields that have no default (they precede required ones): TOML has
+    no null, so an omitted key means None."""
+
+    def fill(cls: type, data: Any) -> Any:
+        return {**dict.fromkeys(names), **data} if isinstance(data, dict) else data
+
+    return model_validator(mode="before")(classmethod(fill))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- pydantic errors as ModelCardError
+
+_EXPECTED = {
+    "bool_type": "true or false",
+    "int_type": "a positive integer",
+    "greater_than": "a positive integer",
+    "float_type": "a finite number",
+    "finite_number": "a finite number",
+    "string_type": "a non-empty string",
+    "string_pattern_mismatch": "a non-empty string",
+    "tuple_type": "a list",
+    "dict_type": "a table",
+    "dataclass_type": "a table",
+    "dataclass_args_type": "a table",
+    "path_type": "a path",
+}
+"""What a value must be, by pydantic error type; the types above only use these constraints."""
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _types_in(annotation: Any) -> Iterator[Any]:
+    yield annotation
+    for arg in get_args(annotation):
+        yield from _types_in(arg)
+
+
+def _allowed(cls: type, loc: tuple[int | str, ...]) -> str:
+    """The keys the table at `loc` of card type `cls` may hold."""
+    table: Any = cls
+    for part in loc:
+        if isinstance(part, str):
+            annotation = table.__pydantic_fields__[part].annotation
+            table = next(t for t in _types_in(annotation)
+                         if isinstance(t, type) and pydantic.dataclasses.is_pydantic_dataclass(t))
+    return ", ".join(sorted(set(table.__pydantic_fields__) - {"path"}))
+
+
+def explain(exc: ValidationError, cls: type, top: str = "the top level") -> str:
+    """One message for all of pydantic's errors, each naming its key path (`timeline.features[2].std`)."""
+    messages: list[str] = []
+    unknown: dict[tuple[int | str, ...], list[str]] = {}
+    for error in exc.errors():
+        loc, kind, got = error["loc"], error["type"], error.get("input")
+        names = list(cls.__pydantic_fields__)  # type: ignore[attr-defined]
+        if loc and isinstance(loc[0], int) and loc[0] < len(names):  # a positional constructor argument
+            loc = (names[loc[0]], *loc[1:])
+        where = _key_path(loc) or top
+        if kind in ("value_error", "assertion_error"):
+            messages.append(str(error["ctx"]["error"]))  # a validator's own message names the key
+        elif kind in ("unexpected_keyword_argument", "extra_forbidden"):
+            unknown.setdefault(loc[:-1], []).append(str(loc[-1]))
+        elif kind == "missing" and loc and isinstance(loc[-1], int):
+            messages.append(f"{_key_path(loc[:-1])} has too few entries")
+        elif kind == "missing":
+            messages.append(f"missing key {where}")
+        elif kind == "literal_error":
+            messages.append(f"{where} {got!r} is unknown; use one of {error['ctx']['expected']}")
+        elif kind in ("too_short", "too_long"):
+            length = error["ctx"].get("max_length", error["ctx"].get("min_length"))
+            messages.append(f"{where} must have {length} entries, got {got!r}")
+        elif kind in _EXPECTED:
+            messages.append(f"{where} must be {_EXPECTED[kind]}, got {got!r}")
+        else:
+            messages.append(f"{where}: {error['msg']}")
+    for parent, keys in unknown.items():
+        messages.append(f"unknown key(s) in {_key_path(parent) or top}: {', '.join(sorted(keys))} "
+                        f"(allowed: {_allowed(cls, parent)})")
+    return "; ".join(messages)
+
+
+# --------------------------------------------------------------------------- the card
+
+
+@card_value
 class ClassSpec:
     """One output class; `code` in `system` (SNOMED CT by default) is what the SR and report emit."""
 
-    name: str
-    code: str
-    display: str
-    system: str = SNOMED
-
-    def __post_init__(self) -> None:
-        for attr in ("name", "code", "display", "system"):
-            _non_empty(getattr(self, attr), f"class {attr}")
+    name: Text
+    code: Text
+    display: Text
+    system: Text = SNOMED
 
 
-@dataclass(frozen=True)
+@card_value
 class InputSelection:
     """Which series of a study the model reads: accepted modalities and the rule that picks one."""
 
-    modalities: tuple[str, ...]
-    series_rule: str = "most_instances"
+    modalities: tuple[Text, ...]
+    series_rule: SeriesRule = "most_instances"
 
-    def __post_init__(self) -> None:
-        mods = _tuple_of_str(self.modalities, "input.modalities")
-        if not mods:
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, modalities: tuple[str, ...]) -> tuple[str, ...]:
+        if not modalities:
             raise ModelCardError(
                 "input.modalities is empty: list the DICOM Modality values the model accepts"
             )
-        object.__setattr__(self, "modalities", tuple(m.upper() for m in mods))
-        if self.series_rule not in SERIES_RULES:
-            raise ModelCardError(
-                f"input.series_rule {self.series_rule!r} is unknown; use one of {', '.join(SERIES_RULES)}"
-            )
+        return tuple(m.upper() for m in modalities)
 
 
-@dataclass(frozen=True)
+def check_grid(spatial_dims: int, size: tuple[int, ...], window: tuple[float, float] | None) -> None:
+    """The rules an `[image]` table of either card obeys beyond the types of its values."""
+    if len(size) != spatial_dims:
+        raise ModelCardError(
+            f"image.size {list(size)} has {len(size)} entries but spatial_dims is {spatial_dims}"
+        )
+    if window is not None and not window[0] < window[1]:
+        raise ModelCardError(f"image.window low must be below high, got [{window[0]}, {window[1]}]")
+
+
+@card_value
 class ImageSpec:
     """How pixels become the network input: dimensionality, output size, channels, intensity window.
 
@@ -117,40 +237,19 @@ class ImageSpec:
     bright blob" poorly; the segmenter learned where lesions are from masks, a different supervision.
     """
 
-    spatial_dims: int
-    size: tuple[int, ...]
-    channels: int
-    window: tuple[float, float] | None
-    encoder: str
-    lesion_channel: bool = False
+    spatial_dims: Literal[2, 3]
+    size: tuple[PositiveInt, ...]
+    channels: PositiveInt
+    window: tuple[Finite, Finite] | None
+    encoder: Encoder
+    lesion_channel: Annotated[bool, Strict()] = False
 
-    def __post_init__(self) -> None:
-        if self.spatial_dims not in (2, 3):
-            raise ModelCardError(f"image.spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
-        if isinstance(self.size, (str, bytes)) or not isinstance(self.size, Sequence):
-            raise ModelCardError(
-                f"image.size must be a list of {self.spatial_dims} integers, got {self.size!r}"
-            )
-        size = tuple(_positive_int(s, "image.size entries") for s in self.size)
-        if len(size) != self.spatial_dims:
-            raise ModelCardError(
-                f"image.size {list(size)} has {len(size)} entries but spatial_dims is {self.spatial_dims}"
-            )
-        object.__setattr__(self, "size", size)
-        _positive_int(self.channels, "image.channels")
-        if self.window is not None:
-            if isinstance(self.window, (str, bytes)) or len(self.window) != 2:
-                raise ModelCardError(f"image.window must be [low, high] or omitted, got {self.window!r}")
-            lo, hi = (_finite(v, "image.window") for v in self.window)
-            if not lo < hi:
-                raise ModelCardError(f"image.window low must be below high, got [{lo}, {hi}]")
-            object.__setattr__(self, "window", (lo, hi))
-        if self.encoder not in ENCODERS:
-            raise ModelCardError(
-                f"image.encoder {self.encoder!r} is unknown; use one of {', '.join(ENCODERS)}"
-            )
-        if not isinstance(self.lesion_channel, bool):
-            raise ModelCardError(f"image.lesion_channel must be true or false, got {self.lesion_channel!r}")
+    _window_may_be_omitted = omitted_is_none("window")
+
+    @model_validator(mode="after")
+    def _grid(self) -> ImageSpec:
+        check_grid(self.spatial_dims, self.size, self.window)
+        return self
 
     @property
     def network_channels(self) -> int:
@@ -158,7 +257,7 @@ class ImageSpec:
         return self.channels + int(self.lesion_channel)
 
 
-@dataclass(frozen=True)
+@card_value
 class TimelineFeature:
     """One column of the timeline tensor.
 
@@ -168,35 +267,26 @@ class TimelineFeature:
     carry a different unit are skipped rather than mixed (no unit conversion is attempted).
     """
 
-    name: str
-    kind: str
-    system: str
-    code: str
-    unit: str | None
-    mean: float
-    std: float
+    name: Text
+    kind: EventKind
+    system: Text
+    code: Text
+    unit: Text | None
+    mean: Finite
+    std: Finite
 
-    def __post_init__(self) -> None:
-        _non_empty(self.name, "timeline feature name")
-        if self.kind not in EVENT_KINDS:
-            raise ModelCardError(
-                f"timeline feature {self.name!r}: kind {self.kind!r} is unknown; "
-                f"use one of {', '.join(EVENT_KINDS)}"
-            )
-        _non_empty(self.system, f"timeline feature {self.name!r} system")
-        _non_empty(self.code, f"timeline feature {self.name!r} code")
+    _unit_may_be_omitted = omitted_is_none("unit")
+
+    @model_validator(mode="after")
+    def _rules(self) -> TimelineFeature:
         if self.kind == "observation" and self.code == ANY:
             raise ModelCardError(
                 f"timeline feature {self.name!r}: an observation feature needs a concrete code, "
                 "averaging values of different codes is meaningless"
             )
-        if self.unit is not None:
-            _non_empty(self.unit, f"timeline feature {self.name!r} unit")
-        object.__setattr__(self, "mean", _finite(self.mean, f"timeline feature {self.name!r} mean"))
-        std = _finite(self.std, f"timeline feature {self.name!r} std")
-        if std <= 0:
-            raise ModelCardError(f"timeline feature {self.name!r}: std must be > 0, got {std}")
-        object.__setattr__(self, "std", std)
+        if self.std <= 0:
+            raise ModelCardError(f"timeline feature {self.name!r}: std must be > 0, got {self.std}")
+        return self
 
     @property
     def is_count(self) -> bool:
@@ -204,36 +294,29 @@ class TimelineFeature:
         return self.kind != "observation"
 
 
-@dataclass(frozen=True)
+@card_value
 class TimelineSpec:
     """Which EHR events make up the timeline and how they are binned (see timeline.encode_timeline)."""
 
-    resource_types: tuple[str, ...]
-    window_days: int
-    bin_days: int
+    resource_types: tuple[Text, ...]
+    window_days: PositiveInt
+    bin_days: PositiveInt
     features: tuple[TimelineFeature, ...]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "resource_types", _tuple_of_str(self.resource_types, "timeline.resource_types")
-        )
-        _positive_int(self.window_days, "timeline.window_days")
-        _positive_int(self.bin_days, "timeline.bin_days")
+    @model_validator(mode="after")
+    def _rules(self) -> TimelineSpec:
         if self.bin_days > self.window_days:
             raise ModelCardError(
                 f"timeline.bin_days ({self.bin_days}) is larger than "
                 f"timeline.window_days ({self.window_days})"
             )
-        features = tuple(self.features)
-        if not features:
+        if not self.features:
             raise ModelCardError("timeline.features is empty: the LSTM branch needs at least one feature")
-        if not all(isinstance(f, TimelineFeature) for f in features):
-            raise ModelCardError("timeline.features must hold TimelineFeature objects")
-        names = [f.name for f in features]
+        names = [f.name for f in self.features]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ModelCardError(f"timeline feature names must be unique; repeated: {', '.join(dupes)}")
-        object.__setattr__(self, "features", features)
+        return self
 
     @property
     def n_bins(self) -> int:
@@ -241,65 +324,49 @@ class TimelineSpec:
         return math.ceil(self.window_days / self.bin_days)
 
 
-@dataclass(frozen=True)
+@card_value
 class ModelCard:
     """A checkpoint's description. `weights` is absolute here and relative to the card in the file."""
 
-    name: str
-    version: str
+    name: Text
+    version: Text
     weights: Path
-    sha256: str
+    sha256: Sha256
     input: InputSelection
     image: ImageSpec
     timeline: TimelineSpec
     classes: tuple[ClassSpec, ...]
     positive_class: str
-    threshold: float
-    metrics: dict[str, float]
+    threshold: Finite
+    metrics: dict[str, Finite]
     path: Path
+    """Where the card lies; not a key of the file."""
     segmenter: Path | None = None
-    """Segmentation card (`segcard.py`) that runs with this model; absolute here, relative to the card in
-    the file; None = no lesion segmentation."""
+    """Segmentation card (`card/segmenter.py`) that runs with this model; absolute here, relative to the card
+    in the file; None = no lesion segmentation."""
 
-    def __post_init__(self) -> None:
-        _non_empty(self.name, "name")
-        _non_empty(self.version, "version")
-        object.__setattr__(self, "weights", Path(self.weights))
-        if self.segmenter is not None:
-            object.__setattr__(self, "segmenter", Path(self.segmenter))
-        elif self.image.lesion_channel:
+    @field_validator("threshold")
+    @classmethod
+    def _probability(cls, threshold: float) -> float:
+        if not 0.0 <= threshold <= 1.0:
+            raise ModelCardError(f"threshold must be a probability in [0, 1], got {threshold}")
+        return threshold
+
+    @model_validator(mode="after")
+    def _rules(self) -> ModelCard:
+        if self.segmenter is None and self.image.lesion_channel:
             raise ModelCardError(
                 "image.lesion_channel is true but the card names no `segmenter`; add the segmentation card "
                 "the model was trained with (e.g. segmenter = \"../default_segmenter/card.toml\")"
             )
-        object.__setattr__(self, "path", Path(self.path))
-        sha = self.sha256.lower() if isinstance(self.sha256, str) else self.sha256
-        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise ModelCardError(
-                f"sha256 must be 64 hex digits (the digest of the weights file), got {self.sha256!r}"
-            )
-        object.__setattr__(self, "sha256", sha)
-        for attr, kind in (("input", InputSelection), ("image", ImageSpec), ("timeline", TimelineSpec)):
-            if not isinstance(getattr(self, attr), kind):
-                raise TypeError(f"ModelCard.{attr} must be a {kind.__name__}")
-        classes = tuple(self.classes)
-        if len(classes) < 2 or not all(isinstance(c, ClassSpec) for c in classes):
+        names = list(self.class_names)
+        if len(names) < 2:
             raise ModelCardError("classes must list at least two ClassSpec entries")
-        names = [c.name for c in classes]
         if len(set(names)) != len(names):
             raise ModelCardError(f"class names must be unique, got {names}")
-        object.__setattr__(self, "classes", classes)
         if self.positive_class not in names:
             raise ModelCardError(f"positive_class {self.positive_class!r} is not one of the classes {names}")
-        threshold = _finite(self.threshold, "threshold")
-        if not 0.0 <= threshold <= 1.0:
-            raise ModelCardError(f"threshold must be a probability in [0, 1], got {threshold}")
-        object.__setattr__(self, "threshold", threshold)
-        if not isinstance(self.metrics, Mapping):
-            raise ModelCardError(f"metrics must be a table of name = number, got {self.metrics!r}")
-        object.__setattr__(
-            self, "metrics", {str(k): _finite(v, f"metrics.{k}") for k, v in self.metrics.items()}
-        )
+        return self
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -342,136 +409,40 @@ def verify_weights(card: ModelCard) -> None:
         )
 
 
-# --------------------------------------------------------------------------- TOML reading
+# --------------------------------------------------------------------------- TOML reading and writing
+# Shared with card/segmenter.py: the file is read with tomllib, validated by pydantic and written with
+# tomlkit; paths in the file (`path_keys`) are relative to the card, absolute in the value object.
 
-_NESTED = {"input", "image", "timeline", "classes", "features"}
-"""Fields holding value objects: built by the caller, not copied from the table."""
-
-
-def _fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+_V = TypeVar("_V")
 
 
-def _build(cls: type[_T], table: Any, where: str, **given: Any) -> _T:
-    """Construct value object `cls` from a TOML table: unknown keys are errors (a typo like `treshold`
-    must not silently fall back to a default), `X | None` fields may be omitted, and the constructor
-    validates the values."""
-    fields = _fields_of(cls)
-    known = set(fields) - {"path"}
-    if not isinstance(table, Mapping):
-        raise ModelCardError(f"{where or 'the card'} must be a table")
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ModelCardError(
-            f"unknown key(s) in {where or 'the top level'}: {', '.join(unknown)} "
-            f"(allowed: {', '.join(sorted(known))})"
-        )
-    kwargs = dict(given)
-    for name in sorted(known - set(given)):
-        field = fields[name]
-        if name in table:
-            kwargs[name] = table[name]
-        elif field.default is not dataclasses.MISSING:
-            continue
-        elif "None" in str(field.type):
-            kwargs[name] = None
-        else:
-            raise ModelCardError(f"missing key {where + '.' if where else ''}{name}")
-    return cls(**kwargs)
-
-
-def _table(data: Mapping[str, Any], key: str, where: str = "") -> Any:
-    if key not in data:
-        raise ModelCardError(
-            f"missing {'table' if key not in ('classes', 'features') else 'list'} "
-            f"{where + '.' if where else ''}{key}"
-        )
-    return data[key]
-
-
-def _card_from_toml(data: Mapping[str, Any], path: Path) -> ModelCard:
-    fmt = data.get("card_format", CARD_FORMAT)
-    if fmt != CARD_FORMAT:
-        raise ModelCardError(f"card_format {fmt!r} is not supported by this version (expects {CARD_FORMAT})")
-    timeline = _table(data, "timeline")
-    features = tuple(
-        _build(TimelineFeature, f, f"timeline.features[{i}]")
-        for i, f in enumerate(_table(timeline, "features", "timeline"))
-    )
-    classes = tuple(_build(ClassSpec, c, f"classes[{i}]") for i, c in enumerate(_table(data, "classes")))
-    weights = Path(str(_table(data, "weights")))
-    segmenter = Path(str(data["segmenter"])) if "segmenter" in data else None
-    return _build(
-        ModelCard,
-        {k: v for k, v in data.items() if k != "card_format"},
-        "",
-        weights=weights if weights.is_absolute() else (path.parent / weights).resolve(),
-        input=_build(InputSelection, _table(data, "input"), "input"),
-        image=_build(ImageSpec, _table(data, "image"), "image"),
-        timeline=_build(TimelineSpec, timeline, "timeline", features=features),
-        classes=classes,
-        metrics=dict(data.get("metrics", {})),
-        path=path,
-        segmenter=None if segmenter is None else (
-            segmenter if segmenter.is_absolute() else (path.parent / segmenter).resolve()),
-    )
-
-
-def load_card(path: Path) -> ModelCard:
-    """Read and validate a TOML model card; the weights path in the file is relative to the card.
-
-    Does not read the weights (use `verify_weights`), so a card can be inspected on a host that has no
-    checkpoint, e.g. by the API listing models.
-    """
+def read_card(
+    cls: type[_V], path: Path, *, what: str, card_format: int, path_keys: tuple[str, ...],
+    if_missing: str, if_invalid: str,
+) -> _V:
+    """Read, check and validate the card of type `cls` at `path`; every error names the file."""
     path = Path(path).resolve()
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise ModelCardError(
-            f"model card {path} does not exist; point the model setting at an existing card.toml, or "
-            f"{REGENERATE_HINT}"
-        ) from None
+        raise ModelCardError(f"{what} {path} does not exist; {if_missing}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ModelCardError(
-            f"model card {path} is not valid TOML: {exc}; fix the file or {REGENERATE_HINT}"
-        ) from exc
+        raise ModelCardError(f"{what} {path} is not valid TOML: {exc}{if_invalid}") from exc
+    fmt = data.pop("card_format", card_format)
+    if fmt != card_format:
+        raise ModelCardError(f"{what} {path}: card_format {fmt!r} is not supported by this version "
+                             f"(expects {card_format})")
+    if "path" in data:
+        raise ModelCardError(f"{what} {path}: unknown key(s) in the top level: path (the card's path is "
+                             f"where the file lies; allowed: {_allowed(cls, ())})")
+    for key in path_keys:
+        if isinstance(data.get(key), str):
+            data[key] = (path.parent / data[key]).resolve()  # an absolute path in the file stays as it is
     try:
-        return _card_from_toml(data, path)
-    except (ModelCardError, TypeError) as exc:
-        raise ModelCardError(f"model card {path}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- TOML writing
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ModelCardError(f"cannot write non-finite number {value!r} to a card")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ModelCardError(f"cannot write {type(value).__name__} value {value!r} to a card")
-
-
-def _toml_key(key: str) -> str:
-    bare = key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key)
-    return key if bare else json.dumps(key, ensure_ascii=False)
-
-
-def _lines(table: Mapping[str, Any]) -> list[str]:
-    return [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-
-
-def _values(obj: Any, *, skip: frozenset[str] = frozenset(_NESTED)) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in skip}
+        return TypeAdapter(cls).validate_python({**data, "path": path})
+    except ValidationError as exc:
+        raise ModelCardError(f"{what} {path}: {explain(exc, cls)}") from exc
 
 
 def _relative(target: Path, path: Path) -> str:
@@ -481,32 +452,23 @@ def _relative(target: Path, path: Path) -> str:
         return target.resolve().as_posix()
 
 
-def card_to_toml(card: ModelCard, path: Path | None = None) -> str:
-    """The TOML text of a card; weights and segmenter paths are written relative to `path` (default card.path)."""
-    path = Path(path or card.path).resolve()
-    weights = _relative(card.weights, path)
-    top = {"card_format": CARD_FORMAT,
-           **_values(card, skip=frozenset({*_NESTED, "metrics", "path", "segmenter"}))}
-    if card.segmenter is not None:
-        top["segmenter"] = _relative(card.segmenter, path)
-    out = [
-        "# dicom-fusion model card (see inference/card/model.py). Weights path is relative to this file.",
-        *_lines({**top, "weights": weights}),
-    ]
-    for name in ("input", "image", "timeline"):
-        out += ["", f"[{name}]", *_lines(_values(getattr(card, name)))]
-    for feature in card.timeline.features:
-        out += ["", "[[timeline.features]]", *_lines(_values(feature))]
-    for cls in card.classes:
-        out += ["", "[[classes]]", *_lines(_values(cls))]
-    out += ["", "[metrics]", *_lines(card.metrics)]
-    return "\n".join(out) + "\n"
+def card_text(card: Any, path: Path, *, header: str, card_format: int, path_keys: tuple[str, ...]) -> str:
+    """TOML of a card value object, path keys relative to `path`; None is omitted (TOML has no null)."""
+    path = Path(path).resolve()
+    table = TypeAdapter(type(card)).dump_python(card, mode="json", exclude={"path"}, exclude_none=True)
+    for key in path_keys:
+        if key in table:
+            table[key] = _relative(getattr(card, key), path)
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment(header))
+    doc.add("card_format", card_format)
+    doc.update(table)
+    return tomlkit.dumps(doc)
 
 
-def write_card(card: ModelCard, path: Path) -> None:
-    """Write `card` as TOML to `path` atomically (temp file + rename), so a worker never reads half a card."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file and a rename, so a worker never reads half a card."""
     path = Path(path)
-    text = card_to_toml(card, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -514,6 +476,33 @@ def write_card(card: ModelCard, path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def load_card(path: Path) -> ModelCard:
+    """Read and validate a TOML model card; the weights path in the file is relative to the card.
+
+    Does not read the weights (use `verify_weights`), so a card can be inspected on a host that has no
+    checkpoint, e.g. by the API listing models.
+    """
+    return read_card(
+        ModelCard, path, what="model card", card_format=CARD_FORMAT, path_keys=("weights", "segmenter"),
+        if_missing=f"point the model setting at an existing card.toml, or {REGENERATE_HINT}",
+        if_invalid=f"; fix the file or {REGENERATE_HINT}",
+    )
+
+
+def card_to_toml(card: ModelCard, path: Path | None = None) -> str:
+    """The TOML text of a card; weights and segmenter paths are relative to `path` (default card.path)."""
+    return card_text(
+        card, path or card.path, card_format=CARD_FORMAT, path_keys=("weights", "segmenter"),
+        header="dicom-fusion model card (see inference/card/model.py). "
+               "Weights path is relative to this file.",
+    )
+
+
+def write_card(card: ModelCard, path: Path) -> None:
+    """Write `card` as TOML to `path` atomically (temp file + rename), so a worker never reads half a card."""
+    write_atomic(path, card_to_toml(card, path))
 
 
 # --------------------------------------------------------------------------- defaults

@@ -181,3 +181,67 @@ def test_modelcard_toml_is_plain_tomllib(card_path: Path) -> None:
     data = tomllib.loads(card_to_toml(load_card(card_path)))
     assert data["classes"][1]["code"] == "363346000"
     assert "window" not in data["image"]  # None is omitted, not written as a sentinel
+
+
+def test_shipped_cards_are_written_back_unchanged(tmp_path: Path) -> None:
+    from dicom_fusion.inference.card.segmenter import (
+        default_segmenter_path,
+        load_segmenter_card,
+        segmenter_card_to_toml,
+        write_segmenter_card,
+    )
+
+    model = load_card(default_card_path())
+    assert card_to_toml(model) == default_card_path().read_text()
+    segmenter = load_segmenter_card(default_segmenter_path())
+    assert segmenter_card_to_toml(segmenter, segmenter.path) == default_segmenter_path().read_text()
+    write_card(model, tmp_path / "model.toml")
+    write_segmenter_card(segmenter, tmp_path / "segmenter.toml")
+    assert dataclasses.replace(load_card(tmp_path / "model.toml"), path=model.path) == model
+    again = load_segmenter_card(tmp_path / "segmenter.toml")
+    assert dataclasses.replace(again, path=segmenter.path) == segmenter
+
+
+@pytest.mark.parametrize(
+    ("pattern", "replacement", "message"),
+    [
+        (r"^channels = 1$", "channels = true", "image.channels must be a positive integer, got True"),
+        (r"^window_days = .*$", 'window_days = "730"', "timeline.window_days must be a positive integer"),
+        (r"^mean = 105.0$", 'mean = "105"', "timeline.features[0].mean must be a finite number"),
+        (r"^code = \"3898006\"$", 'code = " "', "classes[0].code must be a non-empty string"),
+        (r"^series_rule = .*$", 'series_rule = "biggest"\nmodality = "CT"',
+         "unknown key(s) in input: modality (allowed: modalities, series_rule)"),
+        (r"^std = 25.0$", "std = 25.0\nsd = 1", "unknown key(s) in timeline.features[0]: sd"),
+        (r"^name = \"dfusion-hybrid-demo\"$", 'path = "elsewhere.toml"',
+         "unknown key(s) in the top level: path"),
+        (r"^encoder = .*$", 'encoder = "smallcnn"\nwindow = [1.0, 2.0, 3.0]',
+         "image.window must have 2 entries"),
+    ],
+)
+def test_modelcard_type_errors_name_the_key_path(
+    card_path: Path, pattern: str, replacement: str, message: str
+) -> None:
+    _edit(card_path, pattern, replacement)
+    with pytest.raises(ModelCardError) as info:
+        load_card(card_path)
+    assert message in str(info.value) and str(card_path.resolve()) in str(info.value)
+
+
+def test_modelcard_omitted_optional_key_is_none(card_path: Path) -> None:
+    _edit(card_path, r'^unit = "mg/dL"$', "")  # TOML has no null: None is written by leaving the key out
+    assert load_card(card_path).timeline.features[0].unit is None
+
+
+def test_modelcard_constructor_and_replace_raise_modelcard_error(weights: Path, tmp_path: Path) -> None:
+    card = default_card(weights=weights, sha256=sha256_file(weights), path=tmp_path / "card.toml")
+    with pytest.raises(ModelCardError, match=r"threshold must be a probability in \[0, 1\], got 2.0"):
+        dataclasses.replace(card, threshold=2)
+    with pytest.raises(ModelCardError, match="names no `segmenter`"):
+        dataclasses.replace(card, image=dataclasses.replace(card.image, lesion_channel=True))
+    with pytest.raises(ModelCardError, match=r"channels must be a positive integer, got 0"):
+        ImageSpec(2, (8, 8), 0, None, "smallcnn")  # positional arguments are named by their field
+    with pytest.raises(ModelCardError, match=r"unknown key\(s\) in ClassSpec\(\): colour"):
+        ClassSpec("a", "1", "A", colour="red")  # type: ignore[call-arg]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        card.threshold = 0.1  # type: ignore[misc]
+    assert dataclasses.replace(card, sha256=card.sha256.upper()).sha256 == card.sha256
