@@ -50,7 +50,7 @@ ANY = "*"
 
 SeriesRule = Literal["most_instances", "lowest_series_number"]
 SERIES_RULES: tuple[str, ...] = get_args(SeriesRule)
-"""How `load_study_image` picks one series when several match the modalities (see transforms.py)."""
+"""How `load_study_image` picks one series when several match the modalities (see data/images.py)."""
 Encoder = Literal["smallcnn", "densenet121", "efficientnet-b0"]
 ENCODERS: tuple[str, ...] = get_args(Encoder)
 EventKind = Literal["observation", "condition", "medication", "encounter"]
@@ -233,7 +233,7 @@ class ImageSpec:
 
     `lesion_channel` makes the classifier segmentation-guided: the card's `segmenter` computes a lesion
     probability map from the prepared image and the network reads it as one more channel
-    (`network_channels`, see guide.py). A CNN trained on a few hundred labels learns "how large is the
+    (`network_channels`, see serve/lesion_channel.py). A CNN trained on a few hundred labels learns "how large is the
     bright blob" poorly; the segmenter learned where lesions are from masks, a different supervision.
     """
 
@@ -296,7 +296,7 @@ class TimelineFeature:
 
 @card_value
 class TimelineSpec:
-    """Which EHR events make up the timeline and how they are binned (see timeline.encode_timeline)."""
+    """Which EHR events make up the timeline and how they are binned (see data/timeline_tensor.encode_timeline)."""
 
     resource_types: tuple[Text, ...]
     window_days: PositiveInt

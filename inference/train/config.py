@@ -37,7 +37,7 @@ class TrainConfig:
     encoder_weights: Path | None = None
     freeze_encoder: bool = False
     lesion_channel: bool = False
-    """Segmentation-guided: the lesion probability map of `segmenter` is one more input channel (guide.py)."""
+    """Segmentation-guided: the lesion probability map of `segmenter` is one more input channel (serve/lesion_channel.py)."""
     segmenter: Path | None = None
     """Segmentation card of the lesion channel, also the card's `segmenter` (SEG output); None with
     `lesion_channel` = the shipped default segmenter."""
