@@ -35,7 +35,7 @@ TARGET = 5.0  # studies/s, prepare + infer, CPU, default 2D model
 
 
 def _events(bundle: Path) -> list[object]:
-    from dicom_fusion.fhir.timeline import events_from_resource
+    from dicom_fusion.fhir.events import events_from_resource
 
     data = json.loads(bundle.read_text())
     events: list[object] = []

@@ -10,10 +10,11 @@ Images go through `transforms.load_study_image` - the serving code path - so tra
 the arrays a worker would feed the network. Decoding is the slow part of an epoch-free pipeline, so
 the decoded cohort is cached as one `.npy` per (cohort, image spec) under `DIR/.cache/`.
 
-The bundle reader is deliberately local: `inference/` must not import `dicom_fusion.fhir`. It reads the
-same fields as `fhir.timeline.events_from_resource` (time of Observation effective[x], Condition
-onset/recorded, MedicationRequest authoredOn, Encounter period.start; Observation valueQuantity and
-components), which is what the service feeds the model at serving time.
+Bundles are read by the function the caller passes as `read_events` (a `BundleEventReader`), never by
+code of this package: the service passes `dicom_fusion.fhir.events.events_from_bundle`, the same reader
+the timeline stage uses on the FHIR server's answers, so training and serving read the EHR one way
+(preferred codings, UCUM units converted to the card's, refuted conditions and contained medications
+handled alike). `inference/` must not import `dicom_fusion.fhir`, hence the parameter.
 """
 
 from __future__ import annotations
@@ -21,32 +22,52 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
 from rich.progress import track
 
-from dicom_fusion.inference.card.model import LOINC, ModelCard
+from dicom_fusion.inference.card.model import ModelCard, TimelineSpec
+from dicom_fusion.inference.data.timeline_tensor import EventLike
 from dicom_fusion.inference.errors import InferenceError
 
 CACHE_DIR = ".cache"
 CACHE_FORMAT = 1
-_PREFERRED = {"observation": LOINC}
 
 
 class CohortError(InferenceError, ValueError):
     """A cohort folder is missing files or holds values the trainer cannot use."""
 
 
+class BundleEventReader(Protocol):
+    """Reads one patient's FHIR Bundle (parsed JSON) into timeline events, the way serving reads the server.
+
+    `resource_types` are the card's (`TimelineSpec.resource_types`); `target_units` maps `system|code` to
+    the unit the card expects, values are converted to it or left out. Raises ValueError for a JSON
+    document that is not a Bundle. `dicom_fusion.fhir.events.events_from_bundle` is the implementation.
+    """
+
+    def __call__(
+        self,
+        bundle: Mapping[str, Any],
+        /,
+        *,
+        resource_types: Sequence[str],
+        target_units: Mapping[str, str],
+    ) -> Sequence[EventLike]: ...
+
+
 @dataclass(frozen=True)
 class EhrEvent:
-    """One EHR fact read from a bundle; satisfies `timeline.EventLike`."""
+    """A timeline event built in code (tests, notebooks); satisfies `timeline_tensor.EventLike`.
+
+    Bundles are never read into this type: the injected `BundleEventReader` makes the events.
+    """
 
     kind: str
     system: str
@@ -74,7 +95,7 @@ class Cohort:
     records: tuple[CohortRecord, ...]
     labels: np.ndarray  # [N] int64, 1 = positive class
     images: np.ndarray  # [N, C, *size] float32, prepared with the card's ImageSpec
-    events: tuple[tuple[EhrEvent, ...], ...]
+    events: tuple[tuple[EventLike, ...], ...]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -84,11 +105,9 @@ class Cohort:
         return tuple(r.study_time for r in self.records)
 
 
-# --------------------------------------------------------------------------- FHIR bundle reading
-
-
 def _parse_time(value: Any) -> datetime | None:
-    """FHIR date/dateTime/instant -> tz-aware UTC; partial dates mean their first instant."""
+    """cohort.csv study_time (ISO 8601) -> tz-aware UTC; partial dates mean their first instant, a time
+    without offset is taken as UTC."""
     if not isinstance(value, str) or not value:
         return None
     text = value.strip()
@@ -105,81 +124,22 @@ def _parse_time(value: Any) -> datetime | None:
     return moment.astimezone(UTC)
 
 
-def _first_time(*values: Any) -> datetime | None:
-    for value in values:
-        moment = _parse_time(value)
-        if moment is not None:
-            return moment
-    return None
+# --------------------------------------------------------------------------- FHIR bundles
 
 
-def _coding(concept: Any, preferred: str | None) -> tuple[str, str] | None:
-    if not isinstance(concept, dict):
-        return None
-    codings = [c for c in concept.get("coding") or [] if isinstance(c, dict) and c.get("code")]
-    if not codings:
-        return None
-    best = next((c for c in codings if c.get("system") == preferred), codings[0])
-    return str(best.get("system") or ""), str(best["code"])
+def target_units(spec: TimelineSpec) -> dict[str, str]:
+    """`system|code` -> unit of the card's observation features: the units values are converted to.
+
+    The timeline stage builds the same map from the same card, so both sides convert alike.
+    """
+    return {f"{f.system}|{f.code}": f.unit for f in spec.features if f.unit}
 
 
-def _quantity(element: dict[str, Any]) -> tuple[float | None, str | None]:
-    q = element.get("valueQuantity")
-    if isinstance(q, dict):
-        number = q.get("value")
-        if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
-            return float(number), q.get("unit") or q.get("code")
-    return None, None
-
-
-def events_from_resource(resource: dict[str, Any]) -> list[EhrEvent]:
-    """Timeline events of one FHIR resource ([] for other types and entered-in-error records)."""
-    rtype = resource.get("resourceType")
-    if resource.get("status") == "entered-in-error":
-        return []
-    if rtype == "Observation":
-        moment = _first_time(
-            resource.get("effectiveDateTime"),
-            resource.get("effectiveInstant"),
-            (resource.get("effectivePeriod") or {}).get("start"),
-        )
-        if moment is None:
-            return []
-        out = []
-        for element in [resource, *[c for c in resource.get("component") or [] if isinstance(c, dict)]]:
-            coding = _coding(element.get("code"), LOINC)
-            value, unit = _quantity(element)
-            if coding is not None and value is not None:
-                out.append(EhrEvent("observation", coding[0], coding[1], moment, value, unit))
-        return out
-    if rtype == "Condition":
-        moment = _first_time(
-            resource.get("onsetDateTime"),
-            (resource.get("onsetPeriod") or {}).get("start"),
-            resource.get("recordedDate"),
-        )
-        coding = _coding(resource.get("code"), None)
-        kind = "condition"
-    elif rtype == "MedicationRequest":
-        moment = _first_time(resource.get("authoredOn"))
-        coding = _coding(resource.get("medicationCodeableConcept"), None)
-        kind = "medication"
-    elif rtype == "Encounter":
-        if resource.get("status") == "cancelled":
-            return []
-        moment = _first_time((resource.get("period") or {}).get("start"))
-        klass = resource.get("class")
-        coding = _coding({"coding": [klass]}, None) if isinstance(klass, dict) else None
-        kind = "encounter"
-    else:
-        return []
-    if moment is None or coding is None:
-        return []
-    return [EhrEvent(kind, coding[0], coding[1], moment, None)]
-
-
-def read_bundle_events(path: Path) -> tuple[EhrEvent, ...]:
-    """Events of every resource in a FHIR Bundle file, oldest first; () when the file does not exist."""
+def read_bundle_events(
+    path: Path, spec: TimelineSpec, *, read_events: BundleEventReader
+) -> tuple[EventLike, ...]:
+    """Events of the FHIR Bundle file at `path`, read with `read_events` for `spec`; () when the file does
+    not exist (a patient without EHR)."""
     path = Path(path)
     if not path.is_file():
         return ()
@@ -190,14 +150,16 @@ def read_bundle_events(path: Path) -> tuple[EhrEvent, ...]:
             f"{path}: not a readable JSON FHIR Bundle ({exc}); regenerate or remove it"
         ) from exc
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        raise CohortError(f"{path}: expected a FHIR Bundle, got {type(bundle).__name__}")
-    events = [
-        e
-        for entry in bundle.get("entry") or []
-        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
-        for e in events_from_resource(entry["resource"])
-    ]
-    return tuple(sorted(events, key=lambda e: (e.time, e.kind, e.code)))
+        got = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
+        raise CohortError(f"{path}: expected a FHIR Bundle, got {got!r}; export the patient's resources "
+                          "as one Bundle or remove the file")
+    try:
+        events = read_events(
+            bundle, resource_types=spec.resource_types, target_units=target_units(spec)
+        )
+    except ValueError as exc:
+        raise CohortError(f"{path}: {exc}") from exc
+    return tuple(events)
 
 
 # --------------------------------------------------------------------------- cohort.csv
@@ -284,8 +246,19 @@ def load_images(
     return images
 
 
-def load_cohort(cohort_dir: Path, card: ModelCard, *, cache: bool = True, progress: bool = True) -> Cohort:
-    """Read cohort.csv, every study (cached) and every bundle of `cohort_dir`."""
+def load_cohort(
+    cohort_dir: Path,
+    card: ModelCard,
+    *,
+    read_events: BundleEventReader,
+    cache: bool = True,
+    progress: bool = True,
+) -> Cohort:
+    """Read cohort.csv, every study (cached) and every bundle of `cohort_dir`.
+
+    `read_events` reads each bundle (pass `dicom_fusion.fhir.events.events_from_bundle`, the serving
+    reader; see the module docstring for why it is a parameter).
+    """
     cohort_dir = Path(cohort_dir)
     records = read_cohort_csv(cohort_dir)
     images = load_images(
@@ -295,18 +268,21 @@ def load_cohort(cohort_dir: Path, card: ModelCard, *, cache: bool = True, progre
         records=records,
         labels=np.array([r.label for r in records], dtype=np.int64),
         images=images,
-        events=tuple(read_bundle_events(r.bundle_path) for r in records),
+        events=tuple(
+            read_bundle_events(r.bundle_path, card.timeline, read_events=read_events) for r in records
+        ),
     )
 
 
 __all__ = [
+    "BundleEventReader",
     "Cohort",
     "CohortError",
     "CohortRecord",
     "EhrEvent",
-    "events_from_resource",
     "load_cohort",
     "load_images",
     "read_bundle_events",
     "read_cohort_csv",
+    "target_units",
 ]

@@ -39,7 +39,7 @@ SECONDS_PER_DAY = 86_400.0
 
 @runtime_checkable
 class EventLike(Protocol):
-    """Any object with these fields is an event (e.g. `dicom_fusion.fhir.timeline.TimelineEvent`).
+    """Any object with these fields is an event (e.g. `dicom_fusion.fhir.events.TimelineEvent`).
 
     `kind` is observation | condition | medication | encounter; `time` should be timezone-aware
     (naive times are taken as UTC); `value` is the numeric value of an observation, else None.

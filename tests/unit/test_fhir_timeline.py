@@ -1,4 +1,4 @@
-"""Timeline extraction: FHIR resources -> typed events, window and subject checks, patient matching.
+"""Timeline: FHIR resources -> typed events (fhir/events.py), window and subject checks, patient matching.
 
 The fake client below stands in for a server that ignores search parameters (which real servers do), to
 show the client-side filters hold; paging and HTTP live in test_fhir_client.py, a real server in
@@ -14,16 +14,13 @@ import pytest
 
 from dicom_fusion.fhir import codes
 from dicom_fusion.fhir.errors import FHIRUnavailable
-from dicom_fusion.fhir.timeline import (
-    PatientMatch,
-    Timeline,
+from dicom_fusion.fhir.events import (
     TimelineEvent,
     events_from_resource,
-    fetch_timeline,
     normalise_resource_types,
     parse_fhir_datetime,
-    resolve_patient,
 )
+from dicom_fusion.fhir.timeline import PatientMatch, Timeline, fetch_timeline, resolve_patient
 
 STUDY = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_fusion.fhir.events import events_from_bundle
 from dicom_fusion.inference.card.model import DEFAULT_TIMELINE, ImageSpec, load_card, sha256_file
 from dicom_fusion.inference.card.segmenter import default_segmenter_path
 from dicom_fusion.inference.data.cohort import Cohort, EhrEvent, load_cohort, read_bundle_events
@@ -42,14 +43,21 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def read_cohort(cohort_dir: Path, config: TrainConfig, out: Path) -> Cohort:
+    """The cohort as `dicom-fusion train` loads it: bundles read by the serving reader (fhir.events)."""
+    return load_cohort(cohort_dir, base_card(config, out), read_events=events_from_bundle, progress=False)
+
+
 @pytest.fixture(scope="module")
 def trained(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    out = tmp_path_factory.mktemp("model")
     return train_model(
         cohort_dir,
-        tmp_path_factory.mktemp("model"),
+        out,
         TINY,
         modes=("fusion", "image", "timeline"),
         progress=False,
+        cohort=read_cohort(cohort_dir, TINY, out),
     )
 
 
@@ -197,17 +205,18 @@ def test_train_config_from_toml(tmp_path: Path) -> None:
 
 
 def test_bundle_reader_matches_synth(cohort_dir: Path) -> None:
-    events = read_bundle_events(cohort_dir / "SYN00001" / "bundle.json")
+    events = read_bundle_events(cohort_dir / "SYN00001" / "bundle.json", DEFAULT_TIMELINE,
+                                read_events=events_from_bundle)
     kinds = {e.kind for e in events}
     assert {"observation", "encounter"} <= kinds and all(e.time.tzinfo is not None for e in events)
     assert all(e.value is not None for e in events if e.kind == "observation")
-    assert read_bundle_events(cohort_dir / "missing.json") == ()
+    assert read_bundle_events(cohort_dir / "missing.json", DEFAULT_TIMELINE, read_events=events_from_bundle) == ()
 
 
 def test_cohort_images_are_cached(cohort_dir: Path, trained: TrainResult) -> None:
     card = base_card(TINY, cohort_dir / "m")
     assert list((cohort_dir / ".cache").glob("images-*.npy"))
-    again: Cohort = load_cohort(cohort_dir, card, progress=False)
+    again: Cohort = load_cohort(cohort_dir, card, read_events=events_from_bundle, progress=False)
     np.testing.assert_array_equal(again.images, trained.cohort.images)
 
 
@@ -246,7 +255,8 @@ def test_segmentation_guided_training_end_to_end(cohort_dir: Path, tmp_path: Pat
     """lesion_channel: the card records it and its segmenter, the predictor adds the channel itself, the
     report carries the '+ lesion area' baselines next to the plain ones."""
     config = dataclasses.replace(TINY, folds=2, max_epochs=1, lesion_channel=True)
-    result = train_model(cohort_dir, tmp_path / "model", config, progress=False)
+    result = train_model(cohort_dir, tmp_path / "model", config, progress=False,
+                         cohort=read_cohort(cohort_dir, config, tmp_path / "model"))
     card = load_card(result.card.path)
     assert card.image.lesion_channel and card.image.network_channels == 2
     assert card.segmenter == default_segmenter_path().resolve()

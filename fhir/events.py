@@ -1,0 +1,398 @@
+"""FHIR resources -> the typed timeline events the model reads: the one EHR reader of the project.
+
+Serving (`timeline.fetch_timeline`, resources from a FHIR server) and training (the cohort loader, one
+Bundle per patient on disk, wired in by the service) both call `extract_events`, so the model is trained on
+exactly what it is later fed. Before this module existed training had its own reader, and the two drifted
+(display unit before the UCUM code, first coding instead of the preferred one, refuted conditions kept,
+contained medications and R5 encounter classes lost) — a model trained that way sees other numbers at
+serving time than it learnt from. Keep every reading rule here; nothing else parses clinical resources.
+
+Pure functions, no I/O: what talks to the server (patient lookup, search, paging, the subject check) lives
+in `timeline.py`. Reading rules:
+
+- time: Observation effective[x] (dateTime, instant, period start), Condition onset (dateTime, period
+  start) then recordedDate, MedicationRequest authoredOn, Encounter period.start; partial dates mean their
+  first instant, everything is tz-aware UTC (`parse_fhir_datetime`);
+- code: the coding in the kind's preferred system (`PREFERRED_SYSTEMS`: LOINC for observations, SNOMED CT
+  for conditions, RxNorm for medications, v3 ActCode for encounter classes), else the first coded one;
+- value and unit: valueQuantity / valueInteger, the Observation's own and each component's; the unit is
+  the UCUM code when the quantity says it is UCUM, the display text `unit` only as a fallback; values of the
+  codes in `target_units` are converted to the model's unit (`units.convert`) or dropped and counted,
+  never passed on mis-scaled;
+- left out: entered-in-error records of every type, refuted conditions, cancelled encounters, records
+  without a code or a time;
+- MedicationRequest.medicationReference to a `#contained` Medication reads that Medication's code;
+  Encounter.class is read as an R4 Coding or an R5 list of CodeableConcepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from dicom_fusion.fhir import codes, units
+
+log = logging.getLogger(__name__)
+
+EventKind = Literal["observation", "condition", "medication", "encounter"]
+
+#: FHIR resource type -> event kind. Model cards may name either; both are accepted.
+RESOURCE_KINDS: Final[dict[str, EventKind]] = {
+    "Observation": "observation",
+    "Condition": "condition",
+    "MedicationRequest": "medication",
+    "Encounter": "encounter",
+}
+
+#: Event kind -> the code system whose coding is chosen when a concept carries several codings. These are
+#: the systems model cards code their features in; a coding in another system is used only when the
+#: concept has none in the preferred one.
+PREFERRED_SYSTEMS: Final[dict[str, str]] = {
+    "observation": codes.LOINC,
+    "condition": codes.SNOMED_CT,
+    "medication": codes.RXNORM,
+    "encounter": codes.V3_ACT_CODE,
+}
+
+#: What the extraction reads, per resource type, for a search's `_elements`. Choice elements are listed by
+#: their JSON names and their base name (servers differ in which they accept); `subject` is read by the
+#: server side's subject check.
+READ_ELEMENTS: Final[dict[str, tuple[str, ...]]] = {
+    "Observation": ("status", "subject", "code", "effective", "effectiveDateTime", "effectiveInstant",
+                    "effectivePeriod", "value", "valueQuantity", "valueInteger", "component"),
+    "Condition": ("subject", "code", "verificationStatus", "onset", "onsetDateTime", "onsetPeriod",
+                  "recordedDate"),
+    "MedicationRequest": ("status", "subject", "authoredOn", "medication", "medicationCodeableConcept",
+                          "medicationReference", "contained"),
+    "Encounter": ("status", "subject", "class", "period"),
+}
+
+#: Condition.verificationStatus codes that mean "this patient does not have it": such a record is no fact.
+_NOT_A_DIAGNOSIS: Final = ("entered-in-error", "refuted")
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One coded, timed EHR fact. `time` is tz-aware UTC; `value` is None for non-numeric events."""
+
+    kind: str
+    system: str
+    code: str
+    time: datetime
+    value: float | None = None
+    unit: str | None = None
+    display: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in RESOURCE_KINDS.values():
+            raise ValueError(f"TimelineEvent.kind must be one of {sorted(RESOURCE_KINDS.values())}, "
+                             f"got {self.kind!r}")
+        if self.time.tzinfo is None:
+            raise ValueError("TimelineEvent.time must be timezone-aware")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "system": self.system, "code": self.code, "time": fhir_instant(self.time),
+                "value": self.value, "unit": self.unit, "display": self.display}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TimelineEvent:
+        time = parse_fhir_datetime(str(data["time"]))
+        if time is None:
+            raise ValueError(f"TimelineEvent.time {data['time']!r} is not an ISO date-time")
+        value = data.get("value")
+        return cls(kind=str(data["kind"]), system=str(data["system"]), code=str(data["code"]), time=time,
+                   value=None if value is None else float(value), unit=data.get("unit"),
+                   display=data.get("display"))
+
+
+@dataclass(frozen=True)
+class EventExtraction:
+    """What `extract_events` read: the events (oldest first), the resources that contributed at least one,
+    and how many values were dropped because their unit cannot be converted to the model's."""
+
+    events: tuple[TimelineEvent, ...]
+    resources: tuple[dict[str, Any], ...]
+    dropped_values: int = 0
+
+
+def extract_events(resources: Iterable[dict[str, Any]], *,
+                   resource_types: Iterable[str] | None = None,
+                   target_units: Mapping[str, str] | None = None,
+                   start: datetime | None = None, end: datetime | None = None) -> EventExtraction:
+    """The timeline events of `resources`, read by the rules of this module — the one reader training and
+    serving share.
+
+    `resource_types` (model-card names, see `normalise_resource_types`) limits the types read; None reads
+    all four. `target_units` maps `system|code` (e.g. `http://loinc.org|2345-7`) to the UCUM unit the model
+    expects: values of those codes are converted to it, and values that cannot be converted — or carry no
+    unit — are dropped and counted. `start`/`end` (tz-aware, both included) keep only events in that window;
+    None leaves that side open. Events are sorted by (time, kind, system, code), so equal input gives equal
+    output whatever order the server or the Bundle listed the resources in.
+    """
+    for name, bound in (("start", start), ("end", end)):
+        if bound is not None and bound.tzinfo is None:
+            raise ValueError(f"extract_events {name} must be timezone-aware (UTC), got a naive datetime")
+    types = set(normalise_resource_types(resource_types)) if resource_types is not None else None
+    normaliser = _UnitNormaliser(target_units or {})
+    events: list[TimelineEvent] = []
+    used: list[dict[str, Any]] = []
+    for res in resources:
+        if types is not None and res.get("resourceType") not in types:
+            continue
+        read = (e for e in events_from_resource(res)
+                if (start is None or start <= e.time) and (end is None or e.time <= end))
+        kept = normaliser.apply(read)
+        if kept:
+            events.extend(kept)
+            used.append(res)
+    normaliser.warn()
+    events.sort(key=lambda e: (e.time, e.kind, e.system, e.code))
+    return EventExtraction(tuple(events), tuple(used), normaliser.dropped_total)
+
+
+def events_from_bundle(bundle: Mapping[str, Any], /, *,
+                       resource_types: Iterable[str] | None = None,
+                       target_units: Mapping[str, str] | None = None) -> tuple[TimelineEvent, ...]:
+    """The timeline events of a FHIR Bundle's entries (any Bundle type: transaction, collection, searchset).
+
+    This is the reader a training cohort is loaded with (`inference.data.cohort.load_cohort(...,
+    read_events=events_from_bundle)`), so a patient's exported Bundle gives the events the timeline stage
+    would get from the server. No window is applied: the tensor encoder windows by the study time.
+    """
+    if not isinstance(bundle, Mapping) or bundle.get("resourceType") != "Bundle":
+        got = bundle.get("resourceType") if isinstance(bundle, Mapping) else type(bundle).__name__
+        raise ValueError(f"expected a FHIR Bundle (resourceType 'Bundle'), got {got!r}; export the patient's "
+                         "resources as one Bundle")
+    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+    resources = (e["resource"] for e in entries if isinstance(e.get("resource"), dict))
+    return extract_events(resources, resource_types=resource_types, target_units=target_units).events
+
+
+def events_from_resource(resource: Mapping[str, Any]) -> list[TimelineEvent]:
+    """The timeline events one FHIR resource contributes as sent (no window, no unit conversion); [] for
+    other types, entered-in-error and refuted records, and records without a code or a time."""
+    extract = _EXTRACTORS.get(str(resource.get("resourceType")))
+    return extract(resource) if extract else []
+
+
+def normalise_resource_types(resource_types: Iterable[str]) -> tuple[str, ...]:
+    """Map model-card names ('Observation' or 'observation', 'medication' or 'MedicationRequest') to FHIR
+    resource types, keeping order and dropping repeats."""
+    lookup = {t.lower(): t for t in RESOURCE_KINDS} | {k: t for t, k in RESOURCE_KINDS.items()}
+    out: list[str] = []
+    for name in resource_types:
+        rtype = lookup.get(str(name).strip().lower())
+        if rtype is None:
+            raise ValueError(f"Unsupported timeline resource type {name!r}; supported: "
+                             f"{', '.join(RESOURCE_KINDS)}")
+        if rtype not in out:
+            out.append(rtype)
+    return tuple(out)
+
+
+def parse_fhir_datetime(value: str | None) -> datetime | None:
+    """Parse a FHIR date / dateTime / instant to tz-aware UTC.
+
+    Partial dates mean their first instant (2021 -> 2021-01-01T00:00Z, date-only -> midnight UTC); a time
+    without an offset (invalid FHIR, seen in the wild) is taken as UTC. Returns None for unparseable input.
+    """
+    if not value:
+        return None
+    m = _DATE_RE.match(value.strip())
+    if not m:
+        return None
+    year, month, day, rest = m.group("y"), m.group("m"), m.group("d"), m.group("t")
+    try:
+        if rest is None:
+            dt = datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
+        else:
+            dt = datetime.fromisoformat(f"{year}-{month}-{day}T{rest}")
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return dt.astimezone(UTC)
+
+
+def fhir_instant(dt: datetime) -> str:
+    """UTC ISO-8601 with 'Z', seconds precision unless sub-second detail is present (FHIR instant)."""
+    dt = dt.astimezone(UTC)
+    text = dt.isoformat(timespec="microseconds" if dt.microsecond else "seconds")
+    return text.replace("+00:00", "Z")
+
+
+# ---- units -----------------------------------------------------------------------------------------------
+
+
+class _UnitNormaliser:
+    """Converts valued events of the targeted codes to the target unit and counts what it must drop."""
+
+    def __init__(self, target_units: Mapping[str, str]) -> None:
+        self.targets = dict(target_units)
+        self.dropped: Counter[tuple[str, str]] = Counter()  # (system|code, unit as sent) -> count
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def apply(self, events: Iterable[TimelineEvent]) -> list[TimelineEvent]:
+        out: list[TimelineEvent] = []
+        for e in events:
+            key = f"{e.system}|{e.code}"
+            target = self.targets.get(key)
+            if target is None or e.value is None:
+                out.append(e)
+                continue
+            value = units.convert(e.value, e.unit, target, system=e.system, code=e.code)
+            if value is None or not math.isfinite(value):
+                self.dropped[(key, e.unit or "")] += 1
+                continue
+            out.append(dataclasses.replace(e, value=value, unit=target))
+        return out
+
+    def warn(self) -> None:
+        """One warning per extraction naming codes and units (never values or patients: no PHI in logs)."""
+        if not self.dropped:
+            return
+        detail = ", ".join(f"{key} in {unit or 'no unit'!r} ×{n} (model expects {self.targets[key]!r})"
+                           for (key, unit), n in sorted(self.dropped.items()))
+        log.warning("timeline: dropped %d value(s) whose unit cannot be converted to the model's: %s. "
+                    "Add the unit to dicom_fusion.fhir.units if it is convertible, or fix the source system",
+                    self.dropped_total, detail)
+
+
+# ---- resource -> events ----------------------------------------------------------------------------------
+
+_DATE_RE = re.compile(r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<t>\d{2}:\d{2}.*))?)?)?$")
+
+
+def _pick_coding(concept: Any, preferred: str) -> tuple[str, str, str | None] | None:
+    """(system, code, display) of the coding in the preferred system, else of the first coded one."""
+    if not isinstance(concept, Mapping):
+        return None
+    codings = [c for c in concept.get("coding") or [] if isinstance(c, Mapping) and c.get("code")]
+    if not codings:
+        return None
+    best = next((c for c in codings if c.get("system") == preferred), codings[0])
+    return str(best.get("system") or ""), str(best["code"]), best.get("display") or concept.get("text")
+
+
+def _quantity(element: Mapping[str, Any]) -> tuple[float | None, str | None]:
+    q = element.get("valueQuantity")
+    if isinstance(q, Mapping):
+        number = q.get("value")
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            # the UCUM code is the machine-readable unit; `unit` is display text and only a fallback
+            ucum = q.get("code") if q.get("system") == codes.UCUM else None
+            return float(number), ucum or q.get("unit") or q.get("code")
+    v = element.get("valueInteger")
+    if isinstance(v, int) and not isinstance(v, bool):
+        return float(v), None
+    return None, None
+
+
+def _first_time(*values: Any) -> datetime | None:
+    for v in values:
+        t = parse_fhir_datetime(v) if isinstance(v, str) else None
+        if t is not None:
+            return t
+    return None
+
+
+def _observation_events(res: Mapping[str, Any]) -> list[TimelineEvent]:
+    """One event for the Observation's own value, one per valued component (e.g. systolic / diastolic)."""
+    if res.get("status") == "entered-in-error":
+        return []
+    time = _first_time(res.get("effectiveDateTime"), res.get("effectiveInstant"),
+                       (res.get("effectivePeriod") or {}).get("start"))
+    if time is None:
+        return []
+    preferred = PREFERRED_SYSTEMS["observation"]
+    events: list[TimelineEvent] = []
+    components = [c for c in res.get("component") or [] if isinstance(c, Mapping)]
+    value, unit = _quantity(res)
+    coding = _pick_coding(res.get("code"), preferred)
+    if coding and (value is not None or not components):
+        events.append(TimelineEvent("observation", coding[0], coding[1], time, value, unit, coding[2]))
+    for comp in components:
+        cc = _pick_coding(comp.get("code"), preferred)
+        if cc:
+            cv, cu = _quantity(comp)
+            events.append(TimelineEvent("observation", cc[0], cc[1], time, cv, cu, cc[2]))
+    return events
+
+
+def _condition_events(res: Mapping[str, Any]) -> list[TimelineEvent]:
+    verification = _pick_coding(res.get("verificationStatus"), "")
+    if verification and verification[1] in _NOT_A_DIAGNOSIS:
+        return []
+    time = _first_time(res.get("onsetDateTime"), (res.get("onsetPeriod") or {}).get("start"),
+                       res.get("recordedDate"))
+    coding = _pick_coding(res.get("code"), PREFERRED_SYSTEMS["condition"])
+    if time is None or coding is None:
+        return []
+    return [TimelineEvent("condition", coding[0], coding[1], time, None, None, coding[2])]
+
+
+def _medication_events(res: Mapping[str, Any]) -> list[TimelineEvent]:
+    if res.get("status") == "entered-in-error":
+        return []
+    concept = res.get("medicationCodeableConcept")
+    ref = (res.get("medicationReference") or {}).get("reference") or ""
+    if concept is None and ref.startswith("#"):  # contained Medication
+        contained = [c for c in res.get("contained") or [] if isinstance(c, Mapping)]
+        med = next((c for c in contained if c.get("id") == ref[1:]), {})
+        concept = med.get("code")
+    time = _first_time(res.get("authoredOn"))
+    coding = _pick_coding(concept, PREFERRED_SYSTEMS["medication"])
+    if time is None or coding is None:
+        return []
+    return [TimelineEvent("medication", coding[0], coding[1], time, None, None, coding[2])]
+
+
+def _encounter_events(res: Mapping[str, Any]) -> list[TimelineEvent]:
+    if res.get("status") in ("entered-in-error", "cancelled"):
+        return []
+    preferred = PREFERRED_SYSTEMS["encounter"]
+    klass = res.get("class")
+    if isinstance(klass, list):  # R5 shape: list of CodeableConcept; the preferred coding of any of them
+        codings = [c for k in klass if isinstance(k, Mapping) for c in k.get("coding") or []]
+        coding = _pick_coding({"coding": codings}, preferred)
+    elif isinstance(klass, Mapping):  # R4: a single Coding
+        coding = _pick_coding({"coding": [klass]}, preferred)
+    else:
+        coding = None
+    time = _first_time((res.get("period") or {}).get("start"))
+    if time is None or coding is None:
+        return []
+    return [TimelineEvent("encounter", coding[0], coding[1], time, None, None, coding[2])]
+
+
+_EXTRACTORS: Final[dict[str, Callable[[Mapping[str, Any]], list[TimelineEvent]]]] = {
+    "Observation": _observation_events,
+    "Condition": _condition_events,
+    "MedicationRequest": _medication_events,
+    "Encounter": _encounter_events,
+}
+
+
+__all__ = [
+    "PREFERRED_SYSTEMS",
+    "READ_ELEMENTS",
+    "RESOURCE_KINDS",
+    "EventExtraction",
+    "EventKind",
+    "TimelineEvent",
+    "events_from_bundle",
+    "events_from_resource",
+    "extract_events",
+    "fhir_instant",
+    "normalise_resource_types",
+    "parse_fhir_datetime",
+]
