@@ -67,3 +67,8 @@ class StudyNotFoundError(ServiceError):
 class ActionRefusedError(ServiceError):
     """An operator action (retry, replay, redeliver) does not apply to the study's current state;
     the message says why and what to do instead."""
+
+
+class SchemaError(ServiceError):
+    """The ledger's schema is not the one this release needs (empty, made before migrations, older or
+    newer), or a migration failed; the message says which and names the command to run."""

@@ -20,8 +20,11 @@ from dicom_fusion.service.ingest.listener import Listener
 from dicom_fusion.service.jobs.completion import Completion, PeriodicThread
 from dicom_fusion.service.jobs.queues import enqueue, make_celery
 from dicom_fusion.service.jobs.reaper import reap
+from dicom_fusion.service.storage.engine import is_sqlite
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import Stage
+from dicom_fusion.service.storage.schema import check_schema
+from dicom_fusion.service.storage.schema import upgrade as upgrade_schema
 from dicom_fusion.service.storage.spool import Spool
 
 log = logging.getLogger("dicom_fusion")
@@ -82,6 +85,11 @@ def _cli(command: str, config: Path | None) -> list[str]:
 def serve(settings: Settings, *, config: Path | None = None, worker: bool | None = None,
           stop: threading.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set)."""
+    # The embedded SQLite ledger is migrated here; a shared database only by `dicom-fusion db upgrade`.
+    if is_sqlite(settings.ledger_url):
+        log.info("ledger schema: %s", upgrade_schema(settings.ledger_url).describe())
+    else:
+        check_schema(settings.ledger_url)  # SchemaError: not at head
     stop = stop or threading.Event()
     spool = Spool(settings.spool_dir, fsync=settings.spool.fsync, sync_mode=settings.spool.sync_mode)
     spool.ensure()
@@ -175,6 +183,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, concurren
     """Start a Celery worker on the given queues (default: settings.worker.queues)."""
     from dicom_fusion.service.jobs import worker
 
+    check_schema(settings.ledger_url)  # SchemaError unless the ledger is at head: `dicom-fusion db upgrade`
     if settings.worker.torch_threads:
         import torch
 

@@ -16,6 +16,7 @@ from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queu
 from dicom_fusion.service.ops.api.routes.errors import install_error_handler
 from dicom_fusion.service.ops.metrics import api_registry
 from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.schema import check_schema
 
 DESCRIPTION = """Operate dicom-fusion: queues, studies, job history, retries, replays, dead letters, metrics.
 
@@ -75,6 +76,7 @@ def run(settings: Settings) -> None:
     """Serve the API with uvicorn on ``api.host:api.port`` until interrupted."""
     import uvicorn
 
+    check_schema(settings.ledger_url)  # SchemaError unless the ledger is at head: `dicom-fusion db upgrade`
     app = create_app(settings)
     logging.getLogger("uvicorn.access").addFilter(_RedactToken())
     print(f"dicom-fusion api on http://{settings.api.host}:{settings.api.port} "

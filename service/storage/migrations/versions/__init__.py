@@ -1,0 +1,1 @@
+"""Revisions of the ledger schema, one file each (Alembic skips this ``__init__``)."""
