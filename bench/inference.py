@@ -34,18 +34,6 @@ import torch
 TARGET = 5.0  # studies/s, prepare + infer, CPU, default 2D model
 
 
-def _events(bundle: Path) -> list[object]:
-    from dicom_fusion.fhir.events import events_from_resource
-
-    data = json.loads(bundle.read_text())
-    events: list[object] = []
-    for entry in data.get("entry", []):
-        resource = entry.get("resource")
-        if resource:
-            events.extend(events_from_resource(resource))
-    return events
-
-
 _CARD = None
 
 
@@ -117,6 +105,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",") if b]
 
+    from dicom_fusion.fhir.events import events_from_bundle
     from dicom_fusion.inference.card.model import default_card_path
     from dicom_fusion.inference.data.images import load_study_image
     from dicom_fusion.inference.data.timeline_tensor import encode_timeline
@@ -145,8 +134,10 @@ def main() -> int:
         t0 = time.perf_counter()
         timelines = []
         for p, files in zip(cohort, studies, strict=True):
-            timelines.append(encode_timeline(_events(Path(p.bundle_path)), study_facts(Path(files[0])).time,
-                                             card.timeline))
+            events = events_from_bundle(json.loads(Path(p.bundle_path).read_text()),
+                                        resource_types=card.timeline.resource_types,
+                                        target_units=card.timeline.target_units)
+            timelines.append(encode_timeline(events, study_facts(Path(files[0])).time, card.timeline))
         t_tl = time.perf_counter() - t0
         print(f"prepare (1 process)            {rate(n, t_prep)}")
         print(f"timeline encode (from bundles) {rate(n, t_tl)}  [FHIR fetch not included]")

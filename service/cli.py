@@ -128,15 +128,6 @@ def _train_config(config: Path | None, **overrides: object):  # type: ignore[no-
         raise typer.Exit(2) from exc
 
 
-def _load_cohort(cohort_dir: Path, card):  # type: ignore[no-untyped-def]
-    """The training cohort with its bundles read by the serving EHR reader (`fhir.events`): the one place
-    that wires the FHIR side into training, so a model learns from the events the timeline stage serves."""
-    from dicom_fusion.fhir.events import events_from_bundle
-    from dicom_fusion.inference.data.cohort import load_cohort
-
-    return load_cohort(cohort_dir, card, read_events=events_from_bundle, progress=True)
-
-
 def _print_comparison(summary: dict) -> None:  # type: ignore[type-arg]
     from rich.table import Table
 
@@ -159,16 +150,17 @@ def train(cohort: CohortOpt,
               help="Also cross-validate image-only, timeline-only and the baselines on the same folds and "
               "write the evaluation report here.")] = None) -> None:
     """Cross-validate the hybrid model, train it on every patient, write checkpoint + model card."""
+    from dicom_fusion.fhir.events import events_from_bundle
     from dicom_fusion.inference.errors import InferenceError
     from dicom_fusion.inference.report.evaluate import evaluate_cv
-    from dicom_fusion.inference.train.classifier import base_card, train_model
+    from dicom_fusion.inference.train.classifier import train_model
     from dicom_fusion.inference.train.fitloop import MODES
 
     settings = _train_config(config, folds=folds, max_epochs=epochs, seed=seed, encoder=encoder)
     try:
-        data = _load_cohort(cohort, base_card(settings, out))
-        result = train_model(cohort, out, settings, modes=MODES if report else ("fusion",), progress=True,
-                             cohort=data)
+        # The serving EHR reader (fhir.events) reads the cohort's bundles: training sees what serving sees.
+        result = train_model(cohort, out, settings, read_events=events_from_bundle,
+                             modes=MODES if report else ("fusion",), progress=True)
         evaluation = evaluate_cv(result.cohort, result.cv, report, cohort_dir=cohort) if report else None
     except (InferenceError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -188,17 +180,13 @@ def evaluate(cohort: CohortOpt,
              config: TrainConfigOpt = None, folds: FoldsOpt = None, epochs: EpochsOpt = None,
              seed: TrainSeedOpt = None, encoder: EncoderOpt = None) -> None:
     """k-fold report: fusion vs image-only CNN vs timeline-only LSTM vs sklearn baselines, explanations."""
+    from dicom_fusion.fhir.events import events_from_bundle
     from dicom_fusion.inference.errors import InferenceError
-    from dicom_fusion.inference.report.evaluate import evaluate_cv
-    from dicom_fusion.inference.train.classifier import base_card, cross_validate
-    from dicom_fusion.inference.train.fitloop import MODES
+    from dicom_fusion.inference.report.evaluate import evaluate_cohort
 
     settings = _train_config(config, folds=folds, max_epochs=epochs, seed=seed, encoder=encoder)
     try:
-        card = base_card(settings, out / "unused-model")  # the card evaluate_cohort would use
-        data = _load_cohort(cohort, card)
-        cv = cross_validate(data, card, settings, MODES, progress=True)
-        evaluation = evaluate_cv(data, cv, out, cohort_dir=cohort)
+        evaluation = evaluate_cohort(cohort, out, settings, read_events=events_from_bundle, progress=True)
     except (InferenceError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc

@@ -263,8 +263,9 @@ class TimelineFeature:
 
     `kind` "observation": the mean of the values of Observations coded `system`|`code` in a bin,
     scaled by (v - mean) / std. Other kinds: the number of events of that kind (and code, unless the
-    code is "*") in a bin, scaled the same way. `unit` documents the expected unit; observations that
-    carry a different unit are skipped rather than mixed (no unit conversion is attempted).
+    code is "*") in a bin, scaled the same way. `unit` is the UCUM unit the model was trained on: the
+    EHR reader (`fhir/events.py`, training and serving alike) converts values to it, and drops (and
+    counts) those it cannot convert rather than mixing units.
     """
 
     name: Text
@@ -322,6 +323,12 @@ class TimelineSpec:
     def n_bins(self) -> int:
         """Bins in the window; the oldest may be partial when window_days is not a multiple of bin_days."""
         return math.ceil(self.window_days / self.bin_days)
+
+    @property
+    def target_units(self) -> dict[str, str]:
+        """`system|code` -> unit of the observation features: the units the EHR reader converts values to
+        (the timeline stage and the training cohort loader pass the same map)."""
+        return {f"{f.system}|{f.code}": f.unit for f in self.features if f.unit}
 
 
 @card_value

@@ -127,14 +127,6 @@ def _parse_time(value: Any) -> datetime | None:
 # --------------------------------------------------------------------------- FHIR bundles
 
 
-def target_units(spec: TimelineSpec) -> dict[str, str]:
-    """`system|code` -> unit of the card's observation features: the units values are converted to.
-
-    The timeline stage builds the same map from the same card, so both sides convert alike.
-    """
-    return {f"{f.system}|{f.code}": f.unit for f in spec.features if f.unit}
-
-
 def read_bundle_events(
     path: Path, spec: TimelineSpec, *, read_events: BundleEventReader
 ) -> tuple[EventLike, ...]:
@@ -155,7 +147,7 @@ def read_bundle_events(
                           "as one Bundle or remove the file")
     try:
         events = read_events(
-            bundle, resource_types=spec.resource_types, target_units=target_units(spec)
+            bundle, resource_types=spec.resource_types, target_units=spec.target_units
         )
     except ValueError as exc:
         raise CohortError(f"{path}: {exc}") from exc
@@ -284,5 +276,4 @@ __all__ = [
     "load_images",
     "read_bundle_events",
     "read_cohort_csv",
-    "target_units",
 ]

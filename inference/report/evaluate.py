@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_fusion.inference.data.cohort import Cohort, load_cohort
+from dicom_fusion.inference.data.cohort import BundleEventReader, Cohort, load_cohort
 from dicom_fusion.inference.nets.hybrid import build_model
 from dicom_fusion.inference.report.baselines import (
     BASELINES,
@@ -402,11 +402,12 @@ def evaluate_cv(
 
 
 def evaluate_cohort(
-    cohort_dir: Path, out_dir: Path, config: TrainConfig, *, progress: bool = True
+    cohort_dir: Path, out_dir: Path, config: TrainConfig, *, read_events: BundleEventReader, progress: bool = True
 ) -> EvaluationResult:
-    """Cross-validate every branch mode on `cohort_dir` and write the report to `out_dir`."""
+    """Cross-validate every branch mode on `cohort_dir` and write the report to `out_dir`; bundles are
+    read with `read_events` (the serving reader, as in `train_model`)."""
     card = base_card(config, Path(out_dir) / "unused-model")
-    cohort = load_cohort(cohort_dir, card, progress=progress)
+    cohort = load_cohort(cohort_dir, card, read_events=read_events, progress=progress)
     cv = cross_validate(cohort, card, config, MODES, progress=progress)
     return evaluate_cv(cohort, cv, out_dir, cohort_dir=cohort_dir)
 

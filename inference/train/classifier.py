@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dicom_fusion.inference.card.model import ModelCard, sha256_file, write_card
-from dicom_fusion.inference.data.cohort import Cohort, load_cohort
+from dicom_fusion.inference.data.cohort import BundleEventReader, Cohort, load_cohort
 from dicom_fusion.inference.nets.hybrid import HybridNet
 from dicom_fusion.inference.train.config import TrainConfig, base_card, load_train_config
 from dicom_fusion.inference.train.crossval import (
@@ -101,14 +101,19 @@ def train_model(
     out_dir: Path,
     config: TrainConfig,
     *,
+    read_events: BundleEventReader,
     modes: Sequence[str] = ("fusion",),
     progress: bool = True,
-    cohort: Cohort | None = None,
 ) -> TrainResult:
-    """Cross-validate, train the final fusion model on every patient, write weights + card + training.json."""
+    """Cross-validate, train the final fusion model on every patient, write weights + card + training.json.
+
+    ``read_events`` reads a patient's FHIR bundle into timeline events: the caller passes the serving
+    reader (``dicom_fusion.fhir.events.events_from_bundle``), so the model learns from the events the
+    timeline stage will give it.
+    """
     started = time.monotonic()
     card = base_card(config, out_dir)
-    cohort = cohort if cohort is not None else load_cohort(cohort_dir, card, progress=progress)
+    cohort = load_cohort(cohort_dir, card, read_events=read_events, progress=progress)
     modes = ("fusion", *[m for m in modes if m != "fusion"])
     cv = cross_validate(cohort, card, config, modes, progress=progress)
     epochs = max(1, int(np.median([f.best_epochs["fusion"] for f in cv.folds])))

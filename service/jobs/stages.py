@@ -96,13 +96,12 @@ def timeline(rt: Any, job: JobRef) -> Stage:
     else:
         system = identifier_system(fhir, facts.issuer)
         card = rt.card
-        units = {f"{f.system}|{f.code}": f.unit for f in card.timeline.features if f.unit}
         try:
             with rt.fhir_client() as client:
                 tl, resources = fetch_timeline(
                     client, identifier_system=system, identifier_value=facts.patient_id,
                     study_time=facts.time, window_days=card.timeline.window_days,
-                    resource_types=card.timeline.resource_types, target_units=units,
+                    resource_types=card.timeline.resource_types, target_units=card.timeline.target_units,
                     elements=fhir.search_elements)
         except (FHIRUnavailable, AuthenticationError) as exc:
             waited = utcnow() - job.created_at

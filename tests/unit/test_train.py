@@ -43,11 +43,6 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def read_cohort(cohort_dir: Path, config: TrainConfig, out: Path) -> Cohort:
-    """The cohort as `dicom-fusion train` loads it: bundles read by the serving reader (fhir.events)."""
-    return load_cohort(cohort_dir, base_card(config, out), read_events=events_from_bundle, progress=False)
-
-
 @pytest.fixture(scope="module")
 def trained(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     out = tmp_path_factory.mktemp("model")
@@ -57,7 +52,7 @@ def trained(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Train
         TINY,
         modes=("fusion", "image", "timeline"),
         progress=False,
-        cohort=read_cohort(cohort_dir, TINY, out),
+        read_events=events_from_bundle,
     )
 
 
@@ -255,8 +250,7 @@ def test_segmentation_guided_training_end_to_end(cohort_dir: Path, tmp_path: Pat
     """lesion_channel: the card records it and its segmenter, the predictor adds the channel itself, the
     report carries the '+ lesion area' baselines next to the plain ones."""
     config = dataclasses.replace(TINY, folds=2, max_epochs=1, lesion_channel=True)
-    result = train_model(cohort_dir, tmp_path / "model", config, progress=False,
-                         cohort=read_cohort(cohort_dir, config, tmp_path / "model"))
+    result = train_model(cohort_dir, tmp_path / "model", config, progress=False, read_events=events_from_bundle)
     card = load_card(result.card.path)
     assert card.image.lesion_channel and card.image.network_channels == 2
     assert card.segmenter == default_segmenter_path().resolve()
