@@ -77,7 +77,11 @@ def worker(config: ConfigOpt = None,
     if unknown:
         console.print(f"[red]error:[/red] unknown queue(s) {sorted(unknown)}; use cpu, gpu, io")
         raise typer.Exit(2)
-    run_worker(settings, queues=qs, concurrency=concurrency, pool=pool)
+    try:
+        run_worker(settings, queues=qs, concurrency=concurrency, pool=pool)
+    except ServiceError as exc:  # e.g. the ledger schema is older than this release: says what to run
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
 
 
 @app.command()

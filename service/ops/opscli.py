@@ -48,7 +48,11 @@ def api(config: ConfigOpt = None,
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
     configure_logging(settings.log_level)
-    run(settings)
+    try:
+        run(settings)
+    except ServiceError as exc:  # e.g. the ledger schema is older than this release: says what to run
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
 
 
 def _age(seconds: float | None) -> str:

@@ -101,9 +101,12 @@ def test_compose_parses_and_runs_our_commands(compose: dict[str, Any]) -> None:
     assert {"redis", "postgres", "orthanc", "fhir", "listener", "worker-cpu", "worker-io", "worker-gpu", "api",
             "flower", "prometheus", "grafana"} <= set(services)
     ours = {name: s for name, s in services.items() if s.get("image") in OUR_IMAGES}
-    assert set(ours) == {"listener", "worker-cpu", "worker-io", "worker-gpu", "api"}
+    assert set(ours) == {"migrate", "listener", "worker-cpu", "worker-io", "worker-gpu", "api"}
+    assert services["migrate"]["command"] == ["db", "upgrade"]
     for name, s in ours.items():
         check_cli(s["command"])
+        if name != "migrate":  # every process starts on a migrated ledger (they refuse an older schema)
+            assert s["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
         settings = check_settings_env({k: str(v) for k, v in s["environment"].items()})
         assert settings.metrics.listener_port == 9101 and settings.metrics.worker_port == 9102, name
     gpu = services["worker-gpu"]
@@ -178,6 +181,9 @@ def test_k8s_manifests_are_consistent() -> None:
         [c] = pod["spec"]["containers"]
         assert c["image"] in OUR_IMAGES
         check_cli(c["args"])
+        [wait] = pod["spec"]["initContainers"]  # waits for the ledger-migrate Job: never an older schema
+        assert wait["args"] == ["db", "current"] and wait["image"] in OUR_IMAGES, name
+        check_cli(wait["args"])
         env = dict(config)
         for e in c.get("env", []):
             if "valueFrom" in e:
@@ -190,6 +196,10 @@ def test_k8s_manifests_are_consistent() -> None:
         assert {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]} <= claims
         if name.startswith("worker-"):
             assert c["args"][c["args"].index("--queues") + 1] == name.removeprefix("worker-")
+    [job] = by_kind["Job"].values()
+    [migrate] = job["spec"]["template"]["spec"]["containers"]
+    assert migrate["args"] == ["db", "upgrade"] and migrate["image"] in OUR_IMAGES
+    check_cli(migrate["args"])
     gpu = deployments["worker-gpu"]["spec"]["template"]["spec"]
     assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert gpu["nodeSelector"] and gpu["containers"][0]["image"].endswith("-cuda")
