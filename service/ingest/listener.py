@@ -13,6 +13,9 @@ Exceptions never escape a handler: they become one of these statuses here and th
 serving. Pixel data is never decoded here (only the header is parsed from the received bytes), and
 this module never imports torch or MONAI so the listener starts fast and stays light.
 
+Connections pass :mod:`.connections` (per-peer limit, handshake timeout, junk closed at once) before
+pynetdicom makes an association of them.
+
 Concurrent associations share their syncs: the handler stages the bytes and waits on the
 :class:`~.committer.GroupCommitter`, which makes a whole batch durable (data, names, one ledger
 transaction) before any of its waiters answers 0x0000.
@@ -31,11 +34,11 @@ from pydicom import dcmread
 from pydicom.tag import Tag
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # noqa: PLC2701
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_fusion.service.config import ListenerSettings
 from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
 from dicom_fusion.service.ingest.committer import GroupCommitter
+from dicom_fusion.service.ingest.connections import ConnectionGate, GatedAssociationServer
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import FilingHeader
 from dicom_fusion.service.storage.spool import Spool, check_uid
@@ -120,8 +123,8 @@ def _set_nodelay(event: evt.Event) -> None:
         pass
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with ``SO_REUSEPORT``: several listener processes bind one port
+class ReusePortServer(GatedAssociationServer):
+    """The gated threaded server with ``SO_REUSEPORT``: several listener processes bind one port
     and the kernel spreads incoming associations over them (``listener.processes``)."""
 
     def server_bind(self) -> None:
@@ -159,8 +162,9 @@ class Listener:
             max_batch=settings.commit_max_batch, max_delay=settings.commit_max_delay_ms / 1000,
             wait_timeout=max(settings.dimse_timeout, 30.0))
         self.handler = StoreHandler(spool, self.committer, on_stored=self._note_study if on_release else None)
+        self.gate = ConnectionGate(settings)
         self.ae = self._build_ae()
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GatedAssociationServer | None = None
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -199,19 +203,15 @@ class Listener:
         self.committer.start()
         handlers = [(evt.EVT_C_STORE, self.handler), (evt.EVT_CONN_OPEN, _set_nodelay),
                     (evt.EVT_RELEASED, self._released), (evt.EVT_ABORTED, self._aborted)]
-        if self.reuse_port:
-            server = self.ae.make_server(
-                (self.settings.host, self.settings.port), evt_handlers=handlers,
-                ssl_context=build_ssl_context(self.settings), server_class=ReusePortServer,
-            )
-            self.ae._servers.append(server)  # so AE.shutdown() stops it, as start_server does
-            threading.Thread(target=server.serve_forever, name="listener-reuseport", daemon=True).start()
-            self.server = server
-        else:
-            self.server = self.ae.start_server(
-                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
-                ssl_context=build_ssl_context(self.settings),
-            )
+        # Every connection passes the gate before pynetdicom makes an association of it (connections.py).
+        server = self.ae.make_server(
+            (self.settings.host, self.settings.port), evt_handlers=handlers,
+            ssl_context=build_ssl_context(self.settings),
+            server_class=ReusePortServer if self.reuse_port else GatedAssociationServer, gate=self.gate,
+        )
+        self.ae._servers.append(server)  # so AE.shutdown() stops it, as start_server does
+        threading.Thread(target=server.serve_forever, name="listener-accept", daemon=True).start()
+        self.server = server
         host, port = self.server.server_address[:2]
         log.info("listener %s on %s:%s (TLS %s, allow-list %s)", self.settings.ae_title, host, port,
                  "on" if self.settings.tls.enabled else "off",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -184,3 +186,124 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: fl
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# ---- port scans and figures beyond the table (test_port_scan.py) ---------------------------------
+
+_MEASURES: list[str] = []
+
+
+class _MeasuresReport:
+    """Prints the measured figures (times, memory) of the fault tests after the figures table."""
+
+    def pytest_terminal_summary(self, terminalreporter: object) -> None:
+        if _MEASURES:
+            terminalreporter.section("fault-injection measurements")  # type: ignore[attr-defined]
+            for line in _MEASURES:
+                terminalreporter.write_line(line)  # type: ignore[attr-defined]
+
+
+def report_measure(config: object, fault: str, text: str) -> None:
+    """Add one line (``fault: text``) to the measurements section `make faults` prints at the end."""
+    manager = config.pluginmanager  # type: ignore[attr-defined]
+    if not manager.has_plugin("faultlib-measures"):
+        manager.register(_MeasuresReport(), "faultlib-measures")
+    _MEASURES.append(f"{fault}: {text}")
+    print(f"{fault}: {text}")
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def association_rq(called: str = "DFUSION", calling: str = "SCANNER") -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing Verification: what a scanner's
+    DICOM probe sends first."""
+    import struct
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    app_context = item(0x10, b"1.2.840.10008.3.1.1.1")
+    context = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, b"1.2.840.10008.1.1")
+                   + item(0x40, b"1.2.840.10008.1.2"))
+    user = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.826.0.1.3680043.8.498.1"))
+    fixed = struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
+    body = fixed + app_context + context + user
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+SCAN_KINDS = ("connect-close", "junk", "truncated-header", "header-then-silence")
+
+
+def scan_connection(port: int, kind: str, rng: random.Random, source: str = "127.0.0.1") -> None:
+    """One port-scanner connection of `kind` (SCAN_KINDS), closed by us at the end; a connection the
+    listener refuses or closes first is part of the game."""
+    rq = association_rq()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        if kind == "junk":
+            junk = rng.choice([b"GET / HTTP/1.0\r\n\r\n", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+                               b"SSH-2.0-OpenSSH_9.6\r\n", bytes([0x01, 0, 0, 0, 0, 68]) + os.urandom(68),
+                               b"\xff" + os.urandom(rng.randint(1, 63))])
+            s.sendall(junk)
+        elif kind == "truncated-header":
+            s.sendall(rq[: rng.randint(1, 5)] if rng.random() < 0.5 else rq[: rng.randint(7, len(rq) - 1)])
+        elif kind == "header-then-silence":
+            s.sendall(rq[:6])
+            time.sleep(rng.uniform(0.0, 0.2))
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+def scan_burst(port: int, connections: int, clients: int, source: str = "127.0.0.1", seed: int = 0) -> float:
+    """`connections` scanner connections (SCAN_KINDS in turn) from `clients` parallel threads bound to
+    `source`; returns the seconds the burst took."""
+    todo = list(range(connections))
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        rng = random.Random(seed * 1000 + n)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            scan_connection(port, SCAN_KINDS[i % len(SCAN_KINDS)], rng, source)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return time.monotonic() - t0
+
+
+def echo_from(port: int, source: str = "127.0.0.1", timeout: float = 5) -> bool:
+    """One C-ECHO on a fresh association from `source`; False when refused, rejected or timed out."""
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="DFUSION", bind_address=(source, 0))
+    except Exception:
+        return False
+    if not assoc.is_established:
+        return False
+    try:
+        ok = "Status" in (st := assoc.send_c_echo()) and st.Status == 0
+    finally:
+        assoc.release()
+    return bool(ok)
