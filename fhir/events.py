@@ -18,7 +18,9 @@ in `timeline.py`. Reading rules:
 - value and unit: valueQuantity / valueInteger, the Observation's own and each component's; the unit is
   the UCUM code when the quantity says it is UCUM, the display text `unit` only as a fallback; values of the
   codes in `target_units` are converted to the model's unit (`units.convert`) or dropped and counted,
-  never passed on mis-scaled;
+  never passed on mis-scaled; values outside the model card's plausible bounds (`value_bounds`, in the
+  target unit) and values no clinical quantity reaches (|v| > `MAX_MAGNITUDE`, e.g. 1e308, which would
+  overflow the model's float32 tensors) are dropped and counted too;
 - left out: entered-in-error records of every type, refuted conditions, cancelled encounters, records
   without a code or a time;
 - MedicationRequest.medicationReference to a `#contained` Medication reads that Medication's code;
@@ -73,6 +75,13 @@ READ_ELEMENTS: Final[dict[str, tuple[str, ...]]] = {
     "Encounter": ("status", "subject", "class", "period"),
 }
 
+#: Largest magnitude a value may have, whatever its code and unit: far above any clinical quantity (cell
+#: counts per litre reach ~1e13), far below what overflows the model's float32 tensors once scaled (~3e38).
+MAX_MAGNITUDE: Final = 1e18
+
+#: `system|code` -> (min, max) plausible value in the target unit; either side may be None (open).
+ValueBounds = Mapping[str, tuple[float | None, float | None]]
+
 #: Condition.verificationStatus codes that mean "this patient does not have it": such a record is no fact.
 _NOT_A_DIAGNOSIS: Final = ("entered-in-error", "refuted")
 
@@ -114,16 +123,19 @@ class TimelineEvent:
 @dataclass(frozen=True)
 class EventExtraction:
     """What `extract_events` read: the events (oldest first), the resources that contributed at least one,
-    and how many values were dropped because their unit cannot be converted to the model's."""
+    how many values were dropped because their unit cannot be converted to the model's, and how many
+    because they are outside the plausible bounds (or `MAX_MAGNITUDE`)."""
 
     events: tuple[TimelineEvent, ...]
     resources: tuple[dict[str, Any], ...]
     dropped_values: int = 0
+    out_of_range_values: int = 0
 
 
 def extract_events(resources: Iterable[dict[str, Any]], *,
                    resource_types: Iterable[str] | None = None,
                    target_units: Mapping[str, str] | None = None,
+                   value_bounds: ValueBounds | None = None,
                    start: datetime | None = None, end: datetime | None = None) -> EventExtraction:
     """The timeline events of `resources`, read by the rules of this module — the one reader training and
     serving share.
@@ -131,7 +143,9 @@ def extract_events(resources: Iterable[dict[str, Any]], *,
     `resource_types` (model-card names, see `normalise_resource_types`) limits the types read; None reads
     all four. `target_units` maps `system|code` (e.g. `http://loinc.org|2345-7`) to the UCUM unit the model
     expects: values of those codes are converted to it, and values that cannot be converted — or carry no
-    unit — are dropped and counted. `start`/`end` (tz-aware, both included) keep only events in that window;
+    unit — are dropped and counted. `value_bounds` maps `system|code` to its plausible (min, max) in the
+    target unit (the model card's feature bounds): values outside, and any value beyond `MAX_MAGNITUDE`, are
+    dropped and counted. `start`/`end` (tz-aware, both included) keep only events in that window;
     None leaves that side open. Events are sorted by (time, kind, system, code), so equal input gives equal
     output whatever order the server or the Bundle listed the resources in.
     """
@@ -139,7 +153,7 @@ def extract_events(resources: Iterable[dict[str, Any]], *,
         if bound is not None and bound.tzinfo is None:
             raise ValueError(f"extract_events {name} must be timezone-aware (UTC), got a naive datetime")
     types = set(normalise_resource_types(resource_types)) if resource_types is not None else None
-    normaliser = _UnitNormaliser(target_units or {})
+    normaliser = _UnitNormaliser(target_units or {}, value_bounds or {})
     events: list[TimelineEvent] = []
     used: list[dict[str, Any]] = []
     for res in resources:
@@ -153,12 +167,14 @@ def extract_events(resources: Iterable[dict[str, Any]], *,
             used.append(res)
     normaliser.warn()
     events.sort(key=lambda e: (e.time, e.kind, e.system, e.code))
-    return EventExtraction(tuple(events), tuple(used), normaliser.dropped_total)
+    return EventExtraction(tuple(events), tuple(used), normaliser.dropped_total,
+                           normaliser.out_of_range_total)
 
 
 def events_from_bundle(bundle: Mapping[str, Any], /, *,
                        resource_types: Iterable[str] | None = None,
-                       target_units: Mapping[str, str] | None = None) -> tuple[TimelineEvent, ...]:
+                       target_units: Mapping[str, str] | None = None,
+                       value_bounds: ValueBounds | None = None) -> tuple[TimelineEvent, ...]:
     """The timeline events of a FHIR Bundle's entries (any Bundle type: transaction, collection, searchset).
 
     This is the reader a training cohort is loaded with (`inference.data.cohort.load_cohort(...,
@@ -171,7 +187,8 @@ def events_from_bundle(bundle: Mapping[str, Any], /, *,
                          "resources as one Bundle")
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
     resources = (e["resource"] for e in entries if isinstance(e.get("resource"), dict))
-    return extract_events(resources, resource_types=resource_types, target_units=target_units).events
+    return extract_events(resources, resource_types=resource_types, target_units=target_units,
+                          value_bounds=value_bounds).events
 
 
 def events_from_resource(resource: Mapping[str, Any]) -> list[TimelineEvent]:
@@ -231,40 +248,59 @@ def fhir_instant(dt: datetime) -> str:
 
 
 class _UnitNormaliser:
-    """Converts valued events of the targeted codes to the target unit and counts what it must drop."""
+    """Converts valued events of the targeted codes to the target unit, checks values against the plausible
+    bounds, and counts what it must drop."""
 
-    def __init__(self, target_units: Mapping[str, str]) -> None:
+    def __init__(self, target_units: Mapping[str, str], value_bounds: ValueBounds) -> None:
         self.targets = dict(target_units)
+        self.bounds = dict(value_bounds)
         self.dropped: Counter[tuple[str, str]] = Counter()  # (system|code, unit as sent) -> count
+        self.out_of_range: Counter[str] = Counter()  # system|code -> count
 
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
 
+    @property
+    def out_of_range_total(self) -> int:
+        return sum(self.out_of_range.values())
+
     def apply(self, events: Iterable[TimelineEvent]) -> list[TimelineEvent]:
         out: list[TimelineEvent] = []
         for e in events:
-            key = f"{e.system}|{e.code}"
-            target = self.targets.get(key)
-            if target is None or e.value is None:
+            if e.value is None:
                 out.append(e)
                 continue
-            value = units.convert(e.value, e.unit, target, system=e.system, code=e.code)
-            if value is None or not math.isfinite(value):
-                self.dropped[(key, e.unit or "")] += 1
+            key = f"{e.system}|{e.code}"
+            if not math.isfinite(e.value) or abs(e.value) > MAX_MAGNITUDE:
+                self.out_of_range[key] += 1
                 continue
-            out.append(dataclasses.replace(e, value=value, unit=target))
+            target = self.targets.get(key)
+            if target is not None:
+                value = units.convert(e.value, e.unit, target, system=e.system, code=e.code)
+                if value is None or not math.isfinite(value):
+                    self.dropped[(key, e.unit or "")] += 1
+                    continue
+                e = dataclasses.replace(e, value=value, unit=target)
+            low, high = self.bounds.get(key, (None, None))
+            if (low is not None and e.value < low) or (high is not None and e.value > high):
+                self.out_of_range[key] += 1
+                continue
+            out.append(e)
         return out
 
     def warn(self) -> None:
-        """One warning per extraction naming codes and units (never values or patients: no PHI in logs)."""
-        if not self.dropped:
-            return
-        detail = ", ".join(f"{key} in {unit or 'no unit'!r} ×{n} (model expects {self.targets[key]!r})"
-                           for (key, unit), n in sorted(self.dropped.items()))
-        log.warning("timeline: dropped %d value(s) whose unit cannot be converted to the model's: %s. "
-                    "Add the unit to dicom_fusion.fhir.units if it is convertible, or fix the source system",
-                    self.dropped_total, detail)
+        """One warning per kind of drop, naming codes, units and counts (never values or patients)."""
+        if self.dropped:
+            detail = ", ".join(f"{key} in {unit or 'no unit'!r} ×{n} (model expects {self.targets[key]!r})"
+                               for (key, unit), n in sorted(self.dropped.items()))
+            log.warning("timeline: dropped %d value(s) whose unit cannot be converted to the model's: %s. "
+                        "Add the unit to dicom_fusion.fhir.units if it is convertible, or fix the source "
+                        "system", self.dropped_total, detail)
+        if self.out_of_range:
+            detail = ", ".join(f"{key} ×{n}" for key, n in sorted(self.out_of_range.items()))
+            log.warning("timeline: dropped %d value(s) outside the plausible range (the model card's feature "
+                        "min/max, or beyond %g): %s", self.out_of_range_total, MAX_MAGNITUDE, detail)
 
 
 # ---- resource -> events ----------------------------------------------------------------------------------
@@ -383,12 +419,14 @@ _EXTRACTORS: Final[dict[str, Callable[[Mapping[str, Any]], list[TimelineEvent]]]
 
 
 __all__ = [
+    "MAX_MAGNITUDE",
     "PREFERRED_SYSTEMS",
     "READ_ELEMENTS",
     "RESOURCE_KINDS",
     "EventExtraction",
     "EventKind",
     "TimelineEvent",
+    "ValueBounds",
     "events_from_bundle",
     "events_from_resource",
     "extract_events",

@@ -11,6 +11,7 @@ from rich.console import Console
 from dicom_fusion.service.config import load_settings
 from dicom_fusion.service.dbcli import db_app
 from dicom_fusion.service.errors import ServiceError
+from dicom_fusion.service.routescli import routes_app
 from dicom_fusion.service.segcli import segment_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -19,6 +20,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Model checkpoints and cards.
 app.add_typer(model_app, name="model")
 app.add_typer(segment_app, name="segment")
 app.add_typer(db_app, name="db")
+app.add_typer(routes_app, name="routes")
 console = Console(stderr=True, soft_wrap=True)  # error messages never wrap: paths stay whole, whatever the width
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "

@@ -13,6 +13,7 @@ import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -61,6 +62,9 @@ class ListenerSettings(_Section):
     port: int = Field(11112, ge=0, le=65535)
     allowed_calling_aes: list[str] = Field(default_factory=list)
     max_associations: int = Field(16, ge=1)
+    # a connection must send a whole A-ASSOCIATE-RQ within this; until then it holds no association slot
+    handshake_timeout: float = Field(5.0, gt=0, le=60)
+    max_associations_per_peer: int = Field(8, ge=1)  # connections (negotiating or associated) per peer address
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -90,6 +94,16 @@ class PacsSettings(_Section):
     _ae = field_validator("ae_title", "calling_ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
 
+def redact_url(url: str) -> str:
+    """`url` as it may be shown anywhere (config output, readiness, API, logs, errors): its userinfo
+    replaced by `***` (`https://user:secret@host/fhir` -> `https://***@host/fhir`). The service-side twin
+    of `dicom_fusion.fhir.client.redact_url` (the import rules keep `ops/` away from `fhir/`)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 class FhirSettings(_Section):
     """FHIR R4 server holding the EHR timeline and receiving the DiagnosticReport.
 
@@ -112,10 +126,27 @@ class FhirSettings(_Section):
     unavailable_wait_seconds: float = Field(60.0, ge=0)
     page_size: int = Field(1000, ge=1)
     search_elements: bool = False
+    # One timeline fetch (patient lookup + every search, all pages, retries and waits) is bounded by a
+    # deadline and caps; past any of them the job is predicted image-only with the reason (README
+    # "Hostile peers"). Sized from the default card's 730-day window: five daily labs and vitals four
+    # times a day for two years is ~7 000 Observations (~5 MB of JSON). max_resources leaves 7x that,
+    # max_bytes fits it at ~2.7 KB a resource, max_pages at 100 a page (a common server cap on _count),
+    # and the deadline lets a server answering 10 pages/s deliver 500 pages.
+    timeline_deadline_seconds: float = Field(60.0, gt=0)
+    max_pages: int = Field(500, ge=1)
+    max_resources: int = Field(50_000, ge=1)
+    max_bytes: int = Field(128 * 2**20, ge=1)
+    # The longest Retry-After the timeline stage honours by re-scheduling the job (never by sleeping).
+    retry_after_max_seconds: float = Field(120.0, ge=0)
 
     @property
     def enabled(self) -> bool:
         return bool(self.base_url)
+
+    @property
+    def shown_base_url(self) -> str:
+        """`base_url` as it may be shown (readiness, config output, report links): without userinfo."""
+        return redact_url(self.base_url)
 
 
 class Hl7Settings(_Section):
@@ -172,6 +203,15 @@ class ModelSettings(_Section):
     # Lesion segmentation card (inference/card/segmenter.py): overrides the classifier card's `segmenter` key.
     # Unset = what the card says (absent there = no segmentation).
     segmenter: Path | None = None
+
+
+class RoutingSettings(_Section):
+    """Which studies go to which model (README "Routing"); the routes themselves are `[[routes]]` tables
+    in this file or in `file`."""
+
+    file: Path | None = None  # a TOML file of [[routes]] tables (instead of [[routes]] here)
+    phantom_pattern: str = ""  # QC phantoms: regular expression on PatientName / PatientID; never processed
+    regex_timeout_ms: float = Field(50.0, gt=0, le=5000)  # per match: a pathological pattern is cut short
 
 
 class WorkerSettings(_Section):
@@ -234,6 +274,8 @@ class Settings(BaseSettings):
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    routes: list[dict[str, Any]] = Field(default_factory=list)  # checked by routing.routes.load_routes
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -23,7 +23,22 @@ class MalformedInstanceError(ServiceError):
 
 
 class TransientError(ServiceError):
-    """A stage failed in a way worth retrying with backoff (PACS/FHIR down, broker hiccup)."""
+    """A stage failed in a way worth retrying with backoff (PACS/FHIR down, broker hiccup).
+
+    `retry_in` (seconds), when given, replaces the worker's backoff for the next attempt: a peer that said
+    when to come back (HTTP Retry-After, already capped by the stage) is retried then, not sooner.
+    """
+
+    def __init__(self, message: str, *, retry_in: float | None = None) -> None:
+        if retry_in is not None and not retry_in >= 0:
+            raise ValueError(f'Argument "retry_in" must be >= 0 seconds, got {retry_in!r}.')
+        super().__init__(message)
+        self.message = message
+        self.retry_in = retry_in
+
+    def __reduce__(self) -> tuple[type[TransientError], tuple[str], dict[str, float | None]]:
+        # Celery pickles exceptions raised by tasks; keep `retry_in` across that round trip.
+        return (type(self), (self.message,), {"retry_in": self.retry_in})
 
 
 class PermanentError(ServiceError):

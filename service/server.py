@@ -18,6 +18,7 @@ from pathlib import Path
 from dicom_fusion.service.config import Settings
 from dicom_fusion.service.ingest.listener import Listener
 from dicom_fusion.service.jobs.completion import Completion, PeriodicThread
+from dicom_fusion.service.routing.router import Router
 from dicom_fusion.service.jobs.queues import enqueue, make_celery
 from dicom_fusion.service.jobs.reaper import reap
 from dicom_fusion.service.storage.engine import is_sqlite
@@ -94,6 +95,7 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     spool = Spool(settings.spool_dir, fsync=settings.spool.fsync, sync_mode=settings.spool.sync_mode)
     spool.ensure()
     ledger = Ledger(settings.ledger_url)
+    router = Router.from_settings(settings, ledger)  # RouteError: refuse to start, file/route/field named
     app = make_celery(settings)
 
     def enq(job_id: int, stage: Stage) -> None:
@@ -102,7 +104,7 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     def requeue(job_id: int, stage: Stage) -> None:
         enqueue(app, ledger, settings, job_id, stage, requeue=True)
 
-    completion = Completion(ledger, enq, quiet_seconds=settings.completion.quiet_seconds)
+    completion = Completion(ledger, enq, quiet_seconds=settings.completion.quiet_seconds, route=router)
     extra = settings.listener.processes - 1
     listener = Listener(settings.listener, spool, ledger, reuse_port=extra > 0,
                         on_release=completion.release if settings.completion.on_release else None)
@@ -152,7 +154,8 @@ def listen(settings: Settings, *, stop: threading.Event | None = None) -> None:
     if settings.completion.on_release:
         app = make_celery(settings)
         completion = Completion(ledger, lambda job_id, stage: enqueue(app, ledger, settings, job_id, stage),
-                                quiet_seconds=settings.completion.quiet_seconds)
+                                quiet_seconds=settings.completion.quiet_seconds,
+                                route=Router.from_settings(settings, ledger))
         on_release = completion.release
     listener = Listener(settings.listener, spool, ledger, on_release=on_release, reuse_port=True)
     listener.start()

@@ -73,19 +73,22 @@ def dciodvfy() -> str:
 
 
 def write_instance(path: Path, *, study_uid: str, series_uid: str, sop_uid: str, rows: int = 64,
-                   patient_id: str = "TEST0001", modality: str = "CT") -> Path:
-    """A small valid CT instance (explicit VR little endian) for listener tests."""
+                   patient_id: str = "TEST0001", modality: str = "DX") -> Path:
+    """A small image (explicit VR little endian) for listener and pipeline tests. Its SOP class is CT
+    Image Storage (the presentation context the listener tests negotiate); its Modality is DX unless
+    given, so the default route's model (DX, CR) reads it and a job runs."""
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+    sop_class = CTImageStorage
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = "TEST^PATIENT", patient_id, "19700101"
     ds.Modality, ds.StudyDate, ds.StudyTime = modality, "20260101", "120000"

@@ -11,11 +11,20 @@ OWNER = "test-host:1:task"
 NEXT = {Stage.PREPARE: Stage.TIMELINE, Stage.TIMELINE: Stage.INFER, Stage.INFER: Stage.DELIVER}
 
 
-def add_study(ledger: Ledger, uid: str, n: int = 2, size: int = 1000, series: int = 1) -> None:
+def add_study(ledger: Ledger, uid: str, n: int = 2, size: int = 1000, series: int = 1,
+              files: Path | None = None) -> None:
+    """`n` instances of study `uid` in the ledger; their files are written under `files` when given (a
+    replay routes the study again and reads its headers), else the paths are made up."""
     for i in range(n):
         ser = f"{uid}.{1 + i % series}"
+        path = Path(f"/spool/{uid}/{i}.dcm")
+        if files is not None:
+            from conftest import write_instance
+
+            path = write_instance(files / uid / f"{i}.dcm", study_uid=uid, series_uid=ser, sop_uid=f"{ser}.{i + 1}",
+                                  rows=8)
         ledger.record_instances([InstanceRecord(study_uid=uid, series_uid=ser, sop_uid=f"{ser}.{i + 1}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                               modality="CT", transfer_syntax="1.2.840.10008.1.2.1", path=Path(f"/spool/{uid}/{i}.dcm"),
+                               modality="DX", transfer_syntax="1.2.840.10008.1.2.1", path=path,
                                sha256="0" * 64, size=size, calling_ae="MODALITY")])[0]
 
 

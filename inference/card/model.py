@@ -265,7 +265,9 @@ class TimelineFeature:
     scaled by (v - mean) / std. Other kinds: the number of events of that kind (and code, unless the
     code is "*") in a bin, scaled the same way. `unit` is the UCUM unit the model was trained on: the
     EHR reader (`fhir/events.py`, training and serving alike) converts values to it, and drops (and
-    counts) those it cannot convert rather than mixing units.
+    counts) those it cannot convert rather than mixing units. `min` / `max` (optional, observation
+    features only, in `unit`) are the plausible bounds of a value: the reader drops and counts values
+    outside them (a glucose of 1e308 is a broken interface, not a patient).
     """
 
     name: Text
@@ -275,6 +277,8 @@ class TimelineFeature:
     unit: Text | None
     mean: Finite
     std: Finite
+    min: Finite | None = None
+    max: Finite | None = None
 
     _unit_may_be_omitted = omitted_is_none("unit")
 
@@ -287,6 +291,12 @@ class TimelineFeature:
             )
         if self.std <= 0:
             raise ModelCardError(f"timeline feature {self.name!r}: std must be > 0, got {self.std}")
+        if (self.min is not None or self.max is not None) and self.kind != "observation":
+            raise ModelCardError(f"timeline feature {self.name!r}: min/max bound observation values; a "
+                                 f"{self.kind} feature counts events and has no value to bound")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise ModelCardError(f"timeline feature {self.name!r}: min ({self.min}) must be below max "
+                                 f"({self.max})")
         return self
 
     @property
@@ -329,6 +339,13 @@ class TimelineSpec:
         """`system|code` -> unit of the observation features: the units the EHR reader converts values to
         (the timeline stage and the training cohort loader pass the same map)."""
         return {f"{f.system}|{f.code}": f.unit for f in self.features if f.unit}
+
+    @property
+    def value_bounds(self) -> dict[str, tuple[float | None, float | None]]:
+        """`system|code` -> (min, max) of the observation features that declare bounds (in their unit): the
+        plausible range the EHR reader keeps, passed beside `target_units`."""
+        return {f"{f.system}|{f.code}": (f.min, f.max) for f in self.features
+                if f.min is not None or f.max is not None}
 
 
 @card_value
@@ -522,7 +539,7 @@ DEFAULT_CLASSES = (
     ClassSpec(name="malignant", code="363346000", display="Malignant neoplastic disease"),
 )
 DEFAULT_POSITIVE_CLASS = "malignant"
-DEFAULT_INPUT = InputSelection(modalities=("DX", "CR", "XC", "OT", "CT", "MR"))
+DEFAULT_INPUT = InputSelection(modalities=("DX", "CR"))  # the synthetic radiographs the default model learns from
 DEFAULT_IMAGE = ImageSpec(spatial_dims=2, size=(128, 128), channels=1, window=None, encoder="smallcnn")
 DEFAULT_TIMELINE = TimelineSpec(
     resource_types=("Observation", "Condition", "MedicationRequest", "Encounter"),

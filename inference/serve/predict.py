@@ -6,6 +6,7 @@ codes copied from the card, JSON round-trippable so it can be stored and replaye
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -204,6 +205,15 @@ class Predictor:
         with torch.inference_mode():
             logits = self.model(x, tl.values, tl.mask, tl.deltas, tl.lengths, tl.has_timeline)
             probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
+        if not all(math.isfinite(p) for p in probs):
+            # e.g. an absurd but finite input value that overflowed in the network: never a finding
+            # without a probability; retrying the same inputs gives the same numbers
+            raise InferenceError(
+                f"model {self.card.name} {self.card.version} produced non-finite probabilities "
+                f"({', '.join(f'{c.name}={p}' for c, p in zip(self.card.classes, probs, strict=True))}) "
+                f"from this study's {'image and timeline' if timeline is not None else 'image'}; check the "
+                "input values (plausible min/max on the model card's timeline features drop absurd ones)"
+            )
         probabilities = tuple(
             ClassProbability(
                 name=c.name, code=c.code, system=c.system, display=c.display, probability=float(p)

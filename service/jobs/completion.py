@@ -2,7 +2,8 @@
 ``completion.on_release``, when the association that sent it is released).
 
 Completing a study creates exactly one job version in the ledger (a conditional UPDATE, safe with
-several listeners) and enqueues its first stage. A late instance reopens the study, and the next
+several listeners) and enqueues its first stage. The router (``service/routing``) decides that job
+first: which model reads which series, or why the study is ``ignored`` (nothing is enqueued then). A late instance reopens the study, and the next
 completion creates a new job version, never a silent drop.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import Stage, utcnow
+from dicom_fusion.service.storage.models import RouteStudy, Stage, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,12 @@ Enqueue = Callable[[int, Stage], None]
 
 
 class Completion:
-    def __init__(self, ledger: Ledger, enqueue: Enqueue, *, quiet_seconds: float) -> None:
+    def __init__(self, ledger: Ledger, enqueue: Enqueue, *, quiet_seconds: float,
+                 route: RouteStudy | None = None) -> None:
         self.ledger = ledger
         self.enqueue = enqueue
         self.quiet_seconds = quiet_seconds
+        self.route = route  # routing.Router: the job's model and series, or why the study is ignored
 
     def _start_jobs(self, job_ids: Iterable[int]) -> list[int]:
         started = []
@@ -39,14 +42,14 @@ class Completion:
     def poll(self) -> list[int]:
         """Complete every study quiet for ``quiet_seconds``; returns the new job ids."""
         cutoff = utcnow() - timedelta(seconds=self.quiet_seconds)
-        jobs = self.ledger.complete_studies(quiet_before=cutoff)
+        jobs = self.ledger.complete_studies(quiet_before=cutoff, route=self.route)
         for job_id in jobs:
             log.info("study complete after quiet period: job %s", job_id)
         return self._start_jobs(jobs)
 
     def release(self, study_uids: set[str]) -> list[int]:
         """Complete the studies an association sent, right when it is released."""
-        jobs = self.ledger.complete_studies(quiet_before=None, study_uids=sorted(study_uids))
+        jobs = self.ledger.complete_studies(quiet_before=None, study_uids=sorted(study_uids), route=self.route)
         for job_id in jobs:
             log.info("study complete on association release: job %s", job_id)
         return self._start_jobs(jobs)

@@ -42,15 +42,21 @@ def _read_json(path: Path) -> Any:
         raise PermanentError(f"{path.name} missing in {path.parent}; replay the study") from exc
 
 
+def _job_files(rt: Any, job: JobRef) -> list[Path]:
+    """The spooled files the job's model reads: those of the series its route selected (all when the job
+    predates routing)."""
+    return [p for p in rt.ledger.study_files(job.study_id, job.series_uids) if p.exists()]
+
+
 def prepare(rt: Any, job: JobRef) -> Stage:
     from dicom_fusion.inference.data.images import load_study_image
     from dicom_fusion.inference.errors import InferenceError
 
-    files = [p for p in rt.ledger.study_files(job.study_id) if p.exists()]
+    files = _job_files(rt, job)
     if not files:
         raise PermanentError("no spooled instance files found for the study")
     try:
-        prepared = load_study_image(files, rt.card)
+        prepared = load_study_image(files, rt.models(job.card_path).card)
     except InferenceError as exc:
         raise PermanentError(str(exc)) from exc
     d = rt.spool.job_dir(job.job_id)
@@ -79,10 +85,29 @@ IMAGE_ONLY_REASONS = {
 }
 
 
+#: The setting behind each limit of a timeline fetch, named in the image-only reason.
+_LIMIT_SETTINGS = {"deadline": "fhir.timeline_deadline_seconds", "pages": "fhir.max_pages",
+                   "resources": "fhir.max_resources", "bytes": "fhir.max_bytes"}
+
+
 def timeline(rt: Any, job: JobRef) -> Stage:
     """Fetch the EHR timeline; FHIR trouble degrades to image-only once the wait budget is spent
-    (``fhir.unavailable_wait_seconds`` since the job was created, or the stage's last retry)."""
-    from dicom_fusion.fhir.errors import AuthenticationError, FHIRError, FHIRUnavailable
+    (``fhir.unavailable_wait_seconds`` since the job was created, or the stage's last retry).
+
+    The fetch is bounded (``fhir.timeline_deadline_seconds``, ``fhir.max_pages|max_resources|max_bytes``):
+    past a bound the prediction is image-only at once, with the bound as the reason. A server that asks us
+    to come back later (Retry-After) is retried then — the job is re-scheduled, the worker never sleeps
+    on it — unless it asks for more than ``fhir.retry_after_max_seconds``: then image-only too. Reasons
+    and errors carry statuses, issue codes and setting names, never what the server sent.
+    """
+    from dicom_fusion.fhir.client import FetchLimits
+    from dicom_fusion.fhir.errors import (
+        AuthenticationError,
+        FetchLimitExceeded,
+        FHIRError,
+        FHIRRetryLater,
+        FHIRUnavailable,
+    )
     from dicom_fusion.fhir.timeline import fetch_timeline
 
     d = rt.spool.job_dir(job.job_id)
@@ -95,22 +120,25 @@ def timeline(rt: Any, job: JobRef) -> Stage:
         record = {"status": "no_patient", "reason": "study has no PatientID"}
     else:
         system = identifier_system(fhir, facts.issuer)
-        card = rt.card
+        card = rt.models(job.card_path).card
+        limits = FetchLimits(deadline_seconds=fhir.timeline_deadline_seconds, max_pages=fhir.max_pages,
+                             max_resources=fhir.max_resources, max_bytes=fhir.max_bytes)
         try:
             with rt.fhir_client() as client:
                 tl, resources = fetch_timeline(
                     client, identifier_system=system, identifier_value=facts.patient_id,
                     study_time=facts.time, window_days=card.timeline.window_days,
                     resource_types=card.timeline.resource_types, target_units=card.timeline.target_units,
-                    elements=fhir.search_elements)
+                    value_bounds=card.timeline.value_bounds, elements=fhir.search_elements, limits=limits)
+        except FetchLimitExceeded as exc:
+            setting = _LIMIT_SETTINGS.get(exc.limit, "the fetch limits")
+            log.warning("job %s: FHIR timeline fetch stopped at %s = %g; predicting image-only",
+                        job.job_id, setting, exc.value)
+            record = {"status": "limited", "limit": exc.limit,
+                      "reason": f"FHIR timeline fetch stopped at its {exc.limit} limit "
+                                f"({setting} = {exc.value:g})"}
         except (FHIRUnavailable, AuthenticationError) as exc:
-            waited = utcnow() - job.created_at
-            last_try = job.attempts + 1 > rt.settings.worker.max_retries
-            if waited.total_seconds() < fhir.unavailable_wait_seconds and not last_try:
-                raise TransientError(f"FHIR unavailable: {exc}") from exc
-            log.warning("job %s: FHIR unavailable for %.0fs, predicting image-only", job.job_id,
-                        waited.total_seconds())
-            record = {"status": "unavailable", "reason": f"FHIR unavailable: {type(exc).__name__}"}
+            record = _unavailable(rt, job, exc, isinstance(exc, FHIRRetryLater))
         except FHIRError as exc:
             record = {"status": "error", "reason": f"FHIR error: {exc}"}
         else:
@@ -126,11 +154,31 @@ def timeline(rt: Any, job: JobRef) -> Stage:
     return Stage.INFER
 
 
+def _unavailable(rt: Any, job: JobRef, exc: Exception, retry_later: bool) -> dict[str, Any]:
+    """FHIR down, refusing us, or asking us to come back later: raise `TransientError` (re-scheduled; at
+    the server's Retry-After when it gave one) while the wait budget lasts, else the image-only record."""
+    fhir = rt.settings.fhir
+    waited = (utcnow() - job.created_at).total_seconds()
+    last_try = job.attempts + 1 > rt.settings.worker.max_retries
+    retry_after = float(getattr(exc, "retry_after", 0.0)) if retry_later else None
+    if retry_after is not None and retry_after > fhir.retry_after_max_seconds:
+        log.warning("job %s: FHIR server asked to retry in %.0f s (more than fhir.retry_after_max_seconds "
+                    "= %g); predicting image-only", job.job_id, retry_after, fhir.retry_after_max_seconds)
+        return {"status": "unavailable",
+                "reason": f"FHIR server asked to retry in {retry_after:.0f} s, more than "
+                          f"fhir.retry_after_max_seconds ({fhir.retry_after_max_seconds:g} s)"}
+    if waited < fhir.unavailable_wait_seconds and not last_try:
+        raise TransientError(f"FHIR unavailable: {exc}", retry_in=retry_after) from exc
+    log.warning("job %s: FHIR unavailable for %.0fs, predicting image-only", job.job_id, waited)
+    return {"status": "unavailable", "reason": f"FHIR unavailable: {type(exc).__name__}"}
+
+
 def infer(rt: Any, job: JobRef) -> Stage:
     from dicom_fusion.fhir.timeline import Timeline
     from dicom_fusion.inference.data.timeline_tensor import encode_timeline
 
     d = rt.spool.job_dir(job.job_id)
+    models = rt.models(job.card_path)
     try:
         image = np.load(d / "image.npy", allow_pickle=False)
     except FileNotFoundError as exc:
@@ -141,23 +189,31 @@ def infer(rt: Any, job: JobRef) -> Stage:
     reason: str | None = None
     if record.get("status") == "ok":
         tl = Timeline.from_dict(record["timeline"])
-        tensor = encode_timeline(tl.events, facts.time, rt.card.timeline)
+        tensor = encode_timeline(tl.events, facts.time, models.card.timeline)
         if tensor is None:
             reason = "no EHR events in the model's window"
     else:
         reason = record.get("reason") or str(record.get("status"))
+    import math
     import time
 
+    from dicom_fusion.inference.errors import InferenceError
     from dicom_fusion.service.telemetry import observe_inference
 
-    predictor = rt.predictor  # loaded on first use: not part of the inference time
+    predictor = models.predictor  # loaded on first use: not part of the inference time
     started = time.perf_counter()
-    result = predictor.predict(image, tensor, image_only_reason=reason)
+    try:
+        result = predictor.predict(image, tensor, image_only_reason=reason)
+    except InferenceError as exc:  # e.g. non-finite output: the same inputs give the same numbers
+        raise PermanentError(f"the model gave no usable result: {exc}") from exc
+    if not all(math.isfinite(p.probability) for p in result.probabilities):
+        raise PermanentError(f"the model gave non-finite probabilities ({result.model_name} "
+                             f"{result.model_version}); no finding is recorded without a probability")
     observe_inference(result.model_name, result.model_version, time.perf_counter() - started)
     _, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
     if rt.settings.model.explain:
         result = _explain(rt, job, d, predictor, image, tensor, result, sr_uid)
-    if rt.segmenter is not None:
+    if models.segmenter is not None:
         _segment(rt, job, d, sr_uid)
     _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
     rt.ledger.set_result(job.job_id, finding=result.finding.name, probability=result.finding.probability,
@@ -197,9 +253,10 @@ def _segment(rt: Any, job: JobRef, d: Path, sr_uid: str) -> None:
     from dicom_fusion.inference.data.images import decode_series, read_headers, select_series
     from dicom_fusion.service.outputs.seg.build import SegmentCodes, build_segmentation, measure_lesion
 
-    segmenter = rt.segmenter
-    headers, _ = read_headers([p for p in rt.ledger.study_files(job.study_id) if p.exists()])
-    instances = select_series(headers, rt.card.input)
+    models = rt.models(job.card_path)
+    segmenter = models.segmenter
+    headers, _ = read_headers(_job_files(rt, job))
+    instances = select_series(headers, models.card.input)
     pixels, uids = decode_series(instances, segmenter.image_spec)
     by_uid = {h.sop_instance_uid: h.path for h in instances}
     sources = [source_header(dcmread(by_uid[u], stop_before_pixels=True)) for u in uids]

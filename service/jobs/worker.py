@@ -19,13 +19,14 @@ import threading
 import time
 from collections.abc import Callable
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
 
 from dicom_fusion.service.config import Settings
-from dicom_fusion.service.errors import PermanentError
+from dicom_fusion.service.errors import PermanentError, TransientError
 from dicom_fusion.service.jobs import stages
 from dicom_fusion.service.jobs.queues import TASK_NAMES, publish
 from dicom_fusion.service.storage.ledger import Ledger
@@ -41,6 +42,46 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class JobModels:
+    """One model card and what the worker loads from it (predictor, segmenter), each on first use.
+
+    A route names the card its jobs use (`Job.card_path`); the worker keeps one of these per card, so a
+    deployment with several routes loads each model once per worker process.
+    """
+
+    def __init__(self, card_path: Path, *, device: str, segmenter_override: Path | None,
+                 lock: threading.Lock) -> None:
+        self.card_path = card_path
+        self.device = device
+        self.segmenter_override = segmenter_override  # `model.segmenter`: applies to the default model only
+        self._lock = lock
+
+    @cached_property
+    def card(self) -> ModelCard:
+        from dicom_fusion.inference.card.model import load_card
+
+        return load_card(self.card_path)
+
+    @cached_property
+    def predictor(self) -> Predictor:
+        from dicom_fusion.inference.serve.predict import Predictor
+
+        with self._lock:
+            return Predictor.load(self.card_path, device=self.device)
+
+    @cached_property
+    def segmenter(self) -> Segmenter | None:
+        """The lesion segmenter: `model.segmenter` (default model), else the card's `segmenter` key;
+        None = disabled."""
+        path = self.segmenter_override or self.card.segmenter
+        if path is None:
+            return None
+        from dicom_fusion.inference.serve.segment import Segmenter
+
+        with self._lock:
+            return Segmenter.load(path, device=self.device)
+
+
 class WorkerRuntime:
     def __init__(self, settings: Settings, app: Celery) -> None:
         self.settings = settings
@@ -48,30 +89,18 @@ class WorkerRuntime:
         self.ledger = Ledger(settings.ledger_url)
         self.spool = Spool(settings.spool_dir, fsync=settings.spool.fsync)
         self._lock = threading.Lock()
+        self._models: dict[Path, JobModels] = {}
 
-    @cached_property
-    def card(self) -> ModelCard:
-        from dicom_fusion.inference.card.model import load_card
-
-        return load_card(self.settings.model_card_path())
-
-    @cached_property
-    def predictor(self) -> Predictor:
-        from dicom_fusion.inference.serve.predict import Predictor
-
+    def models(self, card_path: str = "") -> JobModels:
+        """The models of a job's card (`JobRef.card_path`; "" = the configured default model `model.card`)."""
+        default = self.settings.model_card_path()
+        path = Path(card_path) if card_path else default
         with self._lock:
-            return Predictor.load(self.settings.model_card_path(), device=self.settings.model.device)
-
-    @cached_property
-    def segmenter(self) -> Segmenter | None:
-        """The lesion segmenter: `model.segmenter`, else the card's `segmenter` key; None = disabled."""
-        path = self.settings.model.segmenter or self.card.segmenter
-        if path is None:
-            return None
-        from dicom_fusion.inference.serve.segment import Segmenter
-
-        with self._lock:
-            return Segmenter.load(path, device=self.settings.model.device)
+            if path not in self._models:
+                self._models[path] = JobModels(
+                    path, device=self.settings.model.device, lock=threading.Lock(),
+                    segmenter_override=self.settings.model.segmenter if path == default else None)
+            return self._models[path]
 
     def fhir_client(self) -> FhirClient:
         from dicom_fusion.service.peers import make_fhir_client
@@ -175,6 +204,8 @@ def run_stage(task: Task, runtime: Any, job_id: int, stage: Stage,
             log.error("job %s dead at %s after %d attempts: %s", job_id, stage, attempt, reason)
             return "dead"
         countdown = backoff_seconds(settings, attempt)
+        if isinstance(exc, TransientError) and exc.retry_in is not None:
+            countdown = exc.retry_in  # the peer said when to come back (the stage capped it)
         ledger.fail(job_id, owner=owner, reason=reason, retry_in=countdown,
                     lease_seconds=settings.worker.queued_lease_seconds)
         log.warning("job %s %s failed (attempt %d), retry in %.0fs: %s", job_id, stage, attempt, countdown, reason)

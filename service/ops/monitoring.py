@@ -6,6 +6,7 @@ the ledger holds no patient names, IDs or birth dates, and nothing here reads th
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -97,8 +98,10 @@ class StudyRow:
     stage: str | None
     finding: str | None
     probability: float | None
-    error: str | None
+    error: str | None  # the failure reason; for an ignored study, why it was ignored
     updated_at: datetime | None
+    route: str = ""  # the route its latest job took ("" = ignored, or before routing)
+    model: str = ""  # "name version" of that route's model
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def list_studies(ledger: Ledger, *, state: str | None = None, received_after: da
         raise ValueError("page starts at 1 and page_size is 1..500")
     latest, state_expr = _study_state_expr()
     q = select(Study, latest.c.stage, latest.c.finding, latest.c.probability, latest.c.error,
-               latest.c.updated_at, state_expr.label("effective_state")) \
+               latest.c.updated_at, state_expr.label("effective_state"), latest.c.route, latest.c.model) \
         .outerjoin(latest, latest.c.study_id == Study.id)
     if state is not None:
         q = q.where(state_expr == state)
@@ -144,8 +147,8 @@ def list_studies(ledger: Ledger, *, state: str | None = None, received_after: da
     items = tuple(StudyRow(study_uid=st.study_uid, state=eff, instances=st.instance_count,
                            first_received_at=st.first_received_at, last_received_at=st.last_received_at,
                            job_version=st.job_version, stage=stage, finding=finding, probability=prob,
-                           error=err, updated_at=upd)
-                  for st, stage, finding, prob, err, upd, eff in rows)
+                           error=err, updated_at=upd, route=route or "", model=model or "")
+                  for st, stage, finding, prob, err, upd, eff, route, model in rows)
     return StudyPage(items=items, total=int(total), page=page, page_size=page_size)
 
 
@@ -195,6 +198,9 @@ class JobInfo:
     deliveries: tuple[DeliveryInfo, ...]
     history: tuple[AuditEntry, ...]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    route: str = ""  # the route that matched ("" = ignored: `error` says why)
+    model: str = ""  # "name version" of the route's model
+    series_uids: tuple[str, ...] = ()  # the series the model reads (() = all, before routing)
 
     @property
     def latency_seconds(self) -> float | None:
@@ -276,7 +282,8 @@ def study_detail(ledger: Ledger, study_uid: str) -> StudyDetail:
                              error=j.error, created_at=j.created_at, updated_at=j.updated_at,
                              finished_at=j.finished_at, finding=j.finding, probability=j.probability,
                              image_only=j.image_only, sr_uid=j.sr_uid, deliveries=tuple(deliveries[j.id]),
-                             history=h, stage_seconds=stage_durations(h)))
+                             history=h, stage_seconds=stage_durations(h), route=j.route, model=j.model,
+                             series_uids=tuple(json.loads(j.series_uids)) if j.series_uids else ()))
     state = RECEIVING if study.state == StudyState.RECEIVING or not infos else infos[0].state
     return StudyDetail(study_uid=study.study_uid, state=state, instances=study.instance_count, bytes=int(size or 0),
                        first_received_at=study.first_received_at, last_received_at=study.last_received_at,
@@ -342,7 +349,10 @@ def throughput(ledger: Ledger, *, now: datetime | None = None, window: timedelta
             inst[index(ts)] += 1
         for state, ts in s.execute(select(Job.state, Job.finished_at).where(
                 Job.finished_at >= start, Job.state.in_(_TERMINAL))):
-            (done if state == JobState.DONE else dead)[index(ts)] += 1
+            if state == JobState.DONE:
+                done[index(ts)] += 1
+            elif state == JobState.DEAD:  # ignored studies are neither: nothing was meant to run
+                dead[index(ts)] += 1
     return tuple(Bucket(start + width * i, inst[i], done[i], dead[i]) for i in range(buckets))
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from dicom_fusion.service.config import Settings
 from dicom_fusion.service.errors import ActionRefusedError, StudyNotFoundError
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import Job, JobState, Stage, Study, StudyState
+from dicom_fusion.service.storage.models import Job, JobState, RouteStudy, Stage, Study, StudyState
 
 #: Publishes a job's stage to the broker (``requeue`` marks an operator/reaper re-enqueue).
 Enqueue = Callable[[int, Stage, bool], None]
@@ -40,6 +40,14 @@ def make_enqueue(ledger: Ledger, settings: Settings) -> Enqueue:
         enqueue(app, ledger, settings, job_id, stage, requeue=requeue)
 
     return _enqueue
+
+
+def make_router(ledger: Ledger, settings: Settings) -> RouteStudy:
+    """The routing of ``settings`` (a replay is routed again, with the routes in force now); raises
+    :class:`~dicom_fusion.service.routing.routes.RouteError` when the route table is invalid."""
+    from dicom_fusion.service.routing.router import Router
+
+    return Router.from_settings(settings, ledger, rerun=True)
 
 
 def _study_and_latest_job(ledger: Ledger, study_uid: str) -> tuple[Study, Job | None]:
@@ -69,25 +77,33 @@ def retry_study(ledger: Ledger, enqueue: Enqueue, study_uid: str) -> ActionResul
         enqueue(job.id, stage, True)
         return ActionResult("retry", study_uid, job.version, str(stage),
                             f"failed job v{job.version} re-enqueued at stage {stage} now")
-    hint = "; use replay to run the study again" if job.state == JobState.DONE else "; it is still in progress"
+    hint = ("; use replay to run the study again" if job.state in (JobState.DONE, JobState.IGNORED)
+            else "; it is still in progress")
     raise ActionRefusedError(f"job v{job.version} of {study_uid} is {job.state}: retry applies to failed "
                              f"or dead jobs{hint}")
 
 
-def replay_study(ledger: Ledger, enqueue: Enqueue, study_uid: str) -> ActionResult:
-    """Start a new job version over the stored instances (new SR and report, derived from the version)."""
+def replay_study(ledger: Ledger, enqueue: Enqueue, study_uid: str, route: RouteStudy | None = None) -> ActionResult:
+    """Start a new job version over the stored instances (new SR and report, derived from the version),
+    routed again by ``route``: a study ignored before may match a route added since, and the other way
+    round."""
     study, job = _study_and_latest_job(ledger, study_uid)
     if study.state == StudyState.RECEIVING:
         raise ActionRefusedError(f"study {study_uid} is still receiving instances; it gets a new job "
                                  "version by itself after the quiet period")
-    if job is not None and job.state not in (JobState.DONE, JobState.DEAD):
+    if job is not None and job.state not in (JobState.DONE, JobState.DEAD, JobState.IGNORED):
         raise ActionRefusedError(f"job v{job.version} of {study_uid} is {job.state}; wait for it to finish "
                                  "(or retry it if it failed) before replaying")
-    job_id = ledger.add_job_version(study_uid, reason="operator replay")
+    job_id = ledger.add_job_version(study_uid, reason="operator replay", route=route)
     if job_id is None:
         raise ActionRefusedError(f"study {study_uid} changed state meanwhile; reload and try again")
-    enqueue(job_id, Stage.PREPARE, False)
     version = (job.version if job is not None else 0) + 1
+    with ledger.session() as s:
+        new = s.get(Job, job_id)
+        assert new is not None
+        if new.state == JobState.IGNORED:
+            return ActionResult("replay", study_uid, version, "", f"job v{version} ignored: {new.error}")
+    enqueue(job_id, Stage.PREPARE, False)
     return ActionResult("replay", study_uid, version, str(Stage.PREPARE),
                         f"job v{version} created from {study.instance_count} stored instance(s) and queued")
 

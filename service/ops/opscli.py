@@ -131,8 +131,11 @@ def _act(config: Path | None, action: str, study_uid: str) -> None:
     settings = _settings(config)
     ledger = Ledger(settings.ledger_url)
     try:
-        fn = operations.retry_study if action == "retry" else operations.replay_study
-        result = fn(ledger, operations.make_enqueue(ledger, settings), study_uid)
+        enqueue = operations.make_enqueue(ledger, settings)
+        if action == "retry":
+            result = operations.retry_study(ledger, enqueue, study_uid)
+        else:
+            result = operations.replay_study(ledger, enqueue, study_uid, operations.make_router(ledger, settings))
     except ServiceError as exc:
         err.print(f"[red]{action} refused:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc

@@ -9,6 +9,7 @@ SQLite (WAL, synchronous=FULL) is the embedded default; any SQLAlchemy URL (Post
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -39,8 +40,11 @@ from dicom_fusion.service.storage.models import (
     InstanceRecord,
     Job,
     JobRef,
+    JobRoute,
     JobState,
     RecordOutcome,
+    RouteStudy,
+    Series,
     Stage,
     Study,
     StudyState,
@@ -159,9 +163,13 @@ class Ledger:
                 raw.close()
 
     # ---- completion ---------------------------------------------------------------------------
-    def complete_studies(self, *, quiet_before: datetime | None, study_uids: Sequence[str] = ()) -> list[int]:
+    def complete_studies(self, *, quiet_before: datetime | None, study_uids: Sequence[str] = (),
+                         route: RouteStudy | None = None) -> list[int]:
         """Close receiving studies (quiet since ``quiet_before``, or named) and create one job each.
 
+        ``route`` decides each study's job before it is closed (routing reads the study's headers, outside
+        any transaction): its model and series, or the reason it is ignored, recorded as a job in the
+        terminal state ``ignored``. Returns the ids of the jobs to run (ignored ones are not among them).
         The conditional UPDATE makes this exactly-once even with several listeners polling.
         """
         created: list[int] = []
@@ -175,6 +183,7 @@ class Ledger:
                 return []
             candidates = list(s.scalars(q))
         for study_id in candidates:
+            decision = route(study_id) if route is not None else None
             with self.transaction() as s:
                 cond = [Study.id == study_id, Study.state == StudyState.RECEIVING]
                 if not study_uids and quiet_before is not None:
@@ -185,16 +194,34 @@ class Ledger:
                     continue
                 study = s.get(Study, study_id)
                 assert study is not None
-                now = utcnow()
-                job = Job(study_id=study_id, version=study.job_version, state=JobState.COMPLETE,
-                          stage=Stage.PREPARE, attempts=0, instance_count=study.instance_count,
-                          created_at=now, updated_at=now, lease_owner=None, lease_expires=None)
-                s.add(job)
-                s.flush()
-                self._audit(s, "study", study_id, "complete", f"job={job.id} version={job.version}")
-                self._audit(s, "job", job.id, JobState.COMPLETE, f"instances={study.instance_count}")
-                created.append(job.id)
+                job = self._new_job(s, study, decision, "complete")
+                if job.state != JobState.IGNORED:
+                    created.append(job.id)
         return created
+
+    def _new_job(self, s: Session, study: Study, decision: JobRoute | str | None, event_name: str,
+                 note: str = "") -> Job:
+        """A job row for the study's current version: routed (``JobRoute``), ignored (a reason) or, with no
+        routing (``None``), on the default model over every series."""
+        now = utcnow()
+        job = Job(study_id=study.id, version=study.job_version, state=JobState.COMPLETE, stage=Stage.PREPARE,
+                  attempts=0, instance_count=study.instance_count, created_at=now, updated_at=now,
+                  lease_owner=None, lease_expires=None)
+        if isinstance(decision, JobRoute):
+            job.route, job.card_path, job.model = decision.route, decision.card_path, decision.model
+            job.series_uids = json.dumps(list(decision.series_uids))
+        elif isinstance(decision, str):
+            job.state, job.error, job.finished_at = JobState.IGNORED, decision[:2000], now
+        s.add(job)
+        s.flush()
+        self._audit(s, "study", study.id, event_name, f"job={job.id} version={job.version} {note}".rstrip())
+        if job.state == JobState.IGNORED:
+            self._audit(s, "job", job.id, JobState.IGNORED, job.error or "")
+        else:
+            routed = f" route={job.route} model={job.model}" if job.route else ""
+            self._audit(s, "job", job.id, JobState.COMPLETE,
+                        f"instances={study.instance_count}{routed} {note}".rstrip())
+        return job
 
     # ---- job leases ---------------------------------------------------------------------------
     def mark_enqueued(self, job_id: int, *, stage: Stage, lease_seconds: float, requeue: bool = False) -> None:
@@ -235,7 +262,8 @@ class Ledger:
             self._audit(s, "job", job_id, STAGE_STATE[stage], f"stage={stage} owner={owner}")
             return JobRef(job_id=job.id, study_id=job.study_id, study_uid=study.study_uid,
                           version=job.version, stage=Stage(job.stage), attempts=job.attempts,
-                          created_at=job.created_at)
+                          created_at=job.created_at, card_path=job.card_path,
+                          series_uids=tuple(json.loads(job.series_uids)) if job.series_uids else ())
 
     def renew(self, job_id: int, *, owner: str, lease_seconds: float) -> bool:
         with self.transaction() as s:
@@ -330,28 +358,26 @@ class Ledger:
             self._audit(s, "job", job_id, "redeliver", "operator")
             return True
 
-    def add_job_version(self, study_uid: str, *, reason: str) -> int | None:
-        """Operator replay: a new job version over the instances stored so far.
+    def add_job_version(self, study_uid: str, *, reason: str, route: RouteStudy | None = None) -> int | None:
+        """Operator replay: a new job version over the instances stored so far, routed again.
 
-        None when the study is unknown, still receiving, or has a job that is not finished yet.
+        None when the study is unknown, still receiving, or has a job that is not finished yet; the new
+        job's id otherwise (an ignored one included: its state says so).
         """
+        with self.session() as s:
+            study_id = s.scalar(select(Study.id).where(Study.study_uid == study_uid))
+        if study_id is None:
+            return None
+        decision = route(study_id) if route is not None else None
         with self.transaction() as s:
-            study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+            study = s.get(Study, study_id)
             if study is None or study.state != StudyState.COMPLETE:
                 return None
             if s.scalar(select(Job.id).where(Job.study_id == study.id,
                                              Job.state.not_in([str(t) for t in TERMINAL]))) is not None:
                 return None
             study.job_version += 1
-            now = utcnow()
-            job = Job(study_id=study.id, version=study.job_version, state=JobState.COMPLETE,
-                      stage=Stage.PREPARE, attempts=0, instance_count=study.instance_count,
-                      created_at=now, updated_at=now, lease_owner=None, lease_expires=None)
-            s.add(job)
-            s.flush()
-            self._audit(s, "study", study.id, "replay", f"job={job.id} version={job.version} {reason}")
-            self._audit(s, "job", job.id, JobState.COMPLETE, f"instances={study.instance_count} replay")
-            return job.id
+            return self._new_job(s, study, decision, "replay", reason).id
 
     # ---- results and deliveries ---------------------------------------------------------------
     def set_result(self, job_id: int, *, finding: str, probability: float, image_only: bool,
@@ -413,10 +439,14 @@ class Ledger:
         return n
 
     # ---- queries ------------------------------------------------------------------------------
-    def study_files(self, study_id: int) -> list[Path]:
+    def study_files(self, study_id: int, series_uids: Sequence[str] = ()) -> list[Path]:
+        """The study's spooled files in arrival order; only those of `series_uids` when given (the series
+        the job's route selected)."""
+        q = select(Instance.path).where(Instance.study_id == study_id).order_by(Instance.id)
+        if series_uids:
+            q = q.join(Series, Series.id == Instance.series_id).where(Series.series_uid.in_(list(series_uids)))
         with self.session() as s:
-            return [Path(p) for p in s.scalars(
-                select(Instance.path).where(Instance.study_id == study_id).order_by(Instance.id))]
+            return [Path(p) for p in s.scalars(q)]
 
     def job(self, job_id: int) -> Job | None:
         with self.session() as s:

@@ -8,6 +8,7 @@ birth dates.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"  # retrying
     DEAD = "dead"
+    IGNORED = "ignored"  # no route matched / nothing a model reads / our own output: terminal, with a reason
 
 
 class Stage(enum.StrEnum):
@@ -53,7 +55,7 @@ STAGE_STATE = {
     Stage.INFER: JobState.INFERRING,
     Stage.DELIVER: JobState.DELIVERING,
 }
-TERMINAL = (JobState.DONE, JobState.DEAD)
+TERMINAL = (JobState.DONE, JobState.DEAD, JobState.IGNORED)
 
 
 class DeliveryKind(enum.StrEnum):
@@ -126,6 +128,10 @@ class Job(Base):
     probability: Mapped[float | None] = mapped_column(Float, nullable=True)
     image_only: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     sr_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    route: Mapped[str] = mapped_column(String(64), default="")  # the route that matched ("" = ignored)
+    card_path: Mapped[str] = mapped_column(Text, default="")  # the model card the worker loads for this job
+    model: Mapped[str] = mapped_column(String(128), default="")  # "name version" of that card, for display
+    series_uids: Mapped[str] = mapped_column(Text, default="")  # JSON list: the series the model reads
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -166,6 +172,22 @@ class JobRef:
     stage: Stage
     attempts: int
     created_at: datetime
+    card_path: str = ""  # the job's model card ("" = the configured default model)
+    series_uids: tuple[str, ...] = ()  # the series its route selected (() = every stored series)
+
+
+@dataclass(frozen=True)
+class JobRoute:
+    """Where a new job goes: the route that matched, its model card and the series the model reads."""
+
+    route: str
+    card_path: str
+    model: str  # "name version", for display
+    series_uids: tuple[str, ...]
+
+
+#: Decides a completing study's job: study id -> its route, or the reason the study is ignored.
+RouteStudy = Callable[[int], "JobRoute | str"]
 
 
 @dataclass(frozen=True)

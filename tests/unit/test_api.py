@@ -101,8 +101,9 @@ def test_studies_list_detail_and_errors(client: TestClient, ledger: Ledger) -> N
     assert client.get("/api/studies/not-a-uid", headers=AUTH).status_code == 422
 
 
-def test_actions_map_refusals_to_http(client: TestClient, ledger: Ledger, settings: Settings) -> None:
-    add_study(ledger, "1.3.1")
+def test_actions_map_refusals_to_http(client: TestClient, ledger: Ledger, settings: Settings,
+                                      tmp_path: Path) -> None:
+    add_study(ledger, "1.3.1", files=tmp_path)
     add_study(ledger, "1.3.2")
     run_to_done(ledger, complete(ledger, "1.3.1"))
     dead = complete(ledger, "1.3.2")
@@ -154,3 +155,27 @@ def test_dashboard_login_token_and_fragments(client: TestClient, ledger: Ledger)
     assert frag.status_code == 200 and _number(frag.text, "kpi-done") == "1"
     assert client.get("/dashboard/fragments/study/1.5.1", headers=AUTH).status_code == 200
     assert client.get("/dashboard/fragments/study/4.4", headers=AUTH).status_code == 404
+
+
+def test_ignored_studies_are_listed_with_their_reason_and_never_as_failures(client: TestClient,
+                                                                              ledger: Ledger) -> None:
+    from dicom_fusion.service.storage.models import JobRoute
+
+    add_study(ledger, "1.6.1")
+    add_study(ledger, "1.6.2")
+    reason = "no route matched: route default: series 1 (MR): model dfusion-hybrid-demo 0.1.0 reads DX, CR"
+    ledger.complete_studies(quiet_before=None, study_uids=["1.6.1"], route=lambda _study_id: reason)
+    [job_id] = ledger.complete_studies(quiet_before=None, study_uids=["1.6.2"], route=lambda _study_id: JobRoute(
+        route="chest", card_path="/models/chest/card.toml", model="chest-xr 2.0", series_uids=("1.6.2.1",)))
+    run_to_done(ledger, job_id)
+    ignored = client.get("/api/studies", params={"state": "ignored"}, headers=AUTH).json()
+    assert [s["study_uid"] for s in ignored["items"]] == ["1.6.1"] and ignored["items"][0]["error"] == reason
+    [row] = client.get("/api/studies", params={"state": "done"}, headers=AUTH).json()["items"]
+    assert (row["route"], row["model"]) == ("chest", "chest-xr 2.0")
+    d = client.get("/api/studies/1.6.2", headers=AUTH).json()
+    assert d["jobs"][0]["series_uids"] == ["1.6.2.1"] and d["jobs"][0]["route"] == "chest"
+    assert client.get("/api/dead-letter", headers=AUTH).json() == []
+    page = client.get("/dashboard", params={"token": TOKEN, "study": "1.6.1"}).text
+    assert _number(page, "kpi-failing") == "0" and "1 ignored by routing" in page
+    assert _number(page, "study-state") == "ignored" and "reads DX, CR" in page
+    assert "chest-xr 2.0" in page

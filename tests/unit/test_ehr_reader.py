@@ -138,10 +138,10 @@ def serve_tensor(tmp: Path, card: ModelCard, resources: list[dict[str, Any]], pa
         spool=SimpleNamespace(job_dir=lambda _job_id: job_dir, fsync=False),
         settings=SimpleNamespace(fhir=FhirSettings(base_url="http://fhir.test/r4"),
                                  worker=SimpleNamespace(max_retries=3)),
-        card=card,
+        models=lambda _card_path="": SimpleNamespace(card=card),
         fhir_client=lambda: contextlib.nullcontext(FakeServer(resources)),
     )
-    job = SimpleNamespace(job_id=1, attempts=0, created_at=datetime.now(UTC))
+    job = SimpleNamespace(job_id=1, attempts=0, created_at=datetime.now(UTC), card_path="")
     stages.timeline(rt, job)  # type: ignore[arg-type]
     record = json.loads((job_dir / "timeline.json").read_text())
     assert record["status"] == "ok", record

@@ -47,6 +47,15 @@ def _rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
         return {t: db.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in TABLES}
 
 
+#: Columns later revisions add to the first release's tables, with the value old rows get.
+ADDED = {"jobs": ("", "", "", "")}  # 0002: route, card_path, model, series_uids
+
+
+def _upgraded(rows: dict[str, list[tuple[object, ...]]]) -> dict[str, list[tuple[object, ...]]]:
+    """The first release's rows as they read at head: every value kept, added columns at their default."""
+    return {t: [(*row, *ADDED.get(t, ())) for row in r] for t, r in rows.items()}
+
+
 def _has_version_table(path: Path) -> bool:
     with sqlite3.connect(path) as db:
         return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'").fetchone() is not None
@@ -72,7 +81,7 @@ def test_upgrade_stamps_a_ledger_from_before_migrations_and_keeps_every_row(rev0
     assert "revision 0001" in result.describe()
     assert schema.current_revision(_url(rev0)) == schema.head_revision()
     assert schema.check_schema(_url(rev0)) == schema.head_revision()
-    assert _rows(rev0) == before  # every row, every value
+    assert _rows(rev0) == _upgraded(before)  # every row, every value
     assert _diff(_url(rev0)) == []
 
     ledger = Ledger(_url(rev0))  # the ledger API reads the old rows
@@ -119,8 +128,8 @@ NEXT_REVISION = '''"""A later release: jobs get a note."""
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "{next}"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -138,29 +147,32 @@ def downgrade() -> None:
 
 def test_a_later_revision_is_required_and_applied_keeping_rows(rev0: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The path of the next release: a ledger at 0001 is refused as older, and `upgrade` runs 0002."""
-    schema.upgrade(_url(rev0))  # now at 0001
+    """The path of the next release: a ledger at this head is refused as older, and `upgrade` runs the next."""
+    head = schema.head_revision()
+    nxt = f"{int(head) + 1:04d}"
+    schema.upgrade(_url(rev0))  # now at head
     before = _rows(rev0)
     migrations = tmp_path / "migrations"
     shutil.copytree(schema.MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0002_job_note.py").write_text(NEXT_REVISION)
+    (migrations / "versions" / f"{nxt}_job_note.py").write_text(
+        NEXT_REVISION.replace("{next}", nxt).replace("{head}", head))
     monkeypatch.setattr(schema, "MIGRATIONS", migrations)
     schema._known_revisions.cache_clear()
     try:
-        assert schema.head_revision() == "0002"
-        with pytest.raises(SchemaError, match="is at schema revision 0001, this release needs 0002: run "
+        assert schema.head_revision() == nxt
+        with pytest.raises(SchemaError, match=f"is at schema revision {head}, this release needs {nxt}: run "
                                               "`dicom-fusion db upgrade --config"):
             schema.check_schema(_url(rev0))
         result = schema.upgrade(_url(rev0))
-        assert (result.before, result.after) == ("0001", "0002")
-        assert schema.check_schema(_url(rev0)) == "0002"
+        assert (result.before, result.after) == (head, nxt)
+        assert schema.check_schema(_url(rev0)) == nxt
         after = _rows(rev0)
         assert after["jobs"] == [(*row, None) for row in before["jobs"]]  # the new column, empty
         assert {t: after[t] for t in TABLES if t != "jobs"} == {t: before[t] for t in TABLES if t != "jobs"}
-        older = tmp_path / "older.sqlite"  # from before migrations, straight to 0002
+        older = tmp_path / "older.sqlite"  # from before migrations, straight to the next revision
         shutil.copyfile(FIXTURE, older)
         result = schema.upgrade(_url(older))
-        assert result.stamped and result.after == "0002" and "then upgraded to 0002" in result.describe()
+        assert result.stamped and result.after == nxt and f"then upgraded to {nxt}" in result.describe()
         assert _rows(older)["jobs"] == after["jobs"]
     finally:
         schema._known_revisions.cache_clear()
@@ -264,7 +276,7 @@ def test_db_cli_current_and_upgrade(cli_env: Path) -> None:
     assert "recognised the tables made before migrations as revision 0001" in res.stdout
     res = runner.invoke(app, ["db", "current"])
     assert res.exit_code == 0 and res.stdout.strip() == f"{schema.head_revision()} (head)"
-    assert _rows(cli_env) == before
+    assert _rows(cli_env) == _upgraded(before)
 
 
 def test_db_cli_fails_with_a_message(cli_env: Path, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def test_send_reports_what_is_wrong(env: Path, tmp_path: Path) -> None:
 
 def test_status_retry_and_replay_against_the_ledger(env: Path) -> None:
     ledger = Ledger(f"sqlite:///{env / 'ledger.sqlite'}")
-    add_study(ledger, "1.9.1")
+    add_study(ledger, "1.9.1", files=env / "spool")  # a replay routes the study again: it reads the headers
     run_to_dead(ledger, complete(ledger, "1.9.1"), stage=Stage.TIMELINE, reason="timeline: FHIR refused [403]")
     runner = CliRunner()
     res = runner.invoke(app, ["status"])

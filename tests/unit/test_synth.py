@@ -199,7 +199,7 @@ def test_synth_mask_marks_the_planted_lesion(cohort: tuple[Path, list[SyntheticP
 
 def test_synth_ct_volume_option(tmp_path: Path) -> None:
     """--modality CT: one axial series ordered by position, HU rescale, the nodule's mask in slice order."""
-    from dicom_fusion.inference.card.model import ImageSpec, default_card
+    from dicom_fusion.inference.card.model import ImageSpec, InputSelection, default_card
     from dicom_fusion.inference.data.images import load_study_image
     from dicom_fusion.inference.synth.generate import CT_SHAPE
 
@@ -216,7 +216,8 @@ def test_synth_ct_volume_option(tmp_path: Path) -> None:
     assert hu[mask].mean() > -200 and np.median(hu[~mask]) < -500  # soft-tissue nodule in air/lung
     card = default_card(weights=tmp_path / "w.pt", sha256="0" * 64, path=tmp_path / "card.toml")
     card3d = type(card)(**{**card.__dict__, "image": ImageSpec(spatial_dims=3, size=(32, 64, 64), channels=1,
-                                                                encoder="smallcnn", window=(-1000.0, 400.0))})
+                                                                encoder="smallcnn", window=(-1000.0, 400.0)),
+                           "input": InputSelection(("CT",))})
     prepared = load_study_image(files, card3d)
     assert prepared.array.shape == (1, 32, 64, 64)
     with pytest.raises(ValueError, match="modality"):

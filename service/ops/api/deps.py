@@ -22,8 +22,9 @@ from dicom_fusion.service.config import Settings
 from dicom_fusion.service.errors import BrokerError
 from dicom_fusion.service.jobs.queues import enqueue
 from dicom_fusion.service.ops.broker import workers_online
+from dicom_fusion.service.ops.operations import make_router
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import Stage
+from dicom_fusion.service.storage.models import RouteStudy, Stage
 
 WORKERS_TTL = 10.0
 
@@ -38,6 +39,14 @@ class ApiContext:
     registry: CollectorRegistry
     _workers: tuple[float, list[str] | None] = field(default=(0.0, None))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _router: RouteStudy | None = None
+
+    @property
+    def router(self) -> RouteStudy:
+        """The routing a replay goes through, built on first use (a RouteError names the bad route)."""
+        if self._router is None:
+            self._router = make_router(self.ledger, self.settings)
+        return self._router
 
     def enqueue(self, job_id: int, stage: Stage, requeue: bool) -> None:
         try:

@@ -68,7 +68,8 @@ def retry(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
 @router.post("/{study_uid}/replay", response_model=ActionOut, responses=_ACTION_RESPONSES,
              summary="Run the study again as a new job version from its stored instances")
 def replay(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
-    return ActionOut.model_validate(operations.replay_study(ctx.ledger, ctx.enqueue, study_uid))
+    return ActionOut.model_validate(operations.replay_study(ctx.ledger, ctx.enqueue, study_uid,
+                                                           ctx.router))
 
 
 @router.post("/{study_uid}/redeliver", response_model=RedeliverOut, responses=_ACTION_RESPONSES,

@@ -1,0 +1,124 @@
+"""`dicom-fusion routes check|explain`: the rule tester of README "Routing" (typer sub-app).
+
+`check` loads the route table exactly as `serve` does and lists it, so a PACS administrator finds a bad
+route before a restart does. `explain` answers "what would happen to this study": for DICOM files on
+disk, or for a study already in the ledger, it prints the never-process exclusions, every route's
+verdict and why, and the job the first matching route would create. Neither prints patient data.
+
+Exit codes: 0 fine (explain: the study would be processed), 1 the route table is invalid (explain: the
+study would be ignored), 2 the configuration is invalid or the study is unknown.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from dicom_fusion.service.config import Settings, load_settings
+from dicom_fusion.service.errors import ServiceError
+
+routes_app = typer.Typer(no_args_is_help=True, help="Routing: check the route table, explain a study's route.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "
+                                                   "(default: $DICOM_FUSION_CONFIG).")]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ServiceError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
+def _table(settings: Settings):  # type: ignore[no-untyped-def]
+    from dicom_fusion.service.routing.routes import load_routes
+
+    try:
+        return load_routes(settings)
+    except ServiceError as exc:
+        err.print(f"[red]invalid routes:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+
+
+@routes_app.command("check")
+def check(config: ConfigOpt = None) -> None:
+    """Load and validate the route table as `serve` would; list the routes in order."""
+    table = _table(_settings(config))
+    t = Table(title=f"routes from {table.source}")
+    for col in ("#", "name", "model", "reads", "series"):
+        t.add_column(col)
+    for i, r in enumerate(table.routes, 1):
+        t.add_row(str(i), r.name, f"{r.model} ({r.card.path})", ", ".join(r.card.input.modalities) or "any",
+                  r.series)
+    out.print(t)
+    out.print(f"{len(table.routes)} route(s) valid")
+
+
+@routes_app.command("explain")
+def explain(
+    target: Annotated[str, typer.Argument(help="DICOM files or a folder of one study, or a Study Instance "
+                                                "UID in the ledger.")],
+    calling_ae: Annotated[str, typer.Option("--calling-ae", help="Calling AE title to assume for files.")] = "",
+    config: ConfigOpt = None,
+) -> None:
+    """What would happen to this study: exclusions, each route's verdict, the job it would get."""
+    from dicom_fusion.service.routing.headers import headers_from_files, headers_from_ledger
+    from dicom_fusion.service.routing.routes import phantom_pattern
+
+    settings = _settings(config)
+    table = _table(settings)
+    phantom = phantom_pattern(settings)
+    timeout = settings.routing.regex_timeout_ms / 1000.0
+    path = Path(target)
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        try:
+            study = headers_from_files(files, calling_ae=calling_ae, phantom_pattern=phantom, timeout=timeout)
+        except ValueError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(2) from exc
+    else:
+        from sqlalchemy import select
+
+        from dicom_fusion.service.storage.ledger import Ledger
+        from dicom_fusion.service.storage.models import Study
+
+        ledger = Ledger(settings.ledger_url)
+        try:
+            with ledger.session() as s:
+                study_id = s.scalar(select(Study.id).where(Study.study_uid == target))
+            if study_id is None:
+                err.print(f"[red]error:[/red] {escape(target)} is neither a file nor a study in the ledger "
+                          f"({escape(settings.ledger_url)}; same --config as the service?)")
+                raise typer.Exit(2)
+            study = headers_from_ledger(ledger, study_id, phantom_pattern=phantom, timeout=timeout)
+        finally:
+            ledger.close()
+    if study is not None:
+        t = Table(title=f"study {study.study_uid}: {len(study.series)} series, {study.instances} instance(s)")
+        for col in ("series", "modality", "instances", "image type", "description"):
+            t.add_column(col)
+        for s in study.series:
+            t.add_row(str(s.series_number if s.series_number is not None else "?"), s.modality, str(s.instances),
+                      "\\".join(s.image_type), s.series_description)
+        out.print(t)
+        excluded, verdicts = table.explain(study)
+        if excluded is not None:
+            out.print(f"study excluded: {escape(excluded)}")
+        for v in verdicts:
+            mark = "[green]match[/green]" if v.matched else "[yellow]no match[/yellow]"
+            out.print(f"route {escape(v.route)} ({escape(v.model)}): {mark}"
+                      + (f" — {escape(v.why)}" if v.why else f" — series {', '.join(v.series_uids)}"))
+    decision = table.decide(study)
+    if decision.plan is None:
+        out.print(f"[bold]→ ignored:[/bold] {escape(decision.ignored or '')}")
+        raise typer.Exit(1)
+    plan = decision.plan
+    out.print(f"[bold]→ job on route {escape(plan.route)}[/bold]: model {escape(plan.model)}, "
+              f"{len(plan.series_uids)} series")

@@ -1,0 +1,71 @@
+"""The route decision of a completing study, in the form the ledger records (:class:`JobRoute` or the
+reason the study is ignored). Built once per process from the settings; `serve` refuses to start when
+the route table is invalid."""
+from __future__ import annotations
+
+import logging
+
+import regex
+from sqlalchemy import func, select
+
+from dicom_fusion.service.config import Settings
+from dicom_fusion.service.routing.headers import headers_from_ledger
+from dicom_fusion.service.routing.routes import RouteTable, load_routes, phantom_pattern
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import Instance, Job, JobRoute, Series
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """Study id → the job its first matching route asks for, or why it is ignored."""
+
+    def __init__(self, table: RouteTable, ledger: Ledger, *, phantom: regex.Pattern[str] | None = None,
+                 timeout: float = 0.05, rerun: bool = False) -> None:
+        self.table = table
+        self.ledger = ledger
+        self.phantom = phantom
+        self.timeout = timeout
+        # False (study completion): a study reopened only by instances the model does not read (our SR
+        # looped back by the PACS, a KO, a dose report) gets no second result. True (operator replay):
+        # run again whatever arrived.
+        self.rerun = rerun
+
+    @classmethod
+    def from_settings(cls, settings: Settings, ledger: Ledger, *, rerun: bool = False) -> Router:
+        """Raises :class:`~.routes.RouteError` (a ConfigError) naming the file, route and field."""
+        return cls(load_routes(settings), ledger, phantom=phantom_pattern(settings),
+                   timeout=settings.routing.regex_timeout_ms / 1000.0, rerun=rerun)
+
+    def __call__(self, study_id: int) -> JobRoute | str:
+        header = headers_from_ledger(self.ledger, study_id, phantom_pattern=self.phantom, timeout=self.timeout)
+        decision = self.table.decide(header)
+        if decision.plan is None:
+            assert decision.ignored is not None
+            log.info("study %s ignored: %s", study_id, decision.ignored)
+            return decision.ignored
+        plan = decision.plan
+        unchanged = None if self.rerun else self._unchanged_since(study_id, plan.route, plan.series_uids)
+        if unchanged is not None:
+            log.info("study %s ignored: %s", study_id, unchanged)
+            return unchanged
+        log.info("study %s routed: route %s, model %s, %d series", study_id, plan.route, plan.model,
+                 len(plan.series_uids))
+        return JobRoute(route=plan.route, card_path=str(plan.card_path), model=plan.model,
+                        series_uids=plan.series_uids)
+
+    def _unchanged_since(self, study_id: int, route: str, series_uids: tuple[str, ...]) -> str | None:
+        """Why a reopened study needs no new job: its previous job took the same route and no instance of
+        the series the model reads arrived since; None when there is something new to read."""
+        with self.ledger.session() as s:
+            prev = s.scalars(select(Job).where(Job.study_id == study_id, Job.route != "")
+                             .order_by(Job.version.desc()).limit(1)).first()
+            if prev is None or prev.route != route:
+                return None
+            new = s.scalar(select(func.count(Instance.id)).join(Series, Series.id == Instance.series_id)
+                           .where(Instance.study_id == study_id, Series.series_uid.in_(list(series_uids)),
+                                  Instance.received_at >= prev.created_at))
+        if new:
+            return None
+        return (f"nothing new for route {route}: no instance of the series it reads arrived since job "
+                f"v{prev.version} (the new instances are not read by any route)")

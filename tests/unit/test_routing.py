@@ -1,0 +1,309 @@
+"""Routing (service/routing): which studies a model reads, which are ignored and why, and the checks a
+route table passes before `serve` starts. Studies are real DICOM files: pydicom's MR_small / CT_small
+(the slices that got "malignant 0.74" from a radiograph model before routing) and written radiographs."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from typer.testing import CliRunner
+
+from conftest import write_instance
+from dicom_fusion.inference.card.model import load_card, write_card
+from dicom_fusion.service.cli import app
+from dicom_fusion.service.config import Settings, load_settings
+from dicom_fusion.service.outputs.identity import MANUFACTURER
+from dicom_fusion.service.routing.headers import StudyHeader, headers_from_files, headers_from_ledger
+from dicom_fusion.service.routing.router import Router
+from dicom_fusion.service.routing.routes import RouteError, load_routes
+from dicom_fusion.service.storage.ledger import Ledger
+from dicom_fusion.service.storage.models import InstanceRecord, Job, JobRoute, JobState, Stage
+
+DX_IMAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def _file(folder: Path, *, study: str, series: str | None = None, modality: str = "DX", sop_class: str = DX_IMAGE,
+          **attrs: object) -> Path:
+    """One small image of `study` (a new series unless given) with the attributes routes look at."""
+    sop = generate_uid()
+    path = write_instance(folder / f"{sop}.dcm", study_uid=study, series_uid=series or generate_uid(), sop_uid=sop,
+                          rows=16, modality=modality)
+    ds = dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _study(files: list[Path], **kw: object) -> StudyHeader:
+    return headers_from_files(files, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(data_dir=tmp_path / "var")
+
+
+def _routes(tmp_path: Path, text: str) -> Settings:
+    f = tmp_path / "routes.toml"
+    f.write_text(text)
+    return load_settings(data_dir=tmp_path / "var", routing={"file": f})
+
+
+# ---- the default route: the radiograph model reads radiographs, nothing else ----------------------
+def test_default_route_takes_radiographs_and_ignores_mr_and_ct(settings: Settings, tmp_path: Path) -> None:
+    table = load_routes(settings)
+    assert [r.name for r in table.routes] == ["default"]
+    dx = _file(tmp_path / "dx", study=generate_uid())
+    plan = table.decide(_study([dx])).plan
+    assert plan is not None and plan.route == "default" and plan.model.startswith(load_card(settings.model_card_path()).name)
+    for name in ("MR_small.dcm", "CT_small.dcm"):
+        decision = table.decide(_study([Path(get_testdata_file(name))]))
+        assert decision.plan is None
+        modality = name[:2]
+        assert f"({modality}): model" in (decision.ignored or "") and "reads DX, CR" in (decision.ignored or "")
+
+
+def test_our_own_outputs_and_non_images_are_never_processed(settings: Settings, tmp_path: Path) -> None:
+    table = load_routes(settings)
+    study = generate_uid()
+    own = _file(tmp_path, study=study, Manufacturer=MANUFACTURER,  # a looped-back Grad-CAM Secondary Capture
+                sop_class="1.2.840.10008.5.1.4.1.1.7")
+    sr = _file(tmp_path, study=generate_uid(), modality="SR", sop_class=BASIC_TEXT_SR)
+    scout = _file(tmp_path, study=generate_uid(), ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    assert "our own output" in (table.decide(_study([own])).ignored or "")
+    assert "not an image: structured report" in (table.decide(_study([sr])).ignored or "")
+    assert "localizer" in (table.decide(_study([scout])).ignored or "")
+    # a radiograph beside our looped-back output: the radiograph series alone is read
+    dx_series = generate_uid()
+    dx = _file(tmp_path / "mixed", study=study, series=dx_series)
+    plan = table.decide(_study([own, dx])).plan
+    assert plan is not None and plan.series_uids == (dx_series,)
+
+
+def test_qc_phantom_is_ignored_without_naming_the_patient(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path / "var", routing={"phantom_pattern": "^QC[-^]"})
+    table = load_routes(settings)
+    from dicom_fusion.service.routing.routes import phantom_pattern
+
+    dx = _file(tmp_path, study=generate_uid(), PatientName="QC^PHANTOM")
+    decision = table.decide(headers_from_files([dx], phantom_pattern=phantom_pattern(settings)))
+    assert decision.ignored is not None and "QC phantom" in decision.ignored
+    assert "PHANTOM" not in decision.ignored
+
+
+# ---- the route language -------------------------------------------------------------------------
+ROUTES = """
+[[routes]]
+name = "chest"
+model = "default"
+series = "matching"
+[routes.match]
+Modality = ["DX", "CR"]
+BodyPartExamined = "CHEST"
+any = [{ SeriesDescription = "pa|lateral" }, { ProtocolName = "thorax" }]
+not = { StationName = "TEST-ROOM" }
+PatientAge = { min = 18 }
+
+[[routes]]
+name = "peds-chest"
+model = "default"
+[routes.match]
+BodyPartExamined = "CHEST"
+PatientAge = { max = 18 }
+"""
+
+
+def test_first_matching_route_wins_with_all_any_not_and_ranges(tmp_path: Path) -> None:
+    table = load_routes(_routes(tmp_path, ROUTES))
+    study = generate_uid()
+    pa = _file(tmp_path / "a", study=study, BodyPartExamined="CHEST", SeriesDescription="Chest PA",
+               PatientAge="045Y", StationName="ROOM1")
+    lat = _file(tmp_path / "a", study=study, BodyPartExamined="CHEST", SeriesDescription="AP supine",
+                PatientAge="045Y", StationName="ROOM1")
+    d = table.decide(_study([pa, lat]))
+    assert d.plan is not None and d.plan.route == "chest"
+    assert d.plan.series_uids == (dcmread(pa).SeriesInstanceUID,)  # series = "matching": the PA series only
+
+    child = _file(tmp_path / "b", study=generate_uid(), BodyPartExamined="CHEST", SeriesDescription="PA",
+                  PatientAge="006Y")
+    d = table.decide(_study([child]))
+    assert d.plan is not None and d.plan.route == "peds-chest"
+
+    test_room = _file(tmp_path / "c", study=generate_uid(), BodyPartExamined="CHEST", SeriesDescription="PA",
+                      PatientAge="045Y", StationName="test-room")
+    _, verdicts = table.explain(_study([test_room]))
+    assert not verdicts[0].matched and "not (StationName) matched" in verdicts[0].why
+    assert not verdicts[1].matched and "PatientAge 45 not ≤ 18" in verdicts[1].why
+
+    knee = _file(tmp_path / "d", study=generate_uid(), BodyPartExamined="KNEE", PatientAge="045Y")
+    d = table.decide(_study([knee]))
+    assert d.ignored is not None and d.ignored.startswith("no route matched")
+    assert "BodyPartExamined KNEE is not CHEST" in d.ignored
+
+
+def test_largest_series_is_chosen_by_slices(tmp_path: Path) -> None:
+    table = load_routes(_routes(tmp_path, '[[routes]]\nname = "x"\nseries = "largest"\n'))
+    study, big = generate_uid(), generate_uid()
+    files = [_file(tmp_path, study=study)] + [_file(tmp_path, study=study, series=big) for _ in range(3)]
+    d = table.decide(_study(files))
+    assert d.plan is not None and d.plan.series_uids == (big,)
+
+
+def test_a_pathological_regex_is_cut_short_by_the_timeout(tmp_path: Path) -> None:
+    settings = _routes(tmp_path, '[[routes]]\nname = "slow"\n[routes.match]\nSeriesDescription = "(a|aa)+$"\n')
+    settings = load_settings(data_dir=tmp_path / "var", routing={"file": settings.routing.file,
+                                                                  "regex_timeout_ms": 20})
+    table = load_routes(settings)
+    dx = _file(tmp_path, study=generate_uid(), SeriesDescription="a" * 40 + "!")
+    d = table.decide(_study([dx]))
+    assert d.ignored is not None and "timed out" in d.ignored
+
+
+# ---- validation at load -------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "message"), [
+    ('[[routes]]\nname = "a"\n[routes.match]\nModalty = "CT"\n', "route 'a': match.Modalty: unknown attribute"),
+    ('[[routes]]\nname = "a"\n[routes.match]\nSeriesDescription = "(unclosed"\n',
+     "route 'a': match.SeriesDescription: invalid regular expression"),
+    ('[[routes]]\nname = "a"\nmodel = "nowhere/card.toml"\n', "route 'a': model: cannot load the model card"),
+    ('[[routes]]\nname = "a"\n[[routes]]\nname = "a"\n', "route 'a': name: used by an earlier route"),
+    ('[[routes]]\nname = "a"\nseries = "biggest"\n', "route 'a': series: 'biggest' is unknown"),
+    ('[[routes]]\nname = "a"\npriority = 1\nmodle = "x"\n', "route 'a': unknown key(s) modle, priority"),
+    ('[[routes]]\nname = "a"\n[routes.match]\nPatientAge = { min = 60, max = 18 }\n', "min 60 is above max 18"),
+    ('[[routes]]\nmodel = "default"\n', "route #1: name: every route needs a name"),
+])
+def test_invalid_routes_are_refused_naming_file_route_and_field(tmp_path: Path, text: str, message: str) -> None:
+    settings = _routes(tmp_path, text)
+    with pytest.raises(RouteError) as err:
+        load_routes(settings)
+    assert str(settings.routing.file) in str(err.value) and message in str(err.value)
+
+
+def test_a_route_card_that_is_invalid_is_refused(tmp_path: Path) -> None:
+    card_dir = tmp_path / "ct-model"
+    card_dir.mkdir()
+    card = load_card(load_settings(data_dir=tmp_path / "var").model_card_path())
+    shutil.copy(card.weights, card_dir / card.weights.name)
+    card = dataclasses.replace(card, weights=card_dir / card.weights.name, path=card_dir / "card.toml")
+    write_card(card, card_dir / "card.toml")
+    assert load_routes(_routes(tmp_path, '[[routes]]\nname = "ct"\nmodel = "ct-model/card.toml"\n')).routes
+    (card_dir / card.weights.name).write_bytes(b"not the weights")  # checksum no longer matches
+    settings = _routes(tmp_path, '[[routes]]\nname = "ct"\nmodel = "ct-model/card.toml"\n')
+    with pytest.raises(RouteError, match=r"route 'ct': model: cannot load the model card .*ct-model/card.toml"):
+        load_routes(settings)
+
+
+def test_routes_check_and_explain_cli(tmp_path: Path) -> None:
+    runner = CliRunner()
+    cfg = tmp_path / "df.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "var"}"\n' + ROUTES)
+    res = runner.invoke(app, ["routes", "check", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "chest" in res.output and "peds-chest" in res.output and "2 route(s) valid" in res.output
+
+    res = runner.invoke(app, ["routes", "explain", get_testdata_file("MR_small.dcm"), "--config", str(cfg)])
+    assert res.exit_code == 1 and "→ ignored" in res.output and "route chest" in res.output
+    assert "Wang" not in res.output  # MR_small's patient name is never printed
+
+    folder = tmp_path / "pa"
+    _file(folder, study=generate_uid(), BodyPartExamined="CHEST", SeriesDescription="PA", PatientAge="050Y")
+    res = runner.invoke(app, ["routes", "explain", str(folder), "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "→ job on route chest" in res.output
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'data_dir = "{tmp_path / "var"}"\n[[routes]]\nname = "x"\n[routes.match]\nFoo = 1\n')
+    res = runner.invoke(app, ["routes", "check", "--config", str(bad)])
+    assert res.exit_code == 1 and "match.Foo: unknown attribute" in res.output
+
+
+# ---- the router on the ledger: ignored is a terminal state with a reason, not a failure ------------
+def _store(ledger: Ledger, path: Path, calling_ae: str = "MODALITY") -> None:
+    ds = dcmread(path, stop_before_pixels=True)
+    ledger.record_instances([InstanceRecord(
+        study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID, modality=ds.Modality, transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        path=path, sha256="0" * 64, size=path.stat().st_size, calling_ae=calling_ae)])
+
+
+def test_router_records_ignored_jobs_and_routes_the_rest(settings: Settings, tmp_path: Path) -> None:
+    from dicom_fusion.service.storage.schema import upgrade
+
+    upgrade(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url)
+    router = Router.from_settings(settings, ledger)
+    mr = tmp_path / "mr.dcm"
+    shutil.copy(get_testdata_file("MR_small.dcm"), mr)
+    dx_study = generate_uid()
+    dx = _file(tmp_path / "dx", study=dx_study)
+    _store(ledger, mr)
+    _store(ledger, dx)
+    created = ledger.complete_studies(quiet_before=None, study_uids=[dcmread(mr).StudyInstanceUID, dx_study],
+                                      route=router)
+    assert len(created) == 1
+    with ledger.session() as s:
+        jobs = {j.id: j for j in s.query(Job)}
+    ran = jobs[created[0]]
+    assert ran.state == JobState.COMPLETE and ran.route == "default" and ran.card_path
+    ignored = [j for j in jobs.values() if j.id != ran.id]
+    assert len(ignored) == 1 and ignored[0].state == JobState.IGNORED and ignored[0].finished_at is not None
+    assert "reads DX, CR" in (ignored[0].error or "")
+    header = headers_from_ledger(ledger, ran.study_id)
+    assert header is not None and header.calling_ae == "MODALITY"
+    ledger.close()
+
+
+def test_a_study_reopened_by_our_looped_back_output_gets_no_second_job(settings: Settings, tmp_path: Path) -> None:
+    from dicom_fusion.service.ops.operations import make_router
+    from dicom_fusion.service.storage.schema import upgrade
+
+    upgrade(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url)
+    router = Router.from_settings(settings, ledger)
+    study = generate_uid()
+    _store(ledger, _file(tmp_path / "dx", study=study))
+    assert len(ledger.complete_studies(quiet_before=None, study_uids=[study], route=router)) == 1
+    # our SR comes back through the PACS's auto-routing: the study reopens, completes, and is ignored
+    _store(ledger, _file(tmp_path / "loop", study=study, modality="SR", sop_class=BASIC_TEXT_SR,
+                         Manufacturer=MANUFACTURER))
+    assert ledger.complete_studies(quiet_before=None, study_uids=[study], route=router) == []
+    v2 = ledger.jobs_for_study(study)[-1]
+    assert v2.version == 2 and v2.state == JobState.IGNORED
+    assert "nothing new for route default" in (v2.error or "") and "since job v1" in (v2.error or "")
+    # a new radiograph of the same study is read again
+    _store(ledger, _file(tmp_path / "dx2", study=study))
+    assert len(ledger.complete_studies(quiet_before=None, study_uids=[study], route=router)) == 1
+    # an operator replay always runs
+    ledger.close()
+    ledger = Ledger(settings.ledger_url)
+    with ledger.transaction() as s:
+        for j in s.query(Job):
+            j.state = JobState.DONE if j.state != JobState.IGNORED else j.state
+    job_id = ledger.add_job_version(study, reason="operator replay", route=make_router(ledger, settings))
+    assert job_id is not None and ledger.job(job_id).state == JobState.COMPLETE  # type: ignore[union-attr]
+    ledger.close()
+
+
+def test_a_job_reads_only_the_series_its_route_selected(settings: Settings, tmp_path: Path) -> None:
+    from dicom_fusion.service.storage.schema import upgrade
+
+    upgrade(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url)
+    study, chosen = generate_uid(), generate_uid()
+    files = [_file(tmp_path, study=study, series=chosen), _file(tmp_path, study=study)]
+    for f in files:
+        _store(ledger, f)
+    [job_id] = ledger.complete_studies(quiet_before=None, study_uids=[study], route=lambda _id: JobRoute(
+        route="x", card_path="", model="m 1", series_uids=(chosen,)))
+    job = ledger.claim(job_id, stage=Stage.PREPARE, owner="t", lease_seconds=60)
+    assert job is not None and job.series_uids == (chosen,)
+    assert ledger.study_files(job.study_id, job.series_uids) == [files[0]]
+    assert ledger.study_files(job.study_id) == files
+    ledger.close()
