@@ -8,6 +8,8 @@ and neither fail nor reach the dead letters.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,7 +65,9 @@ def test_only_what_a_route_takes_is_processed(tmp_path: Path, orthanc: Pacs, fhi
             looped.append(tmp_path / "loop" / f"{i}.dcm")
             looped[-1].parent.mkdir(exist_ok=True)
             looped[-1].write_bytes(_orthanc(orthanc, f"/instances/{oid}/file"))  # type: ignore[arg-type]
-        _storescu(storescu, stack, looped)
+        # sent with our own sender (pynetdicom proposes each file's SOP class, the Comprehensive 3D SR included)
+        subprocess.run([sys.executable, "-m", "dicom_fusion.service.cli", "send", str(looped[0].parent), "--port",
+                        str(stack.port), "--aet", "TESTPACS"], check=True, capture_output=True)
         deadline = time.monotonic() + 60
         while len(stack.ledger.jobs_for_study(patient.study_instance_uid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.3)
