@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from dicom_fusion.service.config import load_settings
+from dicom_fusion.service.cliopts import ConfigOpt, settings_or_exit
 from dicom_fusion.service.dbcli import db_app
 from dicom_fusion.service.errors import ServiceError
 from dicom_fusion.service.routescli import routes_app
@@ -23,16 +23,6 @@ app.add_typer(db_app, name="db")
 app.add_typer(routes_app, name="routes")
 console = Console(stderr=True, soft_wrap=True)  # error messages never wrap: paths stay whole, whatever the width
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "
-                                                   "(default: $DICOM_FUSION_CONFIG).")]
-
-
-def _settings(config: Path | None):  # type: ignore[no-untyped-def]
-    try:
-        return load_settings(config)
-    except ServiceError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -43,7 +33,7 @@ def serve(config: ConfigOpt = None,
     from dicom_fusion.service.server import serve as _serve
     from dicom_fusion.service.telemetry import configure_logging
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     configure_logging(settings.log_level)
     try:
         _serve(settings, config=config, worker=worker)
@@ -58,7 +48,7 @@ def listen(config: ConfigOpt = None) -> None:
     from dicom_fusion.service.server import listen as _listen
     from dicom_fusion.service.telemetry import configure_logging
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     configure_logging(settings.log_level)
     _listen(settings)
 
@@ -72,7 +62,7 @@ def worker(config: ConfigOpt = None,
     from dicom_fusion.service.server import run_worker
     from dicom_fusion.service.telemetry import configure_logging
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     configure_logging(settings.log_level)
     qs = [q.strip() for q in queues.split(",")] if queues else None
     unknown = set(qs or []) - {"cpu", "gpu", "io"}
@@ -203,7 +193,7 @@ def evaluate(cohort: CohortOpt,
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the effective configuration (secrets masked)."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     typer.echo(json.dumps(settings.public_dict(), indent=2, default=str))
 
 
@@ -232,7 +222,7 @@ def redeliver(target: Annotated[str, typer.Argument(metavar="JOB_ID|STUDY_UID",
     from dicom_fusion.service.ops.operations import make_enqueue, redeliver_dead, redeliver_job
     from dicom_fusion.service.storage.ledger import Ledger
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     ledger = Ledger(settings.ledger_url)
     try:
         enqueue = make_enqueue(ledger, settings)

@@ -5,29 +5,19 @@ why and what to do), 2 the configuration is invalid.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dicom_fusion.service.config import Settings, load_settings
+from dicom_fusion.service.cliopts import ConfigOpt, settings_or_exit
 from dicom_fusion.service.errors import ServiceError
 
 db_app = typer.Typer(no_args_is_help=True, help="Ledger schema: upgrade (migrate) it, show its revision.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # error messages never wrap: paths stay whole, whatever the width
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "
-                                                   "(default: $DICOM_FUSION_CONFIG).")]
 
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ServiceError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
 
 
 @db_app.command("upgrade")
@@ -40,7 +30,7 @@ def upgrade(config: ConfigOpt = None) -> None:
     """
     from dicom_fusion.service.storage import schema
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         result = schema.upgrade(settings.ledger_url)
     except ServiceError as exc:
@@ -54,7 +44,7 @@ def current(config: ConfigOpt = None) -> None:
     """Print the ledger's schema revision and this release's; exit 1 when they differ."""
     from dicom_fusion.service.storage import schema
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         status = schema.schema_status(settings.ledger_url)
     except ServiceError as exc:

@@ -11,29 +11,21 @@ study would be ignored), 2 the configuration is invalid or the study is unknown.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dicom_fusion.service.config import Settings, load_settings
+from dicom_fusion.service.config import Settings
+from dicom_fusion.service.cliopts import ConfigOpt, settings_or_exit
 from dicom_fusion.service.errors import ServiceError
 
 routes_app = typer.Typer(no_args_is_help=True, help="Routing: check the route table, explain a study's route.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "
-                                                   "(default: $DICOM_FUSION_CONFIG).")]
 
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ServiceError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
 
 
 def _table(settings: Settings):  # type: ignore[no-untyped-def]
@@ -49,7 +41,7 @@ def _table(settings: Settings):  # type: ignore[no-untyped-def]
 @routes_app.command("check")
 def check(config: ConfigOpt = None) -> None:
     """Load and validate the route table as `serve` would; list the routes in order."""
-    table = _table(_settings(config))
+    table = _table(settings_or_exit(config))
     t = Table(title=f"routes from {table.source}")
     for col in ("#", "name", "model", "reads", "series"):
         t.add_column(col)
@@ -71,7 +63,7 @@ def explain(
     from dicom_fusion.service.routing.headers import headers_from_files, headers_from_ledger
     from dicom_fusion.service.routing.routes import phantom_pattern
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     table = _table(settings)
     phantom = phantom_pattern(settings)
     timeout = settings.routing.regex_timeout_ms / 1000.0

@@ -13,22 +13,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dicom_fusion.service.config import Settings, load_settings
+from dicom_fusion.service.cliopts import ConfigOpt, settings_or_exit
 from dicom_fusion.service.errors import ServiceError
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # error messages never wrap: paths stay whole, whatever the width
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "
-                                                   "(default: $DICOM_FUSION_CONFIG).")]
 StudyArg = Annotated[str, typer.Argument(help="Study Instance UID.")]
 
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ServiceError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
 
 
 def api(config: ConfigOpt = None,
@@ -38,7 +29,7 @@ def api(config: ConfigOpt = None,
     from dicom_fusion.service.ops.api.main import check_api_settings, run
     from dicom_fusion.service.telemetry import configure_logging
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     if host is not None or port is not None:
         updated = settings.api.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
         settings = settings.model_copy(update={"api": updated})
@@ -68,7 +59,7 @@ def status(config: ConfigOpt = None,
     from dicom_fusion.service.ops.broker import workers_online
     from dicom_fusion.service.storage.ledger import Ledger
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     ledger = Ledger(settings.ledger_url)
     try:
         ov = monitoring.overview(ledger, settings)
@@ -128,7 +119,7 @@ def _act(config: Path | None, action: str, study_uid: str) -> None:
     from dicom_fusion.service.ops import operations
     from dicom_fusion.service.storage.ledger import Ledger
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     ledger = Ledger(settings.ledger_url)
     try:
         enqueue = operations.make_enqueue(ledger, settings)

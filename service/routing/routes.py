@@ -198,6 +198,11 @@ class RouteVerdict:
     why: str
 
 
+def _label(series: SeriesHeader) -> str:
+    """How a verdict names a series: its number and modality (never a description: free text)."""
+    return f"series {series.series_number if series.series_number is not None else '?'} ({series.modality})"
+
+
 class RouteTable:
     """The ordered, checked routes and the never-process rules."""
 
@@ -225,11 +230,9 @@ class RouteTable:
         for s in candidates:
             out = route.match.test(s, study)
             if not out.ok:
-                whys.append(f"series {s.series_number if s.series_number is not None else '?'} ({s.modality}): "
-                            f"{out.why}")
+                whys.append(f"{_label(s)}: {out.why}")
             elif not route.reads(s):
-                whys.append(f"series {s.series_number if s.series_number is not None else '?'} ({s.modality}): "
-                            f"model {route.model} reads {', '.join(route.card.input.modalities)}")
+                whys.append(f"{_label(s)}: model {route.model} reads {', '.join(route.card.input.modalities)}")
             else:
                 matching.append(s)
         if not matching:

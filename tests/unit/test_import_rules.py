@@ -30,13 +30,14 @@ SERVICE_RULES: dict[str, set[str]] = {
     "outputs": {"config", "errors"},
     "routing": {"config", "errors", "storage", "outputs", "inference.card"},
     "jobs": {"config", "errors", "telemetry", "peers", "storage", "outputs", "fhir", "inference"},
-    "ops": {"config", "errors", "telemetry", "peers", "storage", "outputs", "routing", "jobs.queues"},
+    "ops": {"config", "errors", "cliopts", "telemetry", "peers", "storage", "outputs", "routing", "jobs.queues"},
     "demo": {"*"},
     "cli": {"*"},
     "server": {"*"},
     "segcli": {"*"},
     "dbcli": {"*"},
     "routescli": {"*"},
+    "cliopts": {"config", "errors"},
 }
 
 # inference/: a layer imports only the layers before it (and itself); synth/ only the cards.
