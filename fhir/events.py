@@ -24,7 +24,13 @@ in `timeline.py`. Reading rules:
 - left out: entered-in-error records of every type, refuted conditions, cancelled encounters, records
   without a code or a time;
 - MedicationRequest.medicationReference to a `#contained` Medication reads that Medication's code;
-  Encounter.class is read as an R4 Coding or an R5 list of CodeableConcepts.
+  Encounter.class is read as an R4 Coding or an R5 list of CodeableConcepts;
+- resources of a type that was not asked for are not read, and counted by type (`ignored_resources`).
+
+Memory: `EventReader` reads one resource at a time and keeps only events — never the resources — and,
+given `keep` (the model card's features), only the events the model reads; strings repeated across events
+(systems, codes, units, displays) are stored once. A timeline of 200 000 Observations thus costs the
+events the model needs, not the JSON the server sent (README "Reliability").
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -85,8 +91,16 @@ ValueBounds = Mapping[str, tuple[float | None, float | None]]
 #: Condition.verificationStatus codes that mean "this patient does not have it": such a record is no fact.
 _NOT_A_DIAGNOSIS: Final = ("entered-in-error", "refuted")
 
+#: Longest display text kept on an event (the model reads codes; a display only labels them in the audit).
+MAX_DISPLAY: Final = 200
 
-@dataclass(frozen=True)
+#: Which events to keep (e.g. those a model card's features read); None keeps every event.
+EventFilter = Callable[["TimelineEvent"], bool]
+
+_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+
+
+@dataclass(frozen=True, slots=True)
 class TimelineEvent:
     """One coded, timed EHR fact. `time` is tz-aware UTC; `value` is None for non-numeric events."""
 
@@ -123,20 +137,82 @@ class TimelineEvent:
 @dataclass(frozen=True)
 class EventExtraction:
     """What `extract_events` read: the events (oldest first), the resources that contributed at least one,
-    how many values were dropped because their unit cannot be converted to the model's, and how many
-    because they are outside the plausible bounds (or `MAX_MAGNITUDE`)."""
+    how many values were dropped because their unit cannot be converted to the model's, how many because
+    they are outside the plausible bounds (or `MAX_MAGNITUDE`), how many events no feature reads (`keep`),
+    and by reason the resources that were not read (a type not asked for)."""
 
     events: tuple[TimelineEvent, ...]
     resources: tuple[dict[str, Any], ...]
     dropped_values: int = 0
     out_of_range_values: int = 0
+    unused_events: int = 0
+    ignored_resources: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+class EventReader:
+    """`extract_events` one resource at a time, keeping the events and counts, never the resources.
+
+    `add(resource)` reads one resource and says whether it contributed a kept event (the caller decides
+    whether to keep or stream the resource itself); `result()` returns the events read so far, sorted.
+    Arguments as for `extract_events`, plus `keep`: events it rejects (no model feature reads them) are
+    counted in `unused_events` and not kept.
+    """
+
+    def __init__(self, *, resource_types: Iterable[str] | None = None,
+                 target_units: Mapping[str, str] | None = None, value_bounds: ValueBounds | None = None,
+                 start: datetime | None = None, end: datetime | None = None,
+                 keep: EventFilter | None = None) -> None:
+        for name, bound in (("start", start), ("end", end)):
+            if bound is not None and bound.tzinfo is None:
+                raise ValueError(f"extract_events {name} must be timezone-aware (UTC), got a naive datetime")
+        self._types = set(normalise_resource_types(resource_types)) if resource_types is not None else None
+        self._normaliser = _UnitNormaliser(target_units or {}, value_bounds or {})
+        self._start, self._end, self._keep = start, end, keep
+        self._events: list[TimelineEvent] = []
+        self._strings: dict[str, str] = {}
+        self.unused_events = 0
+        self.ignored: Counter[str] = Counter()
+
+    def add(self, resource: Mapping[str, Any]) -> bool:
+        rtype = resource.get("resourceType")
+        if self._types is not None and rtype not in self._types:
+            shown = rtype if isinstance(rtype, str) and _TYPE_RE.match(rtype) else "invalid resourceType"
+            self.ignored[f"{shown} not among the timeline's resource types"] += 1
+            return False
+        read = (e for e in events_from_resource(resource)
+                if (self._start is None or self._start <= e.time) and (self._end is None or e.time <= self._end))
+        kept = False
+        for event in self._normaliser.apply(read):
+            if self._keep is not None and not self._keep(event):
+                self.unused_events += 1
+                continue
+            self._events.append(self._shared(event))
+            kept = True
+        return kept
+
+    def _shared(self, e: TimelineEvent) -> TimelineEvent:
+        """The event with its strings shared with earlier events' equal strings (one copy per distinct
+        system, code, unit and display, not one per event)."""
+        s = self._strings
+        display = e.display[:MAX_DISPLAY] if e.display is not None else None
+        return TimelineEvent(e.kind, s.setdefault(e.system, e.system), s.setdefault(e.code, e.code), e.time,
+                             e.value, None if e.unit is None else s.setdefault(e.unit, e.unit),
+                             None if display is None else s.setdefault(display, display))
+
+    def result(self) -> EventExtraction:
+        """The events read so far (oldest first) and the counts; logs one warning per kind of drop."""
+        self._normaliser.warn()
+        self._events.sort(key=lambda e: (e.time, e.kind, e.system, e.code))
+        return EventExtraction(tuple(self._events), (), self._normaliser.dropped_total,
+                               self._normaliser.out_of_range_total, self.unused_events, dict(self.ignored))
 
 
 def extract_events(resources: Iterable[dict[str, Any]], *,
                    resource_types: Iterable[str] | None = None,
                    target_units: Mapping[str, str] | None = None,
                    value_bounds: ValueBounds | None = None,
-                   start: datetime | None = None, end: datetime | None = None) -> EventExtraction:
+                   start: datetime | None = None, end: datetime | None = None,
+                   keep: EventFilter | None = None) -> EventExtraction:
     """The timeline events of `resources`, read by the rules of this module — the one reader training and
     serving share.
 
@@ -147,28 +223,15 @@ def extract_events(resources: Iterable[dict[str, Any]], *,
     target unit (the model card's feature bounds): values outside, and any value beyond `MAX_MAGNITUDE`, are
     dropped and counted. `start`/`end` (tz-aware, both included) keep only events in that window;
     None leaves that side open. Events are sorted by (time, kind, system, code), so equal input gives equal
-    output whatever order the server or the Bundle listed the resources in.
+    output whatever order the server or the Bundle listed the resources in. Resources of other types are
+    not read and counted by type in `ignored_resources`; `keep` (e.g. "a model feature reads it") leaves
+    out, and counts, the events it rejects. This keeps every contributing resource: a caller that must not
+    (a big timeline) uses `EventReader` and streams the resources elsewhere.
     """
-    for name, bound in (("start", start), ("end", end)):
-        if bound is not None and bound.tzinfo is None:
-            raise ValueError(f"extract_events {name} must be timezone-aware (UTC), got a naive datetime")
-    types = set(normalise_resource_types(resource_types)) if resource_types is not None else None
-    normaliser = _UnitNormaliser(target_units or {}, value_bounds or {})
-    events: list[TimelineEvent] = []
-    used: list[dict[str, Any]] = []
-    for res in resources:
-        if types is not None and res.get("resourceType") not in types:
-            continue
-        read = (e for e in events_from_resource(res)
-                if (start is None or start <= e.time) and (end is None or e.time <= end))
-        kept = normaliser.apply(read)
-        if kept:
-            events.extend(kept)
-            used.append(res)
-    normaliser.warn()
-    events.sort(key=lambda e: (e.time, e.kind, e.system, e.code))
-    return EventExtraction(tuple(events), tuple(used), normaliser.dropped_total,
-                           normaliser.out_of_range_total)
+    reader = EventReader(resource_types=resource_types, target_units=target_units, value_bounds=value_bounds,
+                         start=start, end=end, keep=keep)
+    used = [res for res in resources if reader.add(res)]
+    return dataclasses.replace(reader.result(), resources=tuple(used))
 
 
 def events_from_bundle(bundle: Mapping[str, Any], /, *,
@@ -265,11 +328,10 @@ class _UnitNormaliser:
     def out_of_range_total(self) -> int:
         return sum(self.out_of_range.values())
 
-    def apply(self, events: Iterable[TimelineEvent]) -> list[TimelineEvent]:
-        out: list[TimelineEvent] = []
+    def apply(self, events: Iterable[TimelineEvent]) -> Iterator[TimelineEvent]:
         for e in events:
             if e.value is None:
-                out.append(e)
+                yield e
                 continue
             key = f"{e.system}|{e.code}"
             if not math.isfinite(e.value) or abs(e.value) > MAX_MAGNITUDE:
@@ -286,21 +348,40 @@ class _UnitNormaliser:
             if (low is not None and e.value < low) or (high is not None and e.value > high):
                 self.out_of_range[key] += 1
                 continue
-            out.append(e)
-        return out
+            yield e
 
     def warn(self) -> None:
-        """One warning per kind of drop, naming codes, units and counts (never values or patients)."""
+        """One warning per kind of drop, naming the model's codes, units and counts (never values or
+        patients). Only codes the card names are spelt out — a code the server made up could carry
+        anything — and at most `_WARN_DETAIL` of them, so a flood of bad values makes one short line."""
         if self.dropped:
-            detail = ", ".join(f"{key} in {unit or 'no unit'!r} ×{n} (model expects {self.targets[key]!r})"
-                               for (key, unit), n in sorted(self.dropped.items()))
-            log.warning("timeline: dropped %d value(s) whose unit cannot be converted to the model's: %s. "
+            by_count = sorted(self.dropped.items(), key=lambda item: (-item[1], item[0]))
+            detail = ", ".join(f"{key} in {_shown_unit(unit)} ×{n} (model expects {self.targets[key]!r})"
+                               for (key, unit), n in by_count[:_WARN_DETAIL])
+            more = f" and {len(by_count) - _WARN_DETAIL} other unit(s)" if len(by_count) > _WARN_DETAIL else ""
+            log.warning("timeline: dropped %d value(s) whose unit cannot be converted to the model's: %s%s. "
                         "Add the unit to dicom_fusion.fhir.units if it is convertible, or fix the source "
-                        "system", self.dropped_total, detail)
+                        "system", self.dropped_total, detail, more)
         if self.out_of_range:
-            detail = ", ".join(f"{key} ×{n}" for key, n in sorted(self.out_of_range.items()))
+            known = sorted((k, n) for k, n in self.out_of_range.items() if k in self.bounds or k in self.targets)
+            other = self.out_of_range_total - sum(n for _, n in known)
+            parts = [f"{key} ×{n}" for key, n in known[:_WARN_DETAIL]]
+            if other:
+                parts.append(f"codes the model does not read ×{other}")
             log.warning("timeline: dropped %d value(s) outside the plausible range (the model card's feature "
-                        "min/max, or beyond %g): %s", self.out_of_range_total, MAX_MAGNITUDE, detail)
+                        "min/max, or beyond %g): %s", self.out_of_range_total, MAX_MAGNITUDE, ", ".join(parts))
+
+
+#: How many codes or units a drop warning names.
+_WARN_DETAIL = 10
+_UNIT_RE = re.compile(r"^[A-Za-z0-9%/.*\[\]{}'()^+-]{1,20}$")
+
+
+def _shown_unit(unit: str) -> str:
+    """A unit as a warning may show it: UCUM-looking text of at most 20 characters, else a placeholder."""
+    if not unit:
+        return "no unit"
+    return repr(unit) if _UNIT_RE.match(unit) else "an unrecognised unit"
 
 
 # ---- resource -> events ----------------------------------------------------------------------------------
@@ -419,12 +500,15 @@ _EXTRACTORS: Final[dict[str, Callable[[Mapping[str, Any]], list[TimelineEvent]]]
 
 
 __all__ = [
+    "MAX_DISPLAY",
     "MAX_MAGNITUDE",
     "PREFERRED_SYSTEMS",
     "READ_ELEMENTS",
     "RESOURCE_KINDS",
     "EventExtraction",
+    "EventFilter",
     "EventKind",
+    "EventReader",
     "TimelineEvent",
     "ValueBounds",
     "events_from_bundle",

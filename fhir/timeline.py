@@ -10,10 +10,15 @@ otherwise hand us other patients' data). Numeric values are brought to the units
 outside the model card's plausible bounds (`value_bounds`).
 
 The server is not trusted: a resource of another type than the search asked for (an Organization in a
-Patient search), another patient's resource or a Patient with an invalid id is ignored and counted by
-reason (`Timeline.ignored_resources`), and the whole fetch — patient lookup and every search, all pages and
-retries — runs under one `FetchLimits` budget (deadline, pages, resources, bytes): past it the fetch raises
-`FetchLimitExceeded` and the caller predicts image-only.
+Patient search), another patient's resource, a Patient with an invalid id or without the identifier we
+searched for is ignored and counted by reason (`Timeline.ignored_resources`), and the whole fetch — patient
+lookup and every search, all pages and retries — runs under one `FetchLimits` budget (deadline, pages,
+resources, bytes): past it the fetch raises `FetchLimitExceeded` and the caller predicts image-only.
+
+Memory is bounded by what the model reads, not by what the server sends: pages are read one at a time
+(`FhirClient.search` is lazy), each resource is turned into events as it arrives (`events.EventReader`),
+only the events `keep` accepts are kept (the model card's features), and the resources that contributed
+go to `on_resource` (the caller streams them to disk) instead of a list.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import itertools
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast, get_args
@@ -30,8 +35,9 @@ from typing import Any, Literal, cast, get_args
 from dicom_fusion.fhir.client import FetchBudget, FetchLimits, FhirClient
 from dicom_fusion.fhir.events import (
     READ_ELEMENTS,
+    EventFilter,
+    EventReader,
     TimelineEvent,
-    extract_events,
     fhir_instant,
     normalise_resource_types,
 )
@@ -53,9 +59,9 @@ class Timeline:
 
     `resource_count` counts the FHIR resources that contributed at least one event; `dropped_values`
     counts values left out because their unit could not be converted to the model's (see `units.py`),
-    `out_of_range_values` those outside the card's plausible bounds; `ignored_resources` counts, by
-    reason ("Organization in Patient search", "other subject in Observation search"), what the server
-    sent that was not used.
+    `out_of_range_values` those outside the card's plausible bounds, `unused_events` events no model
+    feature reads (not kept); `ignored_resources` counts, by reason ("Organization in Patient search",
+    "other subject in Observation search"), what the server sent that was not used.
     """
 
     status: TimelineStatus
@@ -65,6 +71,7 @@ class Timeline:
     dropped_values: int = 0
     out_of_range_values: int = 0
     ignored_resources: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    unused_events: int = 0
 
     def __post_init__(self) -> None:
         if self.status not in get_args(TimelineStatus):
@@ -74,7 +81,7 @@ class Timeline:
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "patient_id": self.patient_id, "resource_count": self.resource_count,
                 "dropped_values": self.dropped_values, "out_of_range_values": self.out_of_range_values,
-                "ignored_resources": dict(self.ignored_resources),
+                "ignored_resources": dict(self.ignored_resources), "unused_events": self.unused_events,
                 "events": [e.to_dict() for e in self.events]}
 
     @classmethod
@@ -85,7 +92,8 @@ class Timeline:
                    dropped_values=int(data.get("dropped_values", 0)),
                    out_of_range_values=int(data.get("out_of_range_values", 0)),
                    ignored_resources={str(k): int(v)
-                                      for k, v in (data.get("ignored_resources") or {}).items()})
+                                      for k, v in (data.get("ignored_resources") or {}).items()},
+                   unused_events=int(data.get("unused_events", 0)))
 
 
 @dataclass(frozen=True)
@@ -102,8 +110,9 @@ def resolve_patient(client: FhirClient, system: str | None, value: str, *, budge
 
     Several matches are resolved only when exactly one of them is active (a merged duplicate is marked
     `active: false`); otherwise the match is ambiguous and no timeline is used — guessing would feed one
-    patient's history into another patient's report. Matches that are not Patients, or whose id is not a
-    FHIR id, are ignored and counted into `ignored` by reason.
+    patient's history into another patient's report. Matches that are not Patients, whose id is not a
+    FHIR id, or that do not carry the identifier searched for (a server that ignores the `identifier`
+    parameter answers with any patient) are ignored and counted into `ignored` by reason.
     """
     if not value:
         raise ValueError("resolve_patient needs a non-empty identifier value (DICOM PatientID)")
@@ -118,6 +127,8 @@ def resolve_patient(client: FhirClient, system: str | None, value: str, *, budge
             wrong[f"{_shown_type(p)} in Patient search"] += 1
         elif not isinstance(p.get("id"), str) or not _ID_RE.match(p["id"]):
             wrong["Patient without a valid id in Patient search"] += 1
+        elif not _has_identifier(p, system, value):
+            wrong["Patient without the searched identifier in Patient search"] += 1
         else:
             patients[p["id"]] = p
     _warn_ignored(wrong)
@@ -139,8 +150,27 @@ def fetch_timeline(client: FhirClient, *, identifier_system: str | None, identif
                    study_time: datetime, window_days: int, resource_types: Sequence[str],
                    target_units: Mapping[str, str] | None = None,
                    value_bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
-                   elements: bool = False,
-                   limits: FetchLimits | None = None) -> tuple[Timeline, list[dict[str, Any]]]:
+                   elements: bool = False, limits: FetchLimits | None = None,
+                   keep: EventFilter | None = None) -> tuple[Timeline, list[dict[str, Any]]]:
+    """`read_timeline`, with the resources that contributed events returned as a list (for audit storage).
+
+    For small timelines and tests; a caller that must bound its memory whatever the server sends passes
+    `on_resource` to `read_timeline` instead.
+    """
+    used: list[dict[str, Any]] = []
+    timeline = read_timeline(client, identifier_system=identifier_system, identifier_value=identifier_value,
+                             study_time=study_time, window_days=window_days, resource_types=resource_types,
+                             target_units=target_units, value_bounds=value_bounds, elements=elements,
+                             limits=limits, keep=keep, on_resource=used.append)
+    return timeline, used
+
+
+def read_timeline(client: FhirClient, *, identifier_system: str | None, identifier_value: str,
+                  study_time: datetime, window_days: int, resource_types: Sequence[str],
+                  target_units: Mapping[str, str] | None = None,
+                  value_bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+                  elements: bool = False, limits: FetchLimits | None = None, keep: EventFilter | None = None,
+                  on_resource: Callable[[dict[str, Any]], None] | None = None) -> Timeline:
     """Resolve the patient and return its events in [study_time - window_days, study_time].
 
     `target_units` maps `system|code` (e.g. `http://loinc.org|2345-7`) to the UCUM unit the model expects:
@@ -149,14 +179,15 @@ def fetch_timeline(client: FhirClient, *, identifier_system: str | None, identif
     on mis-scaled. `elements=True` asks the server for only the elements the extraction reads
     (`_elements`), which shrinks the pages; the returned resources are then the subsets the server sent.
     `value_bounds` maps `system|code` to the plausible (min, max) in the target unit (either may be None):
-    values outside are dropped and counted in `Timeline.out_of_range_values`.
+    values outside are dropped and counted in `Timeline.out_of_range_values`. `keep` (e.g. "a feature of
+    the model card reads this event") leaves out the events it rejects, counted in `unused_events`.
 
     `limits` bounds the whole fetch — patient lookup and every search, their pages, retries and waits —
     with one `FetchBudget` (given to a `FhirClient`; a test double without HTTP is called without it).
 
-    Returns the timeline and the raw resources that contributed events (for audit storage). `FHIRError`s
-    (e.g. `FHIRUnavailable`, `FHIRRetryLater`, `FetchLimitExceeded`) propagate: whether to retry or degrade
-    to image-only is the caller's call.
+    Each resource that contributed a kept event is passed to `on_resource` as it arrives (e.g. written to
+    the audit file); none is kept here. `FHIRError`s (e.g. `FHIRUnavailable`, `FHIRRetryLater`,
+    `FetchLimitExceeded`) propagate: whether to retry or degrade to image-only is the caller's call.
     """
     types = normalise_resource_types(resource_types)
     if window_days <= 0:
@@ -171,24 +202,31 @@ def fetch_timeline(client: FhirClient, *, identifier_system: str | None, identif
     ignored: Counter[str] = Counter()
     match = resolve_patient(client, identifier_system, identifier_value, budget=budget, ignored=ignored)
     if match.status == "not_found":
-        return Timeline("no_patient", None, ignored_resources=dict(ignored)), []
+        return Timeline("no_patient", None, ignored_resources=dict(ignored))
     if match.status == "ambiguous" or match.patient_id is None:
-        return Timeline("ambiguous_patient", None, ignored_resources=dict(ignored)), []
+        return Timeline("ambiguous_patient", None, ignored_resources=dict(ignored))
     patient_id = match.patient_id
 
     fetched: Counter[str] = Counter()
-    found = _search_subject(client, patient_id, types, start, end, elements, fetched, ignored, budget)
-    read = extract_events(found, resource_types=types, target_units=target_units, value_bounds=value_bounds,
-                          start=start, end=end)
-    kept = Counter(str(r.get("resourceType")) for r in read.resources)
+    kept: Counter[str] = Counter()
+    reader = EventReader(resource_types=types, target_units=target_units, value_bounds=value_bounds,
+                         start=start, end=end, keep=keep)
+    for res in _search_subject(client, patient_id, types, start, end, elements, fetched, ignored, budget):
+        if reader.add(res):
+            kept[str(res.get("resourceType"))] += 1
+            if on_resource is not None:
+                on_resource(res)
+    read = reader.result()
+    ignored.update(read.ignored_resources)
     for rtype in types:
-        log.info("timeline %s: %d fetched, %d in window", rtype, fetched[rtype], kept[rtype])
+        log.info("timeline %s: %d fetched, %d used", rtype, fetched[rtype], kept[rtype])
     status: TimelineStatus = "ok" if read.events else "empty"
-    log.info("timeline: %s, %d events from %d resources%s", status, len(read.events), len(read.resources),
+    used = sum(kept.values())
+    log.info("timeline: %s, %d events from %d resources (%d events no feature reads)%s", status,
+             len(read.events), used, read.unused_events,
              f" in {budget.elapsed():.1f} s ({budget.pages} page(s), {budget.bytes} bytes)" if budget else "")
-    return (Timeline(status, patient_id, read.events, len(read.resources), read.dropped_values,
-                     read.out_of_range_values, dict(ignored)),
-            list(read.resources))
+    return Timeline(status, patient_id, read.events, used, read.dropped_values, read.out_of_range_values,
+                    dict(ignored), read.unused_events)
 
 
 def _search_subject(client: FhirClient, patient_id: str, types: Sequence[str], start: datetime,
@@ -207,10 +245,11 @@ def _search_subject(client: FhirClient, patient_id: str, types: Sequence[str], s
             if res.get("resourceType") != rtype:
                 wrong[f"{_shown_type(res)} in {rtype} search"] += 1
                 continue
-            rid = str(res.get("id", ""))
-            if rid in seen:  # offset paging can repeat a resource when data changes between pages
-                continue
-            seen.add(rid)
+            rid = res.get("id")
+            if isinstance(rid, str) and rid:
+                if rid in seen:  # offset paging can repeat a resource when data changes between pages
+                    continue
+                seen.add(rid)
             fetched[rtype] += 1
             if not _is_subject(res, patient_id):
                 foreign += 1
@@ -262,6 +301,14 @@ def _escape(value: str | None) -> str:
     return re.sub(r"([\\|,$])", r"\\\1", value or "")
 
 
+def _has_identifier(patient: dict[str, Any], system: str | None, value: str) -> bool:
+    """Whether a Patient carries the identifier `system|value` (any system when `system` is empty)."""
+    for ident in patient.get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("value") == value and (not system or ident.get("system") == system):
+            return True
+    return False
+
+
 def _is_subject(resource: dict[str, Any], patient_id: str) -> bool:
     subject = resource.get("subject")
     ref = subject.get("reference") if isinstance(subject, dict) else None
@@ -271,4 +318,5 @@ def _is_subject(resource: dict[str, Any], patient_id: str) -> bool:
     return ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")
 
 
-__all__ = ["MatchStatus", "PatientMatch", "Timeline", "TimelineStatus", "fetch_timeline", "resolve_patient"]
+__all__ = ["MatchStatus", "PatientMatch", "Timeline", "TimelineStatus", "fetch_timeline", "read_timeline",
+           "resolve_patient"]

@@ -40,7 +40,7 @@ from dicom_fusion.inference.card.model import (
 )
 from dicom_fusion.inference.data.cohort import Cohort, CohortError, load_cohort, read_bundle_events
 from dicom_fusion.inference.data.timeline_tensor import TimelineTensor, encode_timeline
-from dicom_fusion.inference.synth.generate import generate_cohort
+from dicom_fusion.inference.synth.generate import MRN_SYSTEM, generate_cohort
 from dicom_fusion.service.config import FhirSettings
 from dicom_fusion.service.jobs import stages
 from dicom_fusion.service.jobs.study_context import StudyFacts
@@ -136,7 +136,9 @@ def serve_tensor(tmp: Path, card: ModelCard, resources: list[dict[str, Any]], pa
     (job_dir / "study.json").write_text(json.dumps(facts.to_dict()))
     rt = SimpleNamespace(
         spool=SimpleNamespace(job_dir=lambda _job_id: job_dir, fsync=False),
-        settings=SimpleNamespace(fhir=FhirSettings(base_url="http://fhir.test/r4"),
+        # the synthetic Patients' identifier system: the timeline checks the Patient carries what it searched
+        settings=SimpleNamespace(fhir=FhirSettings(base_url="http://fhir.test/r4",
+                                                   default_identifier_system=MRN_SYSTEM),
                                  worker=SimpleNamespace(max_retries=3)),
         models=lambda _card_path="": SimpleNamespace(card=card),
         fhir_client=lambda: contextlib.nullcontext(FakeServer(resources)),

@@ -15,12 +15,14 @@ import pytest
 from dicom_fusion.fhir import codes
 from dicom_fusion.fhir.errors import FHIRUnavailable
 from dicom_fusion.fhir.events import (
+    MAX_DISPLAY,
     TimelineEvent,
     events_from_resource,
+    extract_events,
     normalise_resource_types,
     parse_fhir_datetime,
 )
-from dicom_fusion.fhir.timeline import PatientMatch, Timeline, fetch_timeline, resolve_patient
+from dicom_fusion.fhir.timeline import PatientMatch, Timeline, fetch_timeline, read_timeline, resolve_patient
 
 STUDY = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -42,7 +44,9 @@ class FakeClient:
 
 
 def patient(pid: str, active: bool | None = None) -> dict[str, Any]:
-    p: dict[str, Any] = {"resourceType": "Patient", "id": pid}
+    """A Patient carrying the identifier the tests search for (urn:oid:1.2|MRN1)."""
+    p: dict[str, Any] = {"resourceType": "Patient", "id": pid,
+                         "identifier": [{"system": "urn:oid:1.2", "value": "MRN1"}]}
     if active is not None:
         p["active"] = active
     return p
@@ -290,3 +294,88 @@ def test_invalid_arguments():
         fetch(client, window_days=0)
     with pytest.raises(ValueError, match="identifier value"):
         fetch(client, identifier_value="")
+
+
+# ---- resources of unexpected types (issue 18) --------------------------------------------------------------
+
+
+def organization(oid: str = "org1") -> dict[str, Any]:
+    return {"resourceType": "Organization", "id": oid, "name": "General Hospital",
+            "identifier": [{"system": "urn:oid:1.2", "value": "MRN1"}]}
+
+
+def test_a_non_patient_answering_the_patient_search_is_never_the_patient():
+    """An Organization (even one carrying the searched identifier) is not a Patient: no timeline is read
+    for it, and it is counted by reason."""
+    client = FakeClient({"Patient": [organization()], "Observation": [obs("o", "2024-05-20", subject="Organization/org1")]})
+    tl, resources = fetch(client)
+    assert (tl.status, tl.patient_id, tl.events, resources) == ("no_patient", None, (), [])
+    assert tl.ignored_resources == {"Organization in Patient search": 1}
+    assert [c[0] for c in client.calls] == ["Patient"]  # no search for the Organization's events
+
+
+def test_a_non_patient_beside_the_patient_is_counted_and_the_patient_used():
+    client = FakeClient({"Patient": [organization(), patient("p1"), {"resourceType": "<b>x</b>", "id": "z"}],
+                         "Observation": [obs("o", "2024-05-20")]})
+    tl, _ = fetch(client, resource_types=["observation"])
+    assert (tl.status, tl.patient_id) == ("ok", "p1")
+    assert tl.ignored_resources == {"Organization in Patient search": 1,
+                                    "invalid resourceType in Patient search": 1}
+
+
+def test_a_patient_without_the_searched_identifier_is_ignored():
+    """A server that ignores `identifier` answers with some patient: it is not ours."""
+    stranger = {"resourceType": "Patient", "id": "p9", "identifier": [{"system": "urn:oid:1.2", "value": "MRN9"}]}
+    other_system = {"resourceType": "Patient", "id": "p8", "identifier": [{"system": "urn:oid:9", "value": "MRN1"}]}
+    client = FakeClient({"Patient": [stranger, other_system]})
+    tl, _ = fetch(client)
+    assert tl.status == "no_patient"
+    assert tl.ignored_resources == {"Patient without the searched identifier in Patient search": 2}
+    # no system searched (empty issuer mapping): any system with the value matches
+    assert resolve_patient(FakeClient({"Patient": [other_system]}), None, "MRN1") == PatientMatch("matched", "p8")
+
+
+def test_resources_of_types_not_asked_for_give_no_events_and_are_counted():
+    cond = {"resourceType": "Condition", "id": "c", "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": codes.SNOMED_CT, "code": "38341003"}]}, "onsetDateTime": "2024-05-20"}
+    served = [obs("o", "2024-05-20"), cond, organization(), obs("o2", "2024-05-21")]
+    client = FakeClient({"Patient": [patient("p1")], "Observation": served})
+    tl, resources = fetch(client, resource_types=["observation"])
+    assert [r["id"] for r in resources] == ["o", "o2"]
+    assert {e.kind for e in tl.events} == {"observation"} and tl.resource_count == 2
+    assert tl.ignored_resources == {"Condition in Observation search": 1, "Organization in Observation search": 1}
+
+
+def test_extract_events_counts_resources_of_types_not_read():
+    """The Bundle reader (training) reads only the card's types and says what it skipped."""
+    cond = {"resourceType": "Condition", "id": "c", "code": {"coding": [{"system": codes.SNOMED_CT, "code": "1"}]},
+            "onsetDateTime": "2024-05-20"}
+    read = extract_events([obs("o", "2024-05-20"), cond, patient("p1"), {"resourceType": 7}],
+                          resource_types=["observation"])
+    assert [e.code for e in read.events] == ["718-7"]
+    assert read.ignored_resources == {"Condition not among the timeline's resource types": 1,
+                                      "Patient not among the timeline's resource types": 1,
+                                      "invalid resourceType not among the timeline's resource types": 1}
+
+
+def test_keep_leaves_out_events_no_feature_reads_and_their_resources():
+    served = [obs("hb", "2024-05-20"), obs("na", "2024-05-21", code="2951-2", value=140)]
+    client = FakeClient({"Patient": [patient("p1")], "Observation": served})
+    streamed: list[str] = []
+    tl = read_timeline(client, identifier_system="urn:oid:1.2", identifier_value="MRN1",  # type: ignore[arg-type]
+                       study_time=STUDY, window_days=30, resource_types=["observation"],
+                       keep=lambda e: e.code == "718-7", on_resource=lambda r: streamed.append(r["id"]))
+    assert [e.code for e in tl.events] == ["718-7"]
+    assert (tl.unused_events, tl.resource_count, streamed) == (1, 1, ["hb"])
+    assert Timeline.from_dict(json.loads(json.dumps(tl.to_dict()))).unused_events == 1
+
+
+def test_events_share_their_strings_and_cap_displays():
+    """Memory per event does not grow with repeated codes, and a display cannot be a megabyte."""
+    flooded = obs("c", "2024-05-22")
+    flooded["code"]["coding"][0]["display"] = "x" * 10_000
+    read = extract_events([obs("a", "2024-05-20"), obs("b", "2024-05-21"), flooded])
+    a, b, c = read.events
+    assert a.code is b.code and a.system is b.system and a.display is b.display
+    assert c.display is not None and len(c.display) == MAX_DISPLAY
+    assert not hasattr(a, "__dict__")  # slots: no per-event dict
