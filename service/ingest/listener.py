@@ -6,7 +6,8 @@ Handler contract (the only statuses :func:`StoreHandler.__call__` returns):
 0x0000     stored durably (spool fsync + ledger row, by a group commit), or a duplicate already stored
 0xA700     out of resources: the spool or the ledger could not make it durable (the whole batch)
 0xA900     dataset does not match the request (SOP Instance UID differs, UIDs missing)
-0xC000     cannot understand: the dataset cannot be parsed (quarantined with a reason)
+0xC000     cannot understand: the dataset is not well-formed (truncated, sequences not closed, encoding
+           not the declared transfer syntax: :mod:`.wellformed`) or cannot be parsed (quarantined with a reason)
 =========  ==========================================================================
 
 Exceptions never escape a handler: they become one of these statuses here and the listener keeps
@@ -39,6 +40,7 @@ from dicom_fusion.service.config import ListenerSettings
 from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
 from dicom_fusion.service.ingest.committer import GroupCommitter
 from dicom_fusion.service.ingest.connections import ConnectionGate, GatedAssociationServer
+from dicom_fusion.service.ingest.wellformed import check_part10
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import FilingHeader
 from dicom_fusion.service.storage.spool import Spool, check_uid
@@ -72,6 +74,14 @@ def parse_header(data: bytes) -> FilingHeader:
     )
 
 
+def check_received(data: bytes) -> FilingHeader:
+    """What the handler checks before it stores: the whole data set is well-formed for its declared
+    transfer syntax (:func:`~.wellformed.check_part10`, every element header walked to the end), then
+    the filing UIDs are read. Raises :class:`MalformedInstanceError` (→ 0xC000 + quarantine)."""
+    check_part10(data)
+    return parse_header(data)
+
+
 class StoreHandler:
     """EVT_C_STORE handler: durable first (group commit), acknowledge second."""
 
@@ -89,7 +99,7 @@ class StoreHandler:
             log.warning("C-STORE from %s: could not read the dataset stream: %s", calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
         try:
-            header = parse_header(data)
+            header = check_received(data)
         except MalformedInstanceError as exc:
             where = self.spool.quarantine(data, str(exc), calling_ae=calling_ae)
             log.warning("C-STORE from %s rejected (0xC000): %s; quarantined at %s", calling_ae, exc, where)
