@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, Self
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -556,7 +556,8 @@ class FhirClient:
         """Resolve a paging link and refuse to follow it to another server (it would get our credentials)."""
         absolute = urljoin(self.base_url + "/", link)
         ours, theirs = urlsplit(self.base_url), urlsplit(absolute)
-        if (ours.scheme, ours.netloc) != (theirs.scheme, theirs.netloc):
+        # compared without userinfo: a base URL with credentials gets paging links without them
+        if (ours.scheme, _host_port(ours)) != (theirs.scheme, _host_port(theirs)):
             host = theirs.hostname or "?"
             shown = host if re.fullmatch(r"[A-Za-z0-9.\-:\[\]]{1,255}", host) else "?"
             raise FHIRError(f"FHIR server {self.server} returned a paging link for {what} on another host "
@@ -566,6 +567,16 @@ class FhirClient:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _host_port(url: SplitResult) -> tuple[str, int | None]:
+    """Host (lower case) and port of a URL, the port defaulted by scheme; userinfo left out."""
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return (url.hostname or "").lower(), port if port is not None else default
 
 
 def _check_type(resource_type: str) -> None:

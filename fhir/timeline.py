@@ -87,7 +87,8 @@ class Timeline:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Timeline:
         return cls(status=cast(TimelineStatus, data["status"]), patient_id=data.get("patient_id"),
-                   events=tuple(TimelineEvent.from_dict(e) for e in data.get("events") or ()),
+                   events=tuple(e if isinstance(e, TimelineEvent) else TimelineEvent.from_dict(e)
+                                for e in data.get("events") or ()),
                    resource_count=int(data.get("resource_count", 0)),
                    dropped_values=int(data.get("dropped_values", 0)),
                    out_of_range_values=int(data.get("out_of_range_values", 0)),

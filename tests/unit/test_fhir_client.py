@@ -241,6 +241,15 @@ def test_search_refuses_next_link_to_another_host():
     assert len(rec.requests) == 1
 
 
+def test_search_follows_next_links_of_its_server_when_the_base_url_has_credentials():
+    """Servers write paging links without our userinfo (and with or without the default port): same server."""
+    rec = Recorder(fhir(200, page(["1"], "http://fhir.test/fhir/Observation?_offset=1")),
+                   fhir(200, page(["2"], "http://FHIR.test:80/fhir/Observation?_offset=2")),
+                   fhir(200, page(["3"], None)))
+    client = FhirClient("http://svc:pw@fhir.test/fhir", transport=httpx.MockTransport(rec), sleep=lambda _: None)
+    assert [r["id"] for r in client.search("Observation")] == ["1", "2", "3"]
+
+
 def test_search_stops_on_empty_page_with_next_link():
     rec = Recorder(fhir(200, page(["1"], f"{BASE}/O?_offset=1")), fhir(200, page([], f"{BASE}/O?_offset=2")))
     assert [r["id"] for r in make_client(rec).search("Observation")] == ["1"]
