@@ -6,7 +6,8 @@ Built by hand (segments are short and fixed) with every value escaped per HL7 v2
     MSH  sending/receiving application + facility, ORU^R01^ORU_R01, control ID derived from the SR UID
     PID  PID-3 = PatientID^^^&<issuer>&ISO|URI^MR (the FHIR identifier system of the patient)
     OBR  OBR-2 placer order = accession number, OBR-3 filler order = Study Instance UID,
-         OBR-4 = LOINC 18748-4, OBR-7 = study time, OBR-18 = accession (IHE), OBR-25 = F
+         OBR-4 = LOINC 18748-4, OBR-7 = study time, OBR-18 = accession (IHE), OBR-25 = result status
+         (P preliminary, F final: a clinician approved it or the site releases AI output as final)
     NTE  the human-readable summary (finding, probabilities, model, image-only reason), one line each
     OBX  one NM per class probability (class code, UCUM "1"), then one CWE with the finding (DCM 121071)
 
@@ -105,6 +106,7 @@ def build_oru(content: ReportContent, header: Hl7Header, *, now: datetime | None
     """The ORU^R01 message as text, segments separated by CR (no MLLP framing)."""
     sent = now or datetime.now(UTC)
     f = content.finding
+    status = result_status(content)
     segments = [
         _segment("MSH", "^~\\&", escape(header.sending_app), escape(header.sending_facility),
                  escape(header.receiving_app), escape(header.receiving_facility), _ts(sent), "",
@@ -117,10 +119,10 @@ def build_oru(content: ReportContent, header: Hl7Header, *, now: datetime | None
     for i, p in enumerate(content.probabilities, 1):
         segments.append(_segment("OBX", str(i), "NM", _ce(p.system, p.code, p.display), str(i),
                                  f"{float(p.probability):.4f}", f"{codes.UCUM_UNITY}^^UCUM", "", "", "", "",
-                                 "F", "", "", _ts(content.effective)))
+                                 status, "", "", _ts(content.effective)))
     segments.append(_segment("OBX", str(len(content.probabilities) + 1), "CWE",
                              _ce(codes.DCM, *codes.FINDING_OBSERVATION_CODE), "1", _ce(f.system, f.code, f.display),
-                             "", "", "", "", "", "F", "", "", _ts(content.effective)))
+                             "", "", "", "", "", status, "", "", _ts(content.effective)))
     return SEGMENT_END.join(segments) + SEGMENT_END
 
 
@@ -188,8 +190,17 @@ def _obr(content: ReportContent, sent: datetime) -> str:
     fields[17] = accession
     fields[21] = _ts(sent)
     fields[23] = codes.CATEGORY_RADIOLOGY[0]
-    fields[24] = "F"
+    fields[24] = result_status(content)
     return _segment("OBR", *fields)
+
+
+#: HL7 v2 result status (table 0123 for OBR-25, 0085 for OBX-11) of each report status.
+_RESULT_STATUS = {"preliminary": "P", "final": "F", "entered-in-error": "W"}
+
+
+def result_status(content: ReportContent) -> str:
+    """OBR-25 / OBX-11 of the report: P, F or W (the FHIR report's status in HL7 v2 terms)."""
+    return _RESULT_STATUS[content.status]
 
 
 def _patient_identifier(content: ReportContent) -> str:

@@ -33,6 +33,10 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dicom-fusion:fhir:report")
 
 
+#: The DiagnosticReport statuses a result goes through (its Observations take the same code).
+REPORT_STATUSES = ("preliminary", "final", "entered-in-error")
+
+
 @dataclass(frozen=True)
 class ReportFinding:
     """One output class of the model with its probability (0..1), coded (SNOMED CT by default)."""
@@ -67,8 +71,16 @@ class ReportContent:
     image_only: bool
     image_only_reason: str | None = None
     drivers: tuple[str, ...] = ()  # EHR timeline features that drove the prediction, one line each
+    # preliminary (nobody reviewed it), final (a clinician approved it, or the site publishes AI output as
+    # final) or entered-in-error (a reviewer rejected a preliminary report)
+    status: str = "final"
+    interpreter: str | None = None  # the reviewer's name (DiagnosticReport.resultsInterpreter)
+    review: tuple[str, ...] = ()  # the review decision and comment, one line each
 
     def __post_init__(self) -> None:
+        if self.status not in REPORT_STATUSES:
+            raise ValueError(f"ReportContent.status must be one of {', '.join(REPORT_STATUSES)}, "
+                             f"got {self.status!r}")
         for name in ("identifier", "study_instance_uid"):
             uid = getattr(self, name)
             if not _UID_RE.match(uid or "") or len(uid) > 64:
@@ -89,10 +101,12 @@ class ReportContent:
 
 @dataclass(frozen=True)
 class ReportOutcome:
-    """Server id of the DiagnosticReport, and whether this call created it (False: it already existed)."""
+    """Server id of the DiagnosticReport, whether this call created it (False: it already existed) and
+    whether it changed an existing one's status (a new version of the same resource)."""
 
     report_id: str
     created: bool
+    updated: bool = False
 
 
 def report_identifier(content: ReportContent) -> tuple[str, str]:
@@ -137,8 +151,19 @@ def post_report(client: FhirClient, content: ReportContent) -> ReportOutcome:
     """Post the report transaction; link the ImagingStudy when the server has one for this study.
 
     Safe to call again for the same content: the second call creates nothing and returns the existing
-    report's id with `created=False`. `FHIRError`s propagate (`FHIRUnavailable` is retryable).
+    report's id with `created=False`. When the server holds this report with another status (a preliminary
+    report being approved or rejected), the same resources are updated instead — a new version of the
+    same DiagnosticReport, never a second one — guarded by the version read (`If-Match`), so a concurrent
+    change fails rather than being overwritten. `FHIRError`s propagate (`FHIRUnavailable` is retryable).
     """
+    existing = _find_report(client, content)
+    if existing is not None:
+        if existing.get("status") == content.status:
+            return ReportOutcome(report_id=str(existing["id"]), created=False)
+        return _update_report(client, content, existing)
+    if content.status == "entered-in-error":
+        raise FHIRError(f"FHIR server {client.server} holds no DiagnosticReport with this report's identifier: "
+                        "nothing to mark entered-in-error")
     bundle = build_report_bundle(content)
     report = bundle["entry"][-1]["resource"]
     study_id = _find_imaging_study(client, content.study_instance_uid)
@@ -148,7 +173,7 @@ def post_report(client: FhirClient, content: ReportContent) -> ReportOutcome:
     response = client.transaction(bundle)
     entries = response.get("entry") or []
     if len(entries) != len(bundle["entry"]):
-        raise FHIRError(f"FHIR server {client.base_url} answered the report transaction with {len(entries)} "
+        raise FHIRError(f"FHIR server {client.server} answered the report transaction with {len(entries)} "
                         f"entries for {len(bundle['entry'])} requests; it does not follow FHIR transaction "
                         "semantics — check fhir.base_url")
     answer = entries[-1]
@@ -156,13 +181,52 @@ def post_report(client: FhirClient, content: ReportContent) -> ReportOutcome:
     status = int(status_line.split()[0]) if status_line[:3].isdigit() else 0
     report_id = _entry_id(answer, "DiagnosticReport")
     if status not in (200, 201) or not report_id:
-        raise FHIRError(f"FHIR server {client.base_url} did not confirm the DiagnosticReport (entry status "
+        raise FHIRError(f"FHIR server {client.server} did not confirm the DiagnosticReport (entry status "
                         f"{status_line or 'missing'}); check the server's transaction support")
     created = status == 201
     log.info("DiagnosticReport %s %s with %d observation(s)%s", report_id,
              "created" if created else "already present", len(entries) - 1,
              ", linked to its ImagingStudy" if study_id else "")
     return ReportOutcome(report_id=report_id, created=created)
+
+
+def _find_report(client: FhirClient, content: ReportContent) -> dict[str, Any] | None:
+    system, value = report_identifier(content)
+    found = list(itertools.islice(client.search("DiagnosticReport", {"identifier": f"{system}|{value}",
+                                                                     "_count": "2"}), 2))
+    if len(found) > 1:
+        raise FHIRError(f"FHIR server {client.server} holds {len(found)} DiagnosticReports with this report's "
+                        "identifier; resolve the duplicate there before the result can be updated")
+    return found[0] if found and found[0].get("id") else None
+
+
+def _update_report(client: FhirClient, content: ReportContent, existing: dict[str, Any]) -> ReportOutcome:
+    """The status change of an existing report as one transaction: each Observation updated by its
+    identifier, the DiagnosticReport by id with `If-Match` on the version read."""
+    bundle = build_report_bundle(content)
+    entries = bundle["entry"]
+    for entry in entries[:-1]:
+        ident = entry["resource"]["identifier"][0]
+        entry["request"] = {"method": "PUT",
+                            "url": f"Observation?{_identifier_query(ident['system'], ident['value'])}"}
+    report_id = str(existing["id"])
+    report = {**entries[-1]["resource"], "id": report_id}
+    if existing.get("imagingStudy"):
+        report["imagingStudy"] = existing["imagingStudy"]
+    validate_resource(report)
+    request: dict[str, Any] = {"method": "PUT", "url": f"DiagnosticReport/{report_id}"}
+    version = (existing.get("meta") or {}).get("versionId")
+    if version:
+        request["ifMatch"] = f'W/"{version}"'
+    entries[-1] = {"fullUrl": entries[-1]["fullUrl"], "resource": report, "request": request}
+    response = client.transaction(bundle)
+    answers = response.get("entry") or []
+    status_line = str(((answers[-1] if answers else {}).get("response") or {}).get("status", ""))
+    if len(answers) != len(entries) or not status_line.startswith(("200", "201")):
+        raise FHIRError(f"FHIR server {client.server} did not confirm the DiagnosticReport update (entry "
+                        f"status {status_line or 'missing'}); check the server's transaction support")
+    log.info("DiagnosticReport %s updated: %s -> %s", report_id, existing.get("status"), content.status)
+    return ReportOutcome(report_id=report_id, created=False, updated=True)
 
 
 def validate_resource(resource: dict[str, Any]) -> None:
@@ -189,11 +253,15 @@ def _diagnostic_report(content: ReportContent, issued: datetime, results: list[s
         conclusion += f"; image-only: {reason}"
     elif content.drivers:
         conclusion += f"; EHR drivers: {'; '.join(content.drivers)}"
+    if content.review:
+        conclusion += f"; {'; '.join(content.review)}"
+    elif content.status == "preliminary":
+        conclusion += "; AI result, not reviewed by a clinician"
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "extension": [{"url": codes.IMAGE_ONLY_EXTENSION_URL, "valueBoolean": content.image_only}],
         "identifier": identifiers,
-        "status": "final",
+        "status": content.status,
         "category": [_concept(codes.V2_DIAGNOSTIC_SERVICE_SECTION, *codes.CATEGORY_RADIOLOGY)],
         "code": _concept(codes.LOINC, *codes.REPORT_CODE),
         "effectiveDateTime": _instant(content.effective),
@@ -204,6 +272,8 @@ def _diagnostic_report(content: ReportContent, issued: datetime, results: list[s
         "presentedForm": [{"contentType": "text/plain", "title": "AI result summary",
                            "data": base64.b64encode(_summary(content).encode()).decode("ascii")}],
     }
+    if content.interpreter:
+        report["resultsInterpreter"] = [{"display": content.interpreter}]
     subject = _subject(content)
     if subject:
         report["subject"] = subject
@@ -213,7 +283,7 @@ def _diagnostic_report(content: ReportContent, issued: datetime, results: list[s
 def _observation_common(content: ReportContent, issued: datetime) -> dict[str, Any]:
     obs: dict[str, Any] = {
         "resourceType": "Observation",
-        "status": "final",
+        "status": content.status,
         "category": [_concept(codes.OBSERVATION_CATEGORY, *codes.OBSERVATION_CATEGORY_IMAGING)],
         "effectiveDateTime": _instant(content.effective),
         "issued": _instant(issued),
@@ -235,6 +305,11 @@ def summary_lines(content: ReportContent) -> list[str]:
     if content.image_only:
         lines.append(f"Image-only: {content.image_only_reason or 'EHR timeline not used'}")
     lines += [f"EHR timeline driver: {d}" for d in content.drivers]
+    if content.status == "preliminary":
+        lines.append("Status: preliminary AI result, not reviewed by a clinician")
+    lines += list(content.review)
+    if content.interpreter:
+        lines.append(f"Reviewed by: {content.interpreter}")
     return lines
 
 

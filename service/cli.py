@@ -9,10 +9,13 @@ import typer
 from rich.console import Console
 
 from dicom_fusion.service.cliopts import ConfigOpt, settings_or_exit
+from dicom_fusion.service.config import redact_url
 from dicom_fusion.service.dbcli import db_app
 from dicom_fusion.service.errors import ServiceError
+from dicom_fusion.service.reviewcli import review_app
 from dicom_fusion.service.routescli import routes_app
 from dicom_fusion.service.segcli import segment_app
+from dicom_fusion.service.userscli import users_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DICOM/PACS integration service: studies in, DICOM SR + FHIR DiagnosticReport out.")
@@ -21,6 +24,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(segment_app, name="segment")
 app.add_typer(db_app, name="db")
 app.add_typer(routes_app, name="routes")
+app.add_typer(review_app, name="review")
+app.add_typer(users_app, name="users")
 console = Console(stderr=True, soft_wrap=True)  # error messages never wrap: paths stay whole, whatever the width
 
 
@@ -231,7 +236,8 @@ def redeliver(target: Annotated[str, typer.Argument(metavar="JOB_ID|STUDY_UID",
         else:
             results = redeliver_dead(ledger, enqueue, study_uid=target)
     except (StudyNotFoundError, ActionRefusedError) as exc:
-        console.print(f"[red]error:[/red] {exc} (ledger {settings.ledger_url}; same --config as the service?)")
+        console.print(f"[red]error:[/red] {exc} (ledger {redact_url(settings.ledger_url)}; same --config as the "
+                      "service?)")
         raise typer.Exit(1) from exc
     finally:
         ledger.close()

@@ -214,6 +214,37 @@ class RoutingSettings(_Section):
     regex_timeout_ms: float = Field(50.0, gt=0, le=5000)  # per match: a pathological pattern is cut short
 
 
+ReleaseMode = Literal["auto", "review"]
+
+
+class ReleaseSettings(_Section):
+    """When a result leaves the service (README "Review"): at once (`auto`) or after a clinician approved
+    it (`review`). A route's `release` key overrides `mode` for its studies."""
+
+    mode: ReleaseMode = "auto"
+    # DiagnosticReport status of an auto-released result: nobody has looked at it, so `preliminary` unless
+    # the site deliberately publishes AI output as final.
+    auto_status: Literal["preliminary", "final"] = "preliminary"
+    # review mode: send a preliminary DiagnosticReport at once ("AI result pending review"); the approval
+    # updates that same resource to final, a rejection marks it entered-in-error.
+    send_preliminary: bool = False
+    review_timeout_hours: float = Field(24.0, gt=0)  # older results awaiting review are flagged and alerted
+    organization: str = ""  # written as the verifying organisation of approved SRs (the site's name)
+
+
+class StageTimeLimits(_Section):
+    """Soft time limit of each stage, in seconds (README "Reliability"). Past it the stage fails like a
+    transient error (retried with backoff, `dead` naming the setting once `worker.max_retries` is spent);
+    `worker.hard_time_limit_grace_seconds` later the lease is no longer renewed, so the reaper re-enqueues
+    the job even when the stage never returns (and the prefork pool kills its process)."""
+
+    prepare: float = Field(300.0, gt=0)  # decoding a series: seconds even for a large CT
+    # None: fhir.timeline_deadline_seconds + 30 s, so the fetch's own deadline (image-only) fires first
+    timeline: float | None = Field(None, gt=0)
+    infer: float = Field(900.0, gt=0)  # generous: first model load, Grad-CAM and segmentation on a CPU
+    deliver: float = Field(300.0, gt=0)  # PACS (pacs.timeout per operation), FHIR report and HL7, retries
+
+
 class WorkerSettings(_Section):
     queues: list[str] = Field(default_factory=lambda: ["cpu", "gpu", "io"])
     concurrency: int = Field(1, ge=1)
@@ -229,6 +260,8 @@ class WorkerSettings(_Section):
     # shared or busy host OpenMP threads of a small model spin against other processes (measured here:
     # 4.5 ms per prediction with 1 thread, 256 ms with 2 on a loaded 2-core machine).
     torch_threads: int = Field(1, ge=0)
+    soft_time_limits: StageTimeLimits = Field(default_factory=StageTimeLimits)
+    hard_time_limit_grace_seconds: float = Field(30.0, gt=0)  # hard limit = soft limit + this
 
 
 class ApiSettings(_Section):
@@ -276,6 +309,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     routes: list[dict[str, Any]] = Field(default_factory=list)  # checked by routing.routes.load_routes
+    release: ReleaseSettings = Field(default_factory=ReleaseSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
@@ -316,6 +350,14 @@ class Settings(BaseSettings):
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith("filesystem://")
 
+    def stage_time_limits(self, stage: str) -> tuple[float, float]:
+        """(soft, hard) time limit in seconds of a stage (`prepare|timeline|infer|deliver`); the timeline's
+        soft limit defaults to its FHIR fetch deadline plus 30 s."""
+        soft = getattr(self.worker.soft_time_limits, stage)
+        if soft is None:
+            soft = self.fhir.timeline_deadline_seconds + 30.0
+        return float(soft), float(soft) + self.worker.hard_time_limit_grace_seconds
+
     def model_card_path(self) -> Path:
         if self.model.card is not None:
             return self.model.card
@@ -324,13 +366,18 @@ class Settings(BaseSettings):
         return Path(str(files("dicom_fusion.inference") / "default_model" / "card.toml"))
 
     def public_dict(self) -> dict[str, Any]:
-        """Settings as a dict with secrets masked, for `dicom-fusion config` and logs."""
+        """Settings as a dict with secrets masked, for `dicom-fusion config` and logs: tokens and client
+        secrets as `***`, URLs without their userinfo (`redact_url`: a broker, ledger or FHIR URL may carry
+        `user:password@`)."""
         data = self.model_dump(mode="json")
         for key in ("token", "client_secret"):
             if data["fhir"].get(key):
                 data["fhir"][key] = "***"
         if data["api"].get("token"):
             data["api"]["token"] = "***"
+        for section, key in (("fhir", "base_url"), ("fhir", "token_url"), ("broker", "url"), ("ledger", "url")):
+            if data[section].get(key):
+                data[section][key] = redact_url(data[section][key])
         return data
 
 

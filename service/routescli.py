@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dicom_fusion.service.config import Settings
+from dicom_fusion.service.config import Settings, redact_url
 from dicom_fusion.service.cliopts import ConfigOpt, settings_or_exit
 from dicom_fusion.service.errors import ServiceError
 
@@ -87,7 +87,7 @@ def explain(
                 study_id = s.scalar(select(Study.id).where(Study.study_uid == target))
             if study_id is None:
                 err.print(f"[red]error:[/red] {escape(target)} is neither a file nor a study in the ledger "
-                          f"({escape(settings.ledger_url)}; same --config as the service?)")
+                          f"({escape(redact_url(settings.ledger_url))}; same --config as the service?)")
                 raise typer.Exit(2)
             study = headers_from_ledger(ledger, study_id, phantom_pattern=phantom, timeout=timeout)
         finally:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dicom_fusion.service.config import Settings
@@ -20,7 +21,7 @@ from dicom_fusion.service.ingest.listener import Listener
 from dicom_fusion.service.jobs.completion import Completion, PeriodicThread
 from dicom_fusion.service.routing.router import Router
 from dicom_fusion.service.jobs.queues import enqueue, make_celery
-from dicom_fusion.service.jobs.reaper import reap
+from dicom_fusion.service.jobs.reaper import reap, release_dead_worker, release_left_by_earlier_workers
 from dicom_fusion.service.storage.engine import is_sqlite
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import Stage
@@ -33,7 +34,9 @@ log = logging.getLogger("dicom_fusion")
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGKILL when the process that started it dies (even by kill -9), so an
-    extra listener never outlives `serve` holding the DICOM port."""
+    extra listener never outlives `serve` holding the DICOM port, nor the embedded worker polling the
+    broker beside a new `serve`'s. The kernel sends it when the *thread* that forked exits: each
+    supervisor thread therefore lives until its child is gone (:meth:`_ChildSupervisor.run`)."""
     try:
         import ctypes
 
@@ -43,17 +46,27 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 class _ChildSupervisor(threading.Thread):
-    """Keeps one child process alive (restarts it after a crash or kill -9)."""
+    """Keeps one child process alive (restarts it after a crash or kill -9).
+
+    ``on_exit(pid)`` runs after the child exited, before it is restarted (the embedded worker's
+    leases are released there). The child is started, waited for and terminated in this thread, which
+    ends only after the child did: ``PR_SET_PDEATHSIG`` fires when the forking thread exits.
+    """
+
+    RESTART_AFTER = 1.0  # seconds between two starts at least: a child that dies at once is not hot-looped
 
     def __init__(self, name: str, cmd: list[str], stop: threading.Event, *,
-                 env: dict[str, str] | None = None, die_with_parent: bool = False) -> None:
+                 env: dict[str, str] | None = None, die_with_parent: bool = False,
+                 on_exit: Callable[[int], None] | None = None) -> None:
         super().__init__(name=f"{name}-supervisor", daemon=True)
         self.what = name
         self.cmd = cmd
         self.env = env
         self.die_with_parent = die_with_parent
+        self.on_exit = on_exit
         self.stop_event = stop
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         if self.die_with_parent and sys.platform.startswith("linux"):
@@ -61,21 +74,47 @@ class _ChildSupervisor(threading.Thread):
         return subprocess.Popen(self.cmd, env=self.env)
 
     def run(self) -> None:
-        while not self.stop_event.is_set():
-            if self.proc is None or self.proc.poll() is not None:
-                if self.proc is not None:
-                    log.warning("%s exited with %s; restarting", self.what, self.proc.returncode)
+        try:
+            while not self.stop_event.is_set():
+                started = time.monotonic()
                 self.proc = self._spawn()
                 log.info("%s started (pid %s)", self.what, self.proc.pid)
-            self.stop_event.wait(1.0)
+                while not self.stop_event.is_set():
+                    try:
+                        self.proc.wait(timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+                if self.stop_event.is_set():
+                    break
+                log.warning("%s (pid %s) exited with %s; restarting", self.what, self.proc.pid,
+                            self.proc.returncode)
+                if self.on_exit is not None:
+                    try:
+                        self.on_exit(self.proc.pid)
+                    except Exception as exc:  # the reaper still re-enqueues when the leases run out
+                        log.error("%s: clean-up after exit failed: %s: %s", self.what, type(exc).__name__, exc)
+                self.restarts += 1
+                self.stop_event.wait(max(0.0, self.RESTART_AFTER - (time.monotonic() - started)))
+        finally:
+            self._stop_child()
 
-    def terminate(self) -> None:
+    def _stop_child(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def terminate(self) -> None:
+        """Stop supervising and end the child (SIGTERM, SIGKILL after 15 s); returns when it is gone."""
+        self.stop_event.set()
+        if self.is_alive():
+            self.join(timeout=25)
+        else:
+            self._stop_child()
 
 
 def _cli(command: str, config: Path | None) -> list[str]:
@@ -127,7 +166,11 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     for t in threads:
         t.start()
     if worker if worker is not None else settings.worker.embedded:
-        children.append(_ChildSupervisor("embedded worker", _cli("worker", config), stop))
+        # Dies with serve (PDEATHSIG); when it dies alone, its leases are released at once and its jobs
+        # re-enqueued (reaper.release_dead_worker) instead of after worker.lease_seconds.
+        children.append(_ChildSupervisor(
+            "embedded worker", _cli("worker", config), stop, die_with_parent=True,
+            on_exit=lambda pid: release_dead_worker(ledger, requeue, pid)))
         children[-1].start()
     state = {"ae_title": settings.listener.ae_title, "host": host, "port": port, "pid": os.getpid()}
     (settings.data_dir / "listener.json").write_text(json.dumps(state))
@@ -192,7 +235,11 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, concurren
 
         torch.set_num_threads(settings.worker.torch_threads)
     app = make_celery(settings)
-    worker.install(settings, app)
+    runtime = worker.install(settings, app, pool=pool or settings.worker.pool)
+    # Leases left on this host by earlier worker processes that no longer run (serve or the container
+    # restarted after kill -9): released and re-enqueued now, not after worker.lease_seconds.
+    release_left_by_earlier_workers(
+        runtime.ledger, lambda job_id, stage: enqueue(app, runtime.ledger, settings, job_id, stage, requeue=True))
     from dicom_fusion.service.telemetry import install_worker_metrics
 
     install_worker_metrics(settings, pool=pool or settings.worker.pool)

@@ -117,9 +117,16 @@ class Figures:
     lost: int = 0
     duplicates: int = 0
     crashes: int = 0
+    # hostile-peer scenarios (test_hostile_peers.py): how the study ended, seconds from sending it to a
+    # terminal job state, the worker's peak RSS meanwhile, patient-data hits where none may be
+    outcome: str = ""
+    settle_s: float | None = None
+    rss_mb: int | None = None
+    phi_hits: int | None = None
 
 
 _TABLE: list[Figures] = []
+_EXTRA = ("outcome", "settle_s", "rss_mb", "phi_hits")  # columns printed only when some row has them
 
 
 @pytest.fixture
@@ -132,12 +139,19 @@ def figures(request: pytest.FixtureRequest) -> Figures:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not _TABLE:
         return
-    cols = [f.name for f in fields(Figures)]
+    cols = [f.name for f in fields(Figures)
+            if f.name not in _EXTRA or any(getattr(row, f.name) not in ("", None) for row in _TABLE)]
     width = max(len(f.fault) for f in _TABLE) + 2
+    widths = {c: max(13, 2 + max(len(str(getattr(row, c))) for row in _TABLE)) for c in cols[1:]}
+
+    def cell(row: Figures, c: str) -> str:
+        value = getattr(row, c)
+        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
     terminalreporter.section("fault-injection figures")
-    terminalreporter.write_line(f"{'fault':<{width}}" + "".join(f"{c:>13}" for c in cols[1:]))
+    terminalreporter.write_line(f"{'fault':<{width}}" + "".join(f"{c:>{widths[c]}}" for c in cols[1:]))
     for f in _TABLE:
-        terminalreporter.write_line(f"{f.fault:<{width}}" + "".join(f"{getattr(f, c):>13}" for c in cols[1:]))
+        terminalreporter.write_line(f"{f.fault:<{width}}" + "".join(f"{cell(f, c):>{widths[c]}}" for c in cols[1:]))
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@ raise :class:`PermanentError` when retrying cannot help and let anything else pr
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,26 @@ import numpy as np
 from pydicom import dcmread
 
 from dicom_fusion.service.errors import PermanentError, TransientError
+from dicom_fusion.service.jobs.resource_log import read_timeline_record
 from dicom_fusion.service.jobs.study_context import (
     StudyFacts,
     identifier_system,
     report_content,
+    reviewed_result,
     study_facts,
+    verification,
 )
 from dicom_fusion.service.outputs.identity import derive_sr_uids
-from dicom_fusion.service.outputs.sr.build import source_header
-from dicom_fusion.service.storage.models import DeliveryKind, JobRef, Stage, utcnow
+from dicom_fusion.service.outputs.sr.build import SrVerification, source_header
+from dicom_fusion.service.storage.models import (
+    DeliveryKind,
+    JobRef,
+    ReleaseMode,
+    Review,
+    ReviewVerdict,
+    Stage,
+    utcnow,
+)
 from dicom_fusion.service.storage.spool import write_durable
 
 log = logging.getLogger(__name__)
@@ -108,7 +120,9 @@ def timeline(rt: Any, job: JobRef) -> Stage:
         FHIRRetryLater,
         FHIRUnavailable,
     )
-    from dicom_fusion.fhir.timeline import fetch_timeline
+    from dicom_fusion.fhir.timeline import read_timeline
+    from dicom_fusion.inference.data.timeline_tensor import read_by
+    from dicom_fusion.service.jobs.resource_log import ResourceLog, write_timeline_record
 
     d = rt.spool.job_dir(job.job_id)
     facts = StudyFacts.from_dict(_read_json(d / "study.json"))
@@ -124,12 +138,16 @@ def timeline(rt: Any, job: JobRef) -> Stage:
         limits = FetchLimits(deadline_seconds=fhir.timeline_deadline_seconds, max_pages=fhir.max_pages,
                              max_resources=fhir.max_resources, max_bytes=fhir.max_bytes)
         try:
-            with rt.fhir_client() as client:
-                tl, resources = fetch_timeline(
+            # Bounded memory (README "Reliability"): pages are read one at a time, only the events a feature
+            # of the card reads are kept, and the resources behind them stream into the audit file.
+            with rt.fhir_client() as client, ResourceLog(d, fsync=rt.spool.fsync) as audit:
+                tl = read_timeline(
                     client, identifier_system=system, identifier_value=facts.patient_id,
                     study_time=facts.time, window_days=card.timeline.window_days,
                     resource_types=card.timeline.resource_types, target_units=card.timeline.target_units,
-                    value_bounds=card.timeline.value_bounds, elements=fhir.search_elements, limits=limits)
+                    value_bounds=card.timeline.value_bounds, elements=fhir.search_elements, limits=limits,
+                    keep=read_by(card.timeline), on_resource=audit.add)
+                audit.commit()  # the exact resources the prediction saw, content-addressed
         except FetchLimitExceeded as exc:
             setting = _LIMIT_SETTINGS.get(exc.limit, "the fetch limits")
             log.warning("job %s: FHIR timeline fetch stopped at %s = %g; predicting image-only",
@@ -142,15 +160,14 @@ def timeline(rt: Any, job: JobRef) -> Stage:
         except FHIRError as exc:
             record = {"status": "error", "reason": f"FHIR error: {exc}"}
         else:
-            blob = json.dumps(resources, sort_keys=True).encode()
-            digest = hashlib.sha256(blob).hexdigest()
-            # The exact resources the prediction saw, content-addressed, for audit and reproduction.
-            write_durable(d / f"resources-{digest[:16]}.json", blob, fsync=rt.spool.fsync, replace=True)
-            record = {"status": tl.status, "timeline": tl.to_dict(), "resources_sha256": digest,
-                      "identifier_system": system}
+            record = {"status": tl.status, "timeline": dataclasses.replace(tl, events=()).to_dict(),
+                      "resources_sha256": audit.digest, "identifier_system": system}
             if tl.status in IMAGE_ONLY_REASONS:
                 record["reason"] = IMAGE_ONLY_REASONS[tl.status]
-    _write_json(d / "timeline.json", record, rt.spool.fsync)
+    if "timeline" in record:  # the events streamed out: bounded memory on big timelines
+        write_timeline_record(d / "timeline.json", record, tl.events, fsync=rt.spool.fsync)
+    else:
+        _write_json(d / "timeline.json", record, rt.spool.fsync)
     return Stage.INFER
 
 
@@ -184,7 +201,7 @@ def infer(rt: Any, job: JobRef) -> Stage:
     except FileNotFoundError as exc:
         raise PermanentError("image.npy missing; replay the study") from exc
     facts = StudyFacts.from_dict(_read_json(d / "study.json"))
-    record = _read_json(d / "timeline.json")
+    record = read_timeline_record(d / "timeline.json")
     tensor = None
     reason: str | None = None
     if record.get("status") == "ok":
@@ -293,7 +310,15 @@ def _pacs_target(rt: Any) -> str:
 
 
 def deliver(rt: Any, job: JobRef) -> Stage:
-    """Deliver the pair (SR to PACS, report to FHIR); each side is recorded separately in the ledger."""
+    """Deliver the result (SR to PACS, report to FHIR, ORU to the RIS); each side is recorded separately in
+    the ledger, so a retry sends only what is still owed.
+
+    What leaves depends on the job's release mode (README "Review"): `auto` sends everything at once, the
+    report `release.auto_status` and the SR unverified; `review` before a decision sends at most the
+    preliminary report and parks the job (`Stage.REVIEW`); after an approval the SR goes VERIFIED and the
+    report becomes final (the same resource updated); after a rejection only the preliminary report is
+    marked entered-in-error and nothing goes to the PACS.
+    """
     from dicom_fusion.inference.serve.predict import InferenceResult
 
     d = rt.spool.job_dir(job.job_id)
@@ -301,21 +326,49 @@ def deliver(rt: Any, job: JobRef) -> Stage:
     result = InferenceResult.from_dict(_read_json(d / "result.json"))
     fhir = rt.settings.fhir
     hl7 = rt.settings.hl7
+    report_target = fhir.shown_base_url if fhir.enabled else None  # a ledger row the API shows: no userinfo
+    review = job.review
+    if job.release == ReleaseMode.REVIEW and review is None:
+        if rt.settings.release.send_preliminary:
+            rt.ledger.ensure_deliveries(job.job_id, targets={DeliveryKind.PRELIMINARY: report_target})
+            _deliver_pending(rt, job, {DeliveryKind.PRELIMINARY: lambda: _deliver_report(
+                rt, d, result, facts, job.version, status="preliminary")})
+        return Stage.REVIEW
+    shown, model_finding = reviewed_result(result, review)
+    verified = None
+    if review is not None and review.verdict == ReviewVerdict.APPROVED:
+        verified = verification(review, model_finding, review.organization or rt.settings.release.organization)
+    if review is not None and review.verdict == ReviewVerdict.REJECTED:
+        rt.ledger.ensure_deliveries(job.job_id, targets={DeliveryKind.REPORT: report_target})
+        _deliver_pending(rt, job, {DeliveryKind.REPORT: lambda: _deliver_report(
+            rt, d, result, facts, job.version, status="entered-in-error", rejected=review)})
+        return Stage.FINISHED
+    status = "final" if verified is not None else rt.settings.release.auto_status
     rt.ledger.ensure_deliveries(job.job_id, targets={
         DeliveryKind.SR: _pacs_target(rt),
-        DeliveryKind.REPORT: fhir.base_url if fhir.enabled else None,
+        DeliveryKind.REPORT: report_target,
         DeliveryKind.HL7: f"{hl7.host}:{hl7.port}" if hl7.enabled else None,
     })
     series_uid, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
+    _deliver_pending(rt, job, {
+        DeliveryKind.SR: lambda: _deliver_sr(rt, job, d, shown, series_uid, sr_uid, verified),
+        DeliveryKind.REPORT: lambda: _deliver_report(rt, d, shown, facts, job.version, status=status,
+                                                     verified=verified),
+        DeliveryKind.HL7: lambda: _deliver_hl7(rt, d, shown, facts, sr_uid, status=status, verified=verified),
+    })
+    return Stage.FINISHED
+
+
+def _deliver_pending(rt: Any, job: JobRef, senders: dict[DeliveryKind, Callable[[], str]]) -> None:
+    """Run the sender of every side still owed; record each outcome. A permanent failure ends the job (the
+    caller's dead-letter path buries the rest); other failures are retried together."""
     failures: list[str] = []
     for kind in rt.ledger.pending_deliveries(job.job_id):
+        send = senders.get(kind)
+        if send is None:
+            continue
         try:
-            if kind == DeliveryKind.SR:
-                remote = _deliver_sr(rt, job, d, result, series_uid, sr_uid)
-            elif kind == DeliveryKind.HL7:
-                remote = _deliver_hl7(rt, d, result, facts, sr_uid)
-            else:
-                remote = _deliver_report(rt, d, result, facts, sr_uid)
+            remote = send()
         except PermanentError as exc:
             rt.ledger.delivery_result(job.job_id, kind, ok=False, error=str(exc), dead=True)
             raise
@@ -326,10 +379,10 @@ def deliver(rt: Any, job: JobRef) -> Stage:
         rt.ledger.delivery_result(job.job_id, kind, ok=True, remote_id=remote)
     if failures:
         raise TransientError("; ".join(failures))
-    return Stage.FINISHED
 
 
-def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_uid: str) -> str:
+def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_uid: str,
+                verified: SrVerification | None) -> str:
     from dicom_fusion.service.errors import DeliveryError
     from dicom_fusion.service.outputs.dispatch import DicomNode, store_to_pacs
     from dicom_fusion.service.outputs.sr.build import build_sr, check_sr
@@ -344,7 +397,8 @@ def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_
 
         segmentation, lesion = dcmread(d / "seg.dcm"), LesionMeasurement.from_dict(_read_json(d / "lesion.json"))
     ds = build_sr(sources, result, sr_instance_uid=sr_uid, sr_series_uid=series_uid,
-                  content_datetime=job.created_at, saliency=saliency, segmentation=segmentation, lesion=lesion)
+                  content_datetime=job.created_at, saliency=saliency, segmentation=segmentation, lesion=lesion,
+                  verification=verified)
     check_sr(ds, expected=result, expected_lesion=lesion)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -362,31 +416,44 @@ def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_
     return sr_uid
 
 
-def _deliver_report(rt: Any, d: Path, result: Any, facts: StudyFacts, sr_uid: str) -> str:
+def _deliver_report(rt: Any, d: Path, result: Any, facts: StudyFacts, version: int, *, status: str,
+                    verified: SrVerification | None = None, rejected: Review | None = None) -> str:
+    """Post (or update) the DiagnosticReport. Its identifier is the job's SR UID whatever the status, so a
+    preliminary report, its approval and its rejection are versions of one resource."""
     from dicom_fusion.fhir.report import post_report
 
-    record = _read_json(d / "timeline.json")
+    _, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, version)
+    record = read_timeline_record(d / "timeline.json")
     patient_id = None
     if record.get("status") in ("ok", "empty"):
         patient_id = record.get("timeline", {}).get("patient_id")
     system = record.get("identifier_system") or identifier_system(rt.settings.fhir, facts.issuer)
-    content = report_content(result, facts, sr_uid=sr_uid, patient_id=patient_id, system=system)
+    content = report_content(result, facts, sr_uid=sr_uid, patient_id=patient_id, system=system, status=status,
+                             verified=verified)
+    if rejected is not None:
+        lines = ["Clinical review: rejected the AI result"]
+        if rejected.comment.strip():
+            lines.append(f"Reviewer comment: {rejected.comment.strip()}")
+        content = dataclasses.replace(content, interpreter=rejected.reviewer, review=tuple(lines))
     with rt.fhir_client() as client:
         outcome = post_report(client, content)
-    _write_json(d / "report.json", {"report_id": outcome.report_id, "created": outcome.created},
-                rt.spool.fsync)
+    name = "report.json" if status != "preliminary" else "preliminary-report.json"
+    _write_json(d / name, {"report_id": outcome.report_id, "created": outcome.created,
+                           "updated": outcome.updated, "status": status}, rt.spool.fsync)
     return f"DiagnosticReport/{outcome.report_id}"
 
 
-def _deliver_hl7(rt: Any, d: Path, result: Any, facts: StudyFacts, sr_uid: str) -> str:
+def _deliver_hl7(rt: Any, d: Path, result: Any, facts: StudyFacts, sr_uid: str, *, status: str,
+                 verified: SrVerification | None) -> str:
     """ORU^R01 to the RIS over MLLP; a rejection (AR) is permanent, anything else is retried."""
     from dicom_fusion.fhir.hl7v2 import Hl7Error, Hl7Header, build_oru, message_control_id
     from dicom_fusion.fhir.mllp import MllpTarget, send_message
 
     h = rt.settings.hl7
-    record = _read_json(d / "timeline.json")
+    record = read_timeline_record(d / "timeline.json")
     system = record.get("identifier_system") or identifier_system(rt.settings.fhir, facts.issuer)
-    content = report_content(result, facts, sr_uid=sr_uid, patient_id=None, system=system)
+    content = report_content(result, facts, sr_uid=sr_uid, patient_id=None, system=system, status=status,
+                             verified=verified)
     header = Hl7Header(h.sending_app, h.sending_facility, h.receiving_app, h.receiving_facility)
     message = build_oru(content, header)
     control_id = message_control_id(content)

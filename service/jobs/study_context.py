@@ -5,6 +5,7 @@ patient identifier, model result → FHIR report content.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 
 from dicom_fusion.service.config import FhirSettings
+from dicom_fusion.service.errors import PermanentError
+from dicom_fusion.service.outputs.sr.build import SrVerification, review_lines
+from dicom_fusion.service.storage.models import Review
 
 if TYPE_CHECKING:
     from dicom_fusion.fhir.report import ReportContent
@@ -76,8 +80,27 @@ def identifier_system(fhir: FhirSettings, issuer: str) -> str:
     return fhir.default_identifier_system
 
 
+def reviewed_result(result: InferenceResult, review: Review | None) -> tuple[InferenceResult, Any]:
+    """The result as the outputs report it after a review, and the model's own finding when the reviewer
+    chose another class (None when kept). The class probabilities stay the model's."""
+    if review is None or not review.finding_code or review.finding_code == result.finding.name:
+        return result, None
+    chosen = next((p for p in result.probabilities if p.name == review.finding_code), None)
+    if chosen is None:  # the API checks the class against result.json; a changed result.json cannot help
+        raise PermanentError(f"the reviewer's finding {review.finding_code!r} is not a class of "
+                             f"{result.model_name} {result.model_version}; reject and replay the study")
+    return dataclasses.replace(result, finding=chosen), result.finding
+
+
+def verification(review: Review, model_finding: Any, organization: str) -> SrVerification:
+    """The SR's verification of an approved result; the ledger keeps times in naive UTC."""
+    at = review.at if review.at.tzinfo else review.at.replace(tzinfo=UTC)
+    return SrVerification(observer_name=review.reviewer, organization=organization, at=at,
+                          comment=review.comment, model_finding=model_finding)
+
+
 def report_content(result: InferenceResult, facts: StudyFacts, *, sr_uid: str, patient_id: str | None,
-                   system: str) -> ReportContent:
+                   system: str, status: str = "final", verified: SrVerification | None = None) -> ReportContent:
     from dicom_fusion.fhir.report import ReportContent, ReportFinding
 
     def finding(p: Any) -> ReportFinding:
@@ -97,4 +120,7 @@ def report_content(result: InferenceResult, facts: StudyFacts, *, sr_uid: str, p
         image_only=result.image_only,
         image_only_reason=result.image_only_reason,
         drivers=result.driver_lines(),
+        status=status,
+        interpreter=verified.observer_name if verified else None,
+        review=tuple(review_lines(verified, result)) if verified else (),
     )

@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
 from dicom_fusion.service.config import Settings
 from dicom_fusion.service.errors import PermanentError, TransientError
 from dicom_fusion.service.jobs import stages
 from dicom_fusion.service.jobs.queues import TASK_NAMES, publish
+from dicom_fusion.service.jobs.reaper import owner_prefix
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import JobState, Stage
 from dicom_fusion.service.storage.spool import Spool
@@ -83,9 +86,12 @@ class JobModels:
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, app: Celery) -> None:
+    def __init__(self, settings: Settings, app: Celery, *, pool: str | None = None) -> None:
         self.settings = settings
         self.app = app
+        # the Celery pool the tasks run in: "solo" runs them in the main thread, where `run_stage` enforces
+        # the soft time limit itself (Celery does so only in the prefork pool)
+        self.pool = pool or settings.worker.pool
         self.ledger = Ledger(settings.ledger_url)
         self.spool = Spool(settings.spool_dir, fsync=settings.spool.fsync)
         self._lock = threading.Lock()
@@ -116,9 +122,9 @@ class WorkerRuntime:
 _runtime: WorkerRuntime | None = None
 
 
-def install(settings: Settings, app: Celery) -> WorkerRuntime:
+def install(settings: Settings, app: Celery, *, pool: str | None = None) -> WorkerRuntime:
     global _runtime
-    _runtime = WorkerRuntime(settings, app)
+    _runtime = WorkerRuntime(settings, app, pool=pool)
     return _runtime
 
 
@@ -134,14 +140,44 @@ def reset_after_fork() -> None:
 
 
 class _Heartbeat:
-    """Renews a job lease while a stage runs, so only a dead worker's job expires."""
+    """Renews a job lease while a stage runs, so only a dead worker's job expires — and only up to the
+    stage's hard time limit.
 
-    def __init__(self, ledger: Ledger, job_id: int, owner: str, lease: float) -> None:
+    A stage stuck past its hard limit (a call without a deadline, a swallowed soft-limit exception, the
+    threads pool where nothing can interrupt a task) would otherwise hold its job forever: the heartbeat
+    renewing the lease is exactly what keeps the reaper away. So at `hard_limit` seconds it stops renewing
+    and calls `on_overrun` once (which records the overrun in the ledger); the lease then runs out and the
+    reaper re-enqueues the job for a free worker.
+    """
+
+    def __init__(self, ledger: Ledger, job_id: int, owner: str, lease: float, *,
+                 hard_limit: float | None = None, on_overrun: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._stop = threading.Event()
+        self._hard_limit = hard_limit
+        self._on_overrun = on_overrun
+        self._clock = clock
+        self.overran = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ledger, job_id, owner, lease), daemon=True)
 
     def _run(self, ledger: Ledger, job_id: int, owner: str, lease: float) -> None:
-        while not self._stop.wait(lease / 3):
+        started = self._clock()
+        while True:
+            wait = lease / 3
+            if self._hard_limit is not None:
+                wait = max(0.0, min(wait, started + self._hard_limit - self._clock()))
+            if self._stop.wait(wait):
+                return
+            if self._hard_limit is not None and self._clock() - started >= self._hard_limit:
+                self.overran.set()
+                log.error("job %s: stage still running at its hard time limit (%.0f s); no longer renewing "
+                          "its lease, the reaper re-enqueues it", job_id, self._hard_limit)
+                if self._on_overrun is not None:
+                    try:
+                        self._on_overrun()
+                    except Exception as exc:
+                        log.warning("job %s: recording the overrun failed: %s", job_id, exc)
+                return
             try:
                 ledger.renew(job_id, owner=owner, lease_seconds=lease)
             except Exception as exc:
@@ -156,16 +192,46 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
+@contextmanager
+def _soft_limit_alarm(seconds: float, *, enabled: bool) -> Iterator[None]:
+    """Raise `SoftTimeLimitExceeded` in the running stage after `seconds` (SIGALRM), as Celery's prefork pool
+    does with its soft time limit. Only where Celery does not: the solo pool runs tasks in the worker's main
+    thread, the one thread a signal handler can interrupt (a blocking socket read included: it returns
+    EINTR and the handler raises). Elsewhere (prefork: Celery does it; threads: impossible) a no-op."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(_signum: int, _frame: object) -> None:
+        raise SoftTimeLimitExceeded(f"soft time limit ({seconds:g} s) exceeded")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def limit_setting(stage: Stage) -> str:
+    """The setting that bounds a stage's run time, as reasons and logs name it."""
+    return f"worker.soft_time_limits.{stage.value}"
+
+
 FAULT_PAUSE_ENV = "DICOM_FUSION_FAULT_PAUSE"
 
 
-def _fault_pause(stage: Stage) -> None:
+def _fault_pause(stage: Stage, job_dir: Path) -> None:
     """Fault-injection hook for the reliability suite: ``DICOM_FUSION_FAULT_PAUSE=infer:4`` holds
-    each claimed ``infer`` stage for 4 s (lease held) so a test can kill -9 the worker mid-stage.
-    Never set in production."""
+    a job's first claim of ``infer`` for 4 s (lease held) so a test can kill -9 the worker mid-stage;
+    the run after the kill goes straight on (a marker in the job's folder), so the test measures the
+    recovery, not the pause. Never set in production."""
     spec = os.environ.get(FAULT_PAUSE_ENV, "")
     name, _, seconds = spec.partition(":")
-    if name == stage.value:
+    marker = job_dir / f".fault-paused-{stage.value}"
+    if name == stage.value and not marker.exists():
+        marker.touch()
         time.sleep(float(seconds or 5))
 
 
@@ -179,41 +245,93 @@ def run_stage(task: Task, runtime: Any, job_id: int, stage: Stage,
     """Claim → run ``body`` → advance, with retry/dead-letter bookkeeping in the ledger."""
     settings: Settings = runtime.settings
     ledger: Ledger = runtime.ledger
-    owner = f"{socket.gethostname()}:{os.getpid()}:{task.request.id}"
+    owner = owner_prefix(os.getpid()) + str(task.request.id)  # "host:pid:task": reaper releases by pid
     lease = settings.worker.lease_seconds
     job = ledger.claim(job_id, stage=stage, owner=owner, lease_seconds=lease)
     if job is None:
         log.info("job %s stage %s: not claimable (duplicate message or stage done); skipping", job_id, stage)
         return "skipped"
+    soft, hard = settings.stage_time_limits(stage.value)
+    started = time.monotonic()
+
+    def overrun() -> None:  # the heartbeat, at the hard limit: count the attempt; the reaper re-enqueues
+        reason = (f"{stage}: still running at its hard time limit of {hard:g} s ({limit_setting(stage)} = "
+                  f"{soft:g} s + worker.hard_time_limit_grace_seconds); raise the setting if the stage "
+                  "needs longer")
+        if job.attempts + 1 > settings.worker.max_retries:
+            ledger.fail(job_id, owner=owner, reason=f"retries exhausted; {reason}", retry_in=None,
+                        lease_seconds=lease)
+            runtime.on_dead(job_id, stage, reason)
+        else:  # lease_seconds=0: the lease runs out at the retry time and the reaper re-enqueues then
+            ledger.fail(job_id, owner=owner, reason=reason, retry_in=backoff_seconds(settings, job.attempts + 1),
+                        lease_seconds=0)
+
+    heartbeat = _Heartbeat(ledger, job_id, owner, lease, hard_limit=hard, on_overrun=overrun)
     try:
-        with _Heartbeat(ledger, job_id, owner, lease):
-            _fault_pause(stage)
+        with heartbeat, _soft_limit_alarm(soft, enabled=getattr(runtime, "pool", "solo") == "solo"):
+            if os.environ.get(FAULT_PAUSE_ENV):
+                _fault_pause(stage, runtime.spool.job_dir(job_id))
             next_stage = body(runtime, job)
-    except PermanentError as exc:
+    except BaseException as exc:
+        if heartbeat.overran.is_set():  # already recorded, and the job may run elsewhere by now
+            log.error("job %s %s ended after its hard time limit (%s: %s); result discarded", job_id, stage,
+                      type(exc).__name__, exc)
+            return "overran"
+        if isinstance(exc, SoftTimeLimitExceeded) or time.monotonic() - started >= soft:
+            # the limit fired, whatever the body made of it (deliver records it per destination)
+            exc = TransientError(f"passed its soft time limit of {soft:g} s ({limit_setting(stage)}); "
+                                 f"raise the setting if the stage needs longer "
+                                 f"(last error: {type(exc).__name__})")
+        return _failed(task, runtime, job, owner, stage, exc)
+    if heartbeat.overran.is_set():
+        log.error("job %s %s finished after its hard time limit; result discarded (the job was re-enqueued)",
+                  job_id, stage)
+        return "overran"
+    return _succeeded(runtime, job_id, owner, next_stage)
+
+
+def _failed(task: Task, runtime: Any, job: Any, owner: str, stage: Stage, exc: BaseException) -> str:
+    """Record a stage's failure: dead (permanent, or retries spent) or failed with a retry scheduled."""
+    settings: Settings = runtime.settings
+    ledger: Ledger = runtime.ledger
+    job_id = job.job_id
+    lease = settings.worker.lease_seconds
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: the worker is going away
+        raise exc
+    if isinstance(exc, PermanentError):
         ledger.fail(job_id, owner=owner, reason=f"{stage}: {exc}", retry_in=None, lease_seconds=lease)
         runtime.on_dead(job_id, stage, str(exc))
         log.error("job %s dead at %s: %s", job_id, stage, exc)
         return "dead"
-    except Exception as exc:
-        attempt = job.attempts + 1
-        reason = f"{stage}: {type(exc).__name__}: {exc}"
-        if attempt > settings.worker.max_retries:
-            ledger.fail(job_id, owner=owner, reason=f"retries exhausted; {reason}", retry_in=None,
-                        lease_seconds=lease)
-            runtime.on_dead(job_id, stage, reason)
-            log.error("job %s dead at %s after %d attempts: %s", job_id, stage, attempt, reason)
-            return "dead"
-        countdown = backoff_seconds(settings, attempt)
-        if isinstance(exc, TransientError) and exc.retry_in is not None:
-            countdown = exc.retry_in  # the peer said when to come back (the stage capped it)
-        ledger.fail(job_id, owner=owner, reason=reason, retry_in=countdown,
-                    lease_seconds=settings.worker.queued_lease_seconds)
-        log.warning("job %s %s failed (attempt %d), retry in %.0fs: %s", job_id, stage, attempt, countdown, reason)
-        raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
+    attempt = job.attempts + 1
+    reason = f"{stage}: {type(exc).__name__}: {exc}"
+    if attempt > settings.worker.max_retries:
+        ledger.fail(job_id, owner=owner, reason=f"retries exhausted; {reason}", retry_in=None,
+                    lease_seconds=lease)
+        runtime.on_dead(job_id, stage, reason)
+        log.error("job %s dead at %s after %d attempts: %s", job_id, stage, attempt, reason)
+        return "dead"
+    countdown = backoff_seconds(settings, attempt)
+    if isinstance(exc, TransientError) and exc.retry_in is not None:
+        countdown = exc.retry_in  # the peer said when to come back (the stage capped it)
+    ledger.fail(job_id, owner=owner, reason=reason, retry_in=countdown,
+                lease_seconds=settings.worker.queued_lease_seconds)
+    log.warning("job %s %s failed (attempt %d), retry in %.0fs: %s", job_id, stage, attempt, countdown, reason)
+    raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
+
+
+def _succeeded(runtime: Any, job_id: int, owner: str, next_stage: Stage) -> str:
+    """Finish the job or hand it to the next stage's queue."""
+    settings: Settings = runtime.settings
+    ledger: Ledger = runtime.ledger
     if next_stage == Stage.FINISHED:
-        ledger.finish(job_id, owner=owner)
-        log.info("job %s done", job_id)
-        return JobState.DONE
+        final = ledger.finish(job_id, owner=owner)
+        log.info("job %s %s", job_id, final or JobState.DONE)
+        return final or JobState.DONE
+    if next_stage == Stage.REVIEW:  # parked until a reviewer approves or rejects (no message to send)
+        ledger.await_review(job_id, owner=owner)
+        log.info("job %s awaiting review", job_id)
+        return JobState.AWAITING_REVIEW
     if ledger.advance(job_id, owner=owner, next_stage=next_stage,
                       lease_seconds=settings.worker.queued_lease_seconds):
         try:
@@ -223,16 +341,26 @@ def run_stage(task: Task, runtime: Any, job_id: int, stage: Stage,
     return str(next_stage)
 
 
-def register_tasks(app: Celery, runtime_factory: Callable[[], Any]) -> None:
-    """Bind one Celery task per stage; the stage bodies live in :mod:`dicom_fusion.service.jobs.stages`."""
+#: Seconds between the heartbeat giving up a stage past its hard limit and the prefork pool killing it.
+_KILL_AFTER_OVERRUN = 5.0
+
+
+def register_tasks(app: Celery, runtime_factory: Callable[[], Any], settings: Settings | None = None) -> None:
+    """Bind one Celery task per stage, with the stage's time limits from `settings` (default: the installed
+    runtime's); the stage bodies live in :mod:`dicom_fusion.service.jobs.stages`."""
+    settings = settings if settings is not None else runtime_factory().settings
     bodies = {Stage.PREPARE: stages.prepare, Stage.TIMELINE: stages.timeline,
               Stage.INFER: stages.infer, Stage.DELIVER: stages.deliver}
     for stage, body in bodies.items():
         def _task(self: Task, job_id: int, _stage: Stage = stage, _body: Any = body) -> str:
             return run_stage(self, runtime_factory(), int(job_id), _stage, _body)
 
+        # Celery enforces these in the prefork pool only (soft: SoftTimeLimitExceeded in the task; hard: the
+        # process is killed). The kill comes a few seconds after the heartbeat's own hard limit, so the
+        # overrun is recorded in the ledger first. Solo and threads pools: see `run_stage`.
+        soft, hard = settings.stage_time_limits(stage.value)
         app.task(name=TASK_NAMES[stage], bind=True, acks_late=True, reject_on_worker_lost=True,
-                 max_retries=None)(_task)
+                 max_retries=None, soft_time_limit=soft, time_limit=hard + _KILL_AFTER_OVERRUN)(_task)
 
 
 @worker_process_init.connect

@@ -24,6 +24,7 @@ from sqlalchemy import case, extract, func, select
 
 from dicom_fusion.service.config import Settings
 from dicom_fusion.service.ops.monitoring import queue_overview
+from dicom_fusion.service.ops.review import worklist
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import (
     Delivery,
@@ -32,6 +33,7 @@ from dicom_fusion.service.storage.models import (
     Instance,
     Job,
     JobState,
+    ReleaseMode,
     Study,
 )
 from dicom_fusion.service.telemetry import PREFIX
@@ -87,6 +89,19 @@ class LedgerCollector(Collector):
         for st in JobState:
             g.add_metric([st.value], float(by_state.get(st.value, 0)))
         yield g
+        yield from self._review()
+
+    def _review(self) -> Iterator[Metric]:
+        """Results waiting for a clinician (README "Review"); the alert fires past release.review_timeout_hours."""
+        items = worklist(self.ledger, self.settings)
+        yield GaugeMetricFamily(f"{PREFIX}_awaiting_review_oldest_seconds",
+                                "Age of the oldest result awaiting review (0 when none waits)",
+                                value=max((i.awaiting_seconds for i in items), default=0.0))
+        yield GaugeMetricFamily(f"{PREFIX}_awaiting_review_overdue",
+                                "Results awaiting review for longer than release.review_timeout_hours",
+                                value=float(sum(i.overdue for i in items)))
+        yield GaugeMetricFamily(f"{PREFIX}_review_timeout_seconds", "release.review_timeout_hours in seconds",
+                                value=self.settings.release.review_timeout_hours * 3600.0)
 
     def _queues(self) -> Iterator[Metric]:
         ov = queue_overview(self.ledger, self.settings)
@@ -111,12 +126,15 @@ class LedgerCollector(Collector):
         cols = [func.count(Job.id), func.coalesce(func.sum(dur), 0.0)]
         cols += [func.coalesce(func.sum(case((dur <= b, 1), else_=0)), 0) for b in LATENCY_BUCKETS]
         with self.ledger.session() as s:
+            # automatically released jobs only: a reviewed job's time includes the clinician's
             count, total, *cum = s.execute(select(*cols).where(Job.state == JobState.DONE,
+                                                               Job.release == ReleaseMode.AUTO,
                                                                Job.finished_at.is_not(None))).one()
         buckets = [(str(b), float(c)) for b, c in zip(LATENCY_BUCKETS, cum, strict=True)]
         buckets.append(("+Inf", float(count)))
         yield HistogramMetricFamily(f"{PREFIX}_job_latency_seconds",
-                                    "End-to-end latency: study complete (job created) to SR and report delivered",
+                                    "End-to-end latency: study complete (job created) to SR and report delivered "
+                                    "(automatically released results)",
                                     buckets=buckets, sum_value=float(total))
 
     def _deliveries(self) -> Iterator[Metric]:

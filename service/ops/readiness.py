@@ -57,7 +57,7 @@ def check_fhir(settings: Settings) -> str:
     quick = settings.fhir.model_copy(update={"timeout": CHECK_TIMEOUT, "retries": 0})
     with make_fhir_client(quick) as client:
         meta = client.metadata()
-    return f"{settings.fhir.base_url} FHIR {meta.get('fhirVersion', '?')} ({meta.get('resourceType', '?')})"
+    return f"{settings.fhir.shown_base_url} FHIR {meta.get('fhirVersion', '?')} ({meta.get('resourceType', '?')})"
 
 
 def _timed(name: str, fn: Callable[[], str]) -> Check:

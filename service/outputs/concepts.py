@@ -39,6 +39,9 @@ __all__ = [
     "SYSTEM_BY_SCHEME",
     "TIMELINE_DRIVER_COMMENT",
     "TIMELINE_DRIVER_PREFIX",
+    "REVIEW_COMMENT",
+    "REVIEW_DECISION_PREFIX",
+    "REVIEW_COMMENT_PREFIX",
     "coded_concept",
     "fhir_system",
 ]
@@ -73,6 +76,16 @@ TIMELINE_DRIVER_COMMENT: Code = codes.DCM.Comment
 
 #: A timeline-driver TEXT item's value starts with this; "name +0.123 toward <class>" follows after ": ".
 TIMELINE_DRIVER_PREFIX = "EHR timeline driver"
+
+#: Concept name of the TEXT items a clinician's review adds to a verified SR (README "Review"): the decision
+#: (the model's finding confirmed, or changed with the model's output kept) and the reviewer's comment.
+REVIEW_COMMENT: Code = codes.DCM.Comment
+
+#: The review decision's TEXT value starts with this; e.g. "confirmed malignant" or "changed from …".
+REVIEW_DECISION_PREFIX = "Clinical review"
+
+#: The reviewer's comment TEXT value starts with this.
+REVIEW_COMMENT_PREFIX = "Reviewer comment"
 
 #: Concept name of the IMAGE item that references the Grad-CAM Secondary Capture (DCM 130404).
 SALIENCY_IMAGE: Code = Code("130404", "DCM", "Saliency")

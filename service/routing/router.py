@@ -12,7 +12,7 @@ from dicom_fusion.service.config import Settings
 from dicom_fusion.service.routing.headers import headers_from_ledger
 from dicom_fusion.service.routing.routes import RouteTable, load_routes, phantom_pattern
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import Instance, Job, JobRoute, Series
+from dicom_fusion.service.storage.models import Instance, Job, JobRoute, ReleaseMode, Series
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class Router:
     """Study id → the job its first matching route asks for, or why it is ignored."""
 
     def __init__(self, table: RouteTable, ledger: Ledger, *, phantom: regex.Pattern[str] | None = None,
-                 timeout: float = 0.05, rerun: bool = False) -> None:
+                 timeout: float = 0.05, rerun: bool = False, release: ReleaseMode = ReleaseMode.AUTO) -> None:
         self.table = table
         self.ledger = ledger
         self.phantom = phantom
@@ -30,12 +30,14 @@ class Router:
         # looped back by the PACS, a KO, a dose report) gets no second result. True (operator replay):
         # run again whatever arrived.
         self.rerun = rerun
+        self.release = release  # the global `release.mode`, for routes that do not name one
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger, *, rerun: bool = False) -> Router:
         """Raises :class:`~.routes.RouteError` (a ConfigError) naming the file, route and field."""
         return cls(load_routes(settings), ledger, phantom=phantom_pattern(settings),
-                   timeout=settings.routing.regex_timeout_ms / 1000.0, rerun=rerun)
+                   timeout=settings.routing.regex_timeout_ms / 1000.0, rerun=rerun,
+                   release=ReleaseMode(settings.release.mode))
 
     def __call__(self, study_id: int) -> JobRoute | str:
         header = headers_from_ledger(self.ledger, study_id, phantom_pattern=self.phantom, timeout=self.timeout)
@@ -52,7 +54,8 @@ class Router:
         log.info("study %s routed: route %s, model %s, %d series", study_id, plan.route, plan.model,
                  len(plan.series_uids))
         return JobRoute(route=plan.route, card_path=str(plan.card_path), model=plan.model,
-                        series_uids=plan.series_uids)
+                        series_uids=plan.series_uids,
+                        release=ReleaseMode(plan.release) if plan.release else self.release)
 
     def _unchanged_since(self, study_id: int, route: str, series_uids: tuple[str, ...]) -> str | None:
         """Why a reopened study needs no new job: its previous job took the same route and no instance of

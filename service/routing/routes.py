@@ -40,7 +40,8 @@ from dicom_fusion.service.routing.exclusions import series_exclusion, study_excl
 from dicom_fusion.service.routing.headers import SeriesHeader, StudyHeader
 
 SERIES_SELECTIONS = ("largest", "matching", "all")
-ROUTE_KEYS = frozenset({"name", "model", "series", "refuse_burned_in", "match"})
+ROUTE_KEYS = frozenset({"name", "model", "series", "refuse_burned_in", "match", "release"})
+RELEASE_MODES = ("auto", "review")  # README "Review"; unset = the global `release.mode`
 DEFAULT_ROUTE = "default"
 
 # attribute -> (kind, value of a series/study). Kinds: text (exact, case-insensitive), pattern (regular
@@ -155,6 +156,7 @@ class Route:
     series: str
     card: ModelCard
     refuse_burned_in: bool
+    release: str | None = None  # "auto" | "review"; None = the global `release.mode`
 
     @property
     def model(self) -> str:
@@ -173,6 +175,7 @@ class JobPlan:
     card_path: Path
     model: str
     series_uids: tuple[str, ...]
+    release: str | None = None
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,8 @@ class RouteTable:
             return Decision(None, excluded)
         for route, v in zip(self.routes, verdicts, strict=True):
             if v.matched:
-                return Decision(JobPlan(route.name, route.card.path, route.model, v.series_uids), None)
+                return Decision(JobPlan(route.name, route.card.path, route.model, v.series_uids, route.release),
+                                None)
         if verdicts and all(v.why.startswith("only series never processed") for v in verdicts):
             return Decision(None, verdicts[0].why)
         summary = " | ".join(f"route {v.route}: {v.why}" for v in verdicts) or "no routes configured"
@@ -363,8 +367,11 @@ def _route(raw: Any, index: int, source: str, base: Path | None, settings: Setti
     refuse = raw.get("refuse_burned_in", False)
     if not isinstance(refuse, bool):
         raise RouteError(f"{where}: refuse_burned_in: expected true or false, got {refuse!r}")
+    release = raw.get("release")
+    if release is not None and release not in RELEASE_MODES:
+        raise RouteError(f"{where}: release: {release!r} is unknown; use one of {', '.join(RELEASE_MODES)}")
     return Route(name=name.strip(), match=_match(raw.get("match", {}), f"{where}: match", timeout),
-                 series=series, card=card, refuse_burned_in=refuse)
+                 series=series, card=card, refuse_burned_in=refuse, release=release)
 
 
 def route_entries(settings: Settings) -> tuple[list[Any], str, Path | None]:

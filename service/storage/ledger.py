@@ -14,8 +14,10 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     or_,
@@ -43,6 +45,9 @@ from dicom_fusion.service.storage.models import (
     JobRoute,
     JobState,
     RecordOutcome,
+    ReleaseMode,
+    Review,
+    ReviewVerdict,
     RouteStudy,
     Series,
     Stage,
@@ -210,6 +215,7 @@ class Ledger:
         if isinstance(decision, JobRoute):
             job.route, job.card_path, job.model = decision.route, decision.card_path, decision.model
             job.series_uids = json.dumps(list(decision.series_uids))
+            job.release = decision.release
         elif isinstance(decision, str):
             job.state, job.error, job.finished_at = JobState.IGNORED, decision[:2000], now
         s.add(job)
@@ -263,7 +269,8 @@ class Ledger:
             return JobRef(job_id=job.id, study_id=job.study_id, study_uid=study.study_uid,
                           version=job.version, stage=Stage(job.stage), attempts=job.attempts,
                           created_at=job.created_at, card_path=job.card_path,
-                          series_uids=tuple(json.loads(job.series_uids)) if job.series_uids else ())
+                          series_uids=tuple(json.loads(job.series_uids)) if job.series_uids else (),
+                          release=ReleaseMode(job.release or ReleaseMode.AUTO), review=_review_of(job))
 
     def renew(self, job_id: int, *, owner: str, lease_seconds: float) -> bool:
         with self.transaction() as s:
@@ -288,20 +295,22 @@ class Ledger:
             self._audit(s, "job", job_id, "stage_done", f"next={next_stage}")
             return True
 
-    def finish(self, job_id: int, *, owner: str) -> None:
+    def finish(self, job_id: int, *, owner: str) -> JobState | None:
+        """The last stage is done: `done`, or `rejected` after a reviewer's rejection. None: not our lease."""
         with self.transaction() as s:
             job = s.get(Job, job_id)
             if job is None or job.lease_owner != owner:
-                return
+                return None
             now = utcnow()
-            job.state = JobState.DONE
+            job.state = JobState.REJECTED if job.review == ReviewVerdict.REJECTED else JobState.DONE
             job.stage = Stage.FINISHED
             job.lease_owner = None
             job.lease_expires = None
             job.error = None
             job.updated_at = now
             job.finished_at = now
-            self._audit(s, "job", job_id, JobState.DONE)
+            self._audit(s, "job", job_id, job.state)
+            return JobState(job.state)
 
     def fail(self, job_id: int, *, owner: str, reason: str, retry_in: float | None,
              lease_seconds: float) -> JobState:
@@ -341,6 +350,32 @@ class Ledger:
             ).all()
         return [(r[0], Stage(r[1])) for r in rows]
 
+    def release_leases(self, owner_prefix: str) -> list[int]:
+        """Expire now the leases of every unfinished job whose owner starts with ``owner_prefix``
+        (``"host:pid:"`` of a worker process known to be dead), so the reaper re-enqueues those jobs at
+        once instead of when their lease runs out (docs/architecture.md, "Durability contract").
+        The owner is kept (the audit names it); a claim takes an expired lease. Returns the job ids."""
+        if owner_prefix.count(":") != 2 or not owner_prefix.endswith(":"):
+            raise ValueError(f"owner prefix must be 'host:pid:', got {owner_prefix!r}")
+        now = utcnow()
+        held = (Job.lease_owner.startswith(owner_prefix, autoescape=True),
+                Job.state.not_in([str(t) for t in TERMINAL]), Job.lease_expires >= now)
+        with self.transaction() as s:
+            ids = list(s.execute(select(Job.id).where(*held)).scalars())
+            if ids:
+                s.execute(update(Job).where(Job.id.in_(ids), *held).values(lease_expires=now - timedelta(seconds=1)))
+            for job_id in ids:
+                self._audit(s, "job", job_id, "lease_released", f"owner {owner_prefix} is gone")
+        return ids
+
+    def lease_owner_prefixes(self, host: str) -> set[str]:
+        """The ``"host:pid:"`` of every live lease held on ``host`` (a starting worker checks each pid)."""
+        with self.session() as s:
+            owners = s.execute(select(Job.lease_owner).distinct().where(
+                Job.lease_owner.startswith(f"{host}:", autoescape=True),
+                Job.state.not_in([str(t) for t in TERMINAL]), Job.lease_expires >= utcnow())).scalars()
+            return {":".join(o.split(":")[:2]) + ":" for o in owners if o and o.count(":") >= 2}
+
     def reset_for_redelivery(self, job_id: int) -> bool:
         """Operator action: a dead job goes back to its stage with a fresh retry budget."""
         with self.transaction() as s:
@@ -378,6 +413,62 @@ class Ledger:
                 return None
             study.job_version += 1
             return self._new_job(s, study, decision, "replay", reason).id
+
+    # ---- review before release (docs/architecture.md "Job states") --------------------------------
+    def await_review(self, job_id: int, *, owner: str) -> bool:
+        """The stage holding the job ends and the job parks in `awaiting_review`: no lease (the reaper leaves
+        it alone), nothing enqueued, until :meth:`decide_review`."""
+        with self.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.lease_owner != owner:
+                return False
+            now = utcnow()
+            job.state, job.stage = JobState.AWAITING_REVIEW, Stage.REVIEW
+            job.lease_owner = job.lease_expires = None
+            job.attempts, job.error = 0, None
+            job.awaiting_since = job.updated_at = now
+            self._audit(s, "job", job_id, JobState.AWAITING_REVIEW)
+            return True
+
+    def decide_review(self, job_id: int, review: Review, *, lease_seconds: float) -> ReviewOutcome:
+        """Record a reviewer's decision, exactly once: one conditional UPDATE on a job still awaiting review
+        without a decision, so two browsers approving at once (or approving twice) give one result.
+
+        The job then goes back to its deliver stage, queued (the caller publishes the message): an approval
+        sends the verified SR and the final report; a rejection retracts the preliminary report, if one was
+        sent. A rejection with nothing to retract ends the job `rejected` here.
+        """
+        now = utcnow()
+        with self.transaction() as s:
+            retract = s.scalar(select(Delivery.id).where(
+                Delivery.job_id == job_id, Delivery.kind == DeliveryKind.PRELIMINARY,
+                Delivery.state != DeliveryState.SKIPPED)) is not None
+            values: dict[str, Any] = dict(
+                review=review.verdict, reviewer=review.reviewer[:128], review_comment=review.comment[:4000],
+                reviewer_organization=review.organization[:128] or None,
+                reviewed_finding=review.finding_code, reviewed_at=review.at, updated_at=now)
+            if review.verdict == ReviewVerdict.APPROVED or retract:
+                values.update(state=JobState.QUEUED, stage=Stage.DELIVER, lease_owner=QUEUED_OWNER,
+                              lease_expires=now + timedelta(seconds=lease_seconds), attempts=0, error=None)
+            else:
+                values.update(state=JobState.REJECTED, stage=Stage.FINISHED, lease_owner=None,
+                              lease_expires=None, finished_at=now)
+            res = s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.AWAITING_REVIEW,
+                                              Job.review.is_(None)).values(**values))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                job = s.get(Job, job_id)
+                return ReviewOutcome(False, None if job is None else JobState(job.state), False,
+                                     None if job is None else job.review)
+            changed = f" finding={review.finding_code}" if review.finding_code else ""
+            # The audit row names the reviewer (the accountable person), never the comment (free text).
+            self._audit(s, "job", job_id, f"review_{review.verdict}", f"by={review.reviewer[:128]}{changed}")
+            return ReviewOutcome(True, JobState(values["state"]), values["state"] == JobState.QUEUED, None)
+
+    def awaiting_review(self) -> list[Job]:
+        """Jobs waiting for a reviewer, oldest first."""
+        with self.session() as s:
+            return list(s.scalars(select(Job).where(Job.state == JobState.AWAITING_REVIEW)
+                                  .order_by(Job.awaiting_since, Job.id)))
 
     # ---- results and deliveries ---------------------------------------------------------------
     def set_result(self, job_id: int, *, finding: str, probability: float, image_only: bool,
@@ -465,3 +556,22 @@ class Ledger:
         with self.session() as s:
             return list(s.scalars(select(AuditEvent).where(
                 AuditEvent.entity == entity, AuditEvent.entity_id == entity_id).order_by(AuditEvent.id)))
+
+
+def _review_of(job: Job) -> Review | None:
+    if not job.review:
+        return None
+    return Review(verdict=ReviewVerdict(job.review), reviewer=job.reviewer or "", comment=job.review_comment or "",
+                  finding_code=job.reviewed_finding, at=job.reviewed_at or job.updated_at,
+                  organization=job.reviewer_organization or "")
+
+
+@dataclass(frozen=True)
+class ReviewOutcome:
+    """What :meth:`Ledger.decide_review` did: `recorded` once per job; `enqueue` when the deliver stage must
+    run (the caller publishes it); else the job's state and any earlier verdict, for the refusal message."""
+
+    recorded: bool
+    state: JobState | None
+    enqueue: bool
+    earlier: str | None

@@ -39,6 +39,8 @@ class JobState(enum.StrEnum):
     FAILED = "failed"  # retrying
     DEAD = "dead"
     IGNORED = "ignored"  # no route matched / nothing a model reads / our own output: terminal, with a reason
+    AWAITING_REVIEW = "awaiting_review"  # release mode review: inferred, nothing sent until a reviewer acts
+    REJECTED = "rejected"  # a reviewer rejected the result: terminal, nothing went to the PACS
 
 
 class Stage(enum.StrEnum):
@@ -46,6 +48,7 @@ class Stage(enum.StrEnum):
     TIMELINE = "timeline"
     INFER = "infer"
     DELIVER = "deliver"
+    REVIEW = "review"  # parked until approve / reject (no task runs it)
     FINISHED = "finished"
 
 
@@ -55,13 +58,24 @@ STAGE_STATE = {
     Stage.INFER: JobState.INFERRING,
     Stage.DELIVER: JobState.DELIVERING,
 }
-TERMINAL = (JobState.DONE, JobState.DEAD, JobState.IGNORED)
+TERMINAL = (JobState.DONE, JobState.DEAD, JobState.IGNORED, JobState.REJECTED)
+
+
+class ReleaseMode(enum.StrEnum):
+    AUTO = "auto"  # results leave at once (report status `release.auto_status`, SR unverified)
+    REVIEW = "review"  # results wait in `awaiting_review` for a reviewer's approval
+
+
+class ReviewVerdict(enum.StrEnum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
 
 
 class DeliveryKind(enum.StrEnum):
     SR = "sr"
     REPORT = "report"
     HL7 = "hl7"  # optional HL7 v2 ORU^R01 over MLLP (skipped unless hl7.enabled)
+    PRELIMINARY = "preliminary"  # review mode: the preliminary DiagnosticReport sent before review
 
 
 class DeliveryState(enum.StrEnum):
@@ -132,6 +146,14 @@ class Job(Base):
     card_path: Mapped[str] = mapped_column(Text, default="")  # the model card the worker loads for this job
     model: Mapped[str] = mapped_column(String(128), default="")  # "name version" of that card, for display
     series_uids: Mapped[str] = mapped_column(Text, default="")  # JSON list: the series the model reads
+    release: Mapped[str] = mapped_column(String(16), default=ReleaseMode.AUTO)  # fixed when the job is created
+    awaiting_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # entered awaiting_review
+    review: Mapped[str | None] = mapped_column(String(16), nullable=True)  # ReviewVerdict once a reviewer acted
+    reviewer: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the reviewer's display name
+    reviewer_organization: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    review_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reviewed_finding: Mapped[str | None] = mapped_column(String(128), nullable=True)  # class code, if changed
+    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -161,6 +183,45 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class Role(enum.StrEnum):
+    """What a named user of the API and dashboard may do (README "Users and roles")."""
+
+    VIEWER = "viewer"  # read: queues, studies, metrics
+    REVIEWER = "reviewer"  # read + approve / reject results awaiting review
+    OPERATOR = "operator"  # read + retry, replay, redeliver (the service token `api.token` is one)
+    ADMIN = "admin"  # read + operate + manage users
+
+
+class User(Base):
+    """A named person who signs in; the password is an argon2id hash, never the password."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128))  # what verified SRs and final reports name
+    organization: Mapped[str] = mapped_column(String(128), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)  # consecutive; reset by a good password
+    last_failed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ApiToken(Base):
+    """A user's API token: only its SHA-256 is stored (the token is random, so a slow hash adds nothing);
+    shown once when created, revocable."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 @dataclass(frozen=True)
 class JobRef:
     """What a task needs to run a job: ids and paths only."""
@@ -174,6 +235,22 @@ class JobRef:
     created_at: datetime
     card_path: str = ""  # the job's model card ("" = the configured default model)
     series_uids: tuple[str, ...] = ()  # the series its route selected (() = every stored series)
+    release: ReleaseMode = ReleaseMode.AUTO
+    review: Review | None = None  # the reviewer's decision, once there is one
+
+
+@dataclass(frozen=True)
+class Review:
+    """A reviewer's decision on a job's result, as recorded in the ledger. It holds the reviewer's name
+    (written into the verified SR and the final report) and free-text comment: clinical outputs and the
+    authenticated review pages show them, logs never do."""
+
+    verdict: ReviewVerdict
+    reviewer: str
+    comment: str
+    finding_code: str | None  # the class the reviewer chose when it differs from the model's; None = kept
+    at: datetime
+    organization: str = ""  # the reviewer's organisation (user record); "" = `release.organization`
 
 
 @dataclass(frozen=True)
@@ -184,6 +261,7 @@ class JobRoute:
     card_path: str
     model: str  # "name version", for display
     series_uids: tuple[str, ...]
+    release: ReleaseMode = ReleaseMode.AUTO
 
 
 #: Decides a completing study's job: study id -> its route, or the reason the study is ignored.

@@ -208,8 +208,10 @@ def test_matching_rules_and_image_only_flags_reach_sr_report_and_oru(
         [report] = _report(fhir_server.base_url, str(job.sr_uid))
         flag = next(e["valueBoolean"] for e in report["extension"] if e["url"] == codes.IMAGE_ONLY_EXTENSION_URL)
         assert flag is (reason is not None)
-        assert report["conclusion"].endswith(f"image-only: {reason}") if reason else \
-            "image-only" not in report["conclusion"]
+        assert report["status"] == "preliminary"  # auto release: nobody reviewed it
+        unreviewed = "; AI result, not reviewed by a clinician"
+        assert report["conclusion"].endswith(f"image-only: {reason}{unreviewed}") if reason else \
+            "image-only" not in report["conclusion"] and report["conclusion"].endswith(unreviewed)
 
         msg = oru[study]
         notes = [msg.unescape(str(n[3])) for n in msg.segments("NTE")]
@@ -270,7 +272,8 @@ def test_fhir_outage_degrades_then_dead_report_is_redelivered_after_recovery(
                    lambda: (j := serve.ledger.job(job.id)) is not None and j.state == JobState.DONE, 60)
 
         [report] = _report(fhir.base_url, str(job.sr_uid))
-        assert report["conclusion"].endswith("image-only: FHIR unavailable: FHIRUnavailable")
+        assert report["conclusion"].endswith("image-only: FHIR unavailable: FHIRUnavailable; AI result, not reviewed "
+                                             "by a clinician")
         assert len(_sr(orthanc, str(job.sr_uid))) == 1  # the delivered SR was not sent again
         deliveries = {d.kind: d for d in serve.ledger.deliveries(job.id)}
         assert deliveries["report"].state == DeliveryState.DELIVERED

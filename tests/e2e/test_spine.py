@@ -180,7 +180,8 @@ def test_study_in_sr_and_report_out(stack: Stack, cohort: list[SyntheticPatient]
         assert len(reports) == 1
         ids = [i.get("value") for i in reports[0].get("identifier", [])]
         assert f"urn:oid:{job.sr_uid}" in ids
-        assert reports[0]["status"] == "final"
+        # auto release: nobody reviewed it (release.auto_status), and the SR says UNVERIFIED
+        assert reports[0]["status"] == "preliminary"
         assert "EHR drivers: " + reading.drivers[0] in reports[0]["conclusion"]
 
     # Sending the same study again duplicates nothing

@@ -13,7 +13,7 @@ from dicom_fusion.service.config import Settings, load_settings
 from dicom_fusion.service.demo.components import free_port
 from dicom_fusion.service.errors import ConfigError
 from dicom_fusion.service.ops.api.main import create_app
-from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queues, studies
+from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queues, review, studies
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import Stage
 
@@ -51,11 +51,11 @@ def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:
 
 
 def test_every_route_but_health_needs_the_token(client: TestClient) -> None:
-    routes = [r for module in (health, studies, queues, metrics, dashboard) for r in module.router.routes
+    routes = [r for module in (health, studies, queues, review, metrics, dashboard) for r in module.router.routes
               if isinstance(r, APIRoute) and r.path not in OPEN]
     assert len(routes) >= 12
     for r in routes:
-        path = r.path.replace("{study_uid}", "1.2.3")
+        path = r.path.replace("{study_uid}", "1.2.3").replace("{job_id}", "1")
         for method in r.methods:
             res = client.request(method, path)
             assert res.status_code == 401, (method, path, res.status_code)

@@ -37,6 +37,8 @@ SERVICE_RULES: dict[str, set[str]] = {
     "segcli": {"*"},
     "dbcli": {"*"},
     "routescli": {"*"},
+    "reviewcli": {"*"},
+    "userscli": {"*"},
     "cliopts": {"config", "errors"},
 }
 

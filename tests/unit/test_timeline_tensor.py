@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dicom_fusion.inference.card.model import DEFAULT_TIMELINE, LOINC, TimelineFeature, TimelineSpec
-from dicom_fusion.inference.data.timeline_tensor import EventLike, TimelineTensor, encode_timeline
+from dicom_fusion.inference.data.timeline_tensor import EventLike, TimelineTensor, encode_timeline, read_by
 
 STUDY = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SPEC = TimelineSpec(
@@ -125,3 +125,18 @@ def test_timeline_default_spec_shape() -> None:
     assert tensor.values.shape == (25, len(DEFAULT_TIMELINE.features))
     assert tensor.length == 14  # 400 days back = bin 13 back -> rows 0..13
     assert tensor.deltas[tensor.length - 1] == 13
+
+
+def test_read_by_drops_only_events_that_change_nothing() -> None:
+    """The timeline stage keeps only events `read_by` accepts: the tensor must be the same without the rest."""
+    other = Event("observation", LOINC, "718-7", STUDY - timedelta(days=5), 13.0, "g/dL")  # no feature reads it
+    wrong_unit = glucose(8, 5.5, "mmol/L")
+    events = [glucose(3, 110.0), other, condition(70), wrong_unit, glucose(40, None)]  # type: ignore[arg-type]
+    keep = read_by(SPEC)
+    kept = [e for e in events if keep(e)]
+    assert kept == [events[0], events[2]]
+    full, filtered = encode_timeline(events, STUDY, SPEC), encode_timeline(kept, STUDY, SPEC)
+    assert full is not None and filtered is not None
+    assert full.length == filtered.length
+    for name in ("values", "mask", "deltas"):
+        np.testing.assert_array_equal(getattr(full, name), getattr(filtered, name))

@@ -1,9 +1,10 @@
 """Typed dependencies of the API routes: the per-app context (settings, ledger, Celery) and the token check.
 
-Authentication: every route except ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <api.token>``
-unless ``api.auth = false``. The dashboard page alone also accepts ``?token=`` (a browser cannot
-send a header on navigation); its script then keeps the token in ``sessionStorage`` and sends it as a
-header on every later request.
+Authentication: every route except ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>``
+unless ``api.auth = false``: a named user's API token (``dicom-fusion users token``; the user's role decides
+what it may do, see :data:`PERMISSIONS`) or ``api.token``, the service token, which acts as an operator
+for automation. The dashboard page alone also accepts ``?token=`` (a browser cannot send a header on
+navigation); its script then keeps the token in ``sessionStorage`` and sends it as a header.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Query, Request, status
@@ -24,7 +25,8 @@ from dicom_fusion.service.jobs.queues import enqueue
 from dicom_fusion.service.ops.broker import workers_online
 from dicom_fusion.service.ops.operations import make_router
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import RouteStudy, Stage
+from dicom_fusion.service.storage.models import Role, RouteStudy, Stage
+from dicom_fusion.service.storage.users import Principal, Users
 
 WORKERS_TTL = 10.0
 
@@ -77,22 +79,59 @@ def get_context(request: Request) -> ApiContext:
 
 
 ContextDep = Annotated[ApiContext, Depends(get_context)]
-_bearer = HTTPBearer(auto_error=False, description="api.token (DICOM_FUSION_API__TOKEN)")
+_bearer = HTTPBearer(auto_error=False, description="a user's API token (dfu_…), or api.token (the service token)")
+
+#: What each role may do (README "Users and roles"). `read`: every GET; `review`: approve / reject;
+#: `operate`: retry, replay, redeliver; `users`: manage users.
+PERMISSIONS: dict[Role, frozenset[str]] = {
+    Role.VIEWER: frozenset({"read"}),
+    Role.REVIEWER: frozenset({"read", "review"}),
+    Role.OPERATOR: frozenset({"read", "operate"}),
+    Role.ADMIN: frozenset({"read", "operate", "users"}),
+}
+#: The service token `api.token`: automation (scripts, Prometheus), an operator.
+SERVICE = Principal("service", "service token (api.token)", Role.OPERATOR)
+#: `api.auth = false` (development only): everything is allowed.
+ANONYMOUS = Principal("anonymous", "anonymous (api.auth = false)", Role.ADMIN)
 
 
-def _valid(ctx: ApiContext, token: str | None) -> bool:
-    return bool(token) and secrets.compare_digest(str(token).encode(), ctx.settings.api.token.encode())
+def _principal(ctx: ApiContext, token: str | None) -> Principal | None:
+    if not token:
+        return None
+    if ctx.settings.api.token and secrets.compare_digest(token.encode(), ctx.settings.api.token.encode()):
+        return SERVICE
+    return Users(ctx.ledger).resolve_token(token)
 
 
 def _unauthorized() -> HTTPException:
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token (api.token)",
-                         headers={"WWW-Authenticate": "Bearer"})
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token (a user's API token or "
+                         "api.token)", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_token(ctx: ContextDep,
-                  cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    if ctx.settings.api.auth and not _valid(ctx, cred.credentials if cred else None):
+def current_principal(ctx: ContextDep,
+                      cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    """Who calls: 401 without a valid token (unless `api.auth = false`)."""
+    if not ctx.settings.api.auth:
+        return ANONYMOUS
+    who = _principal(ctx, cred.credentials if cred else None)
+    if who is None:
         raise _unauthorized()
+    return who
+
+
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+
+
+def require(permission: str) -> Any:
+    """A dependency that lets through only callers whose role has ``permission`` (403 otherwise)."""
+
+    def check(who: PrincipalDep) -> Principal:
+        if permission not in PERMISSIONS[who.role]:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"{who.username} is a {who.role}; this needs the "
+                                f"{permission!r} permission (roles: README \"Users and roles\")")
+        return who
+
+    return Depends(check)
 
 
 def dashboard_token(ctx: ContextDep,
@@ -101,8 +140,10 @@ def dashboard_token(ctx: ContextDep,
     """The dashboard page: header or ``?token=``; False (show the login form) instead of a 401."""
     if not ctx.settings.api.auth:
         return True
-    return _valid(ctx, cred.credentials if cred else None) or _valid(ctx, token)
+    return (_principal(ctx, cred.credentials if cred else None) or _principal(ctx, token)) is not None
 
 
-Authorized = Depends(require_token)
+Authorized = require("read")
+Operate = require("operate")
+ReviewPermission = require("review")
 DashboardAuth = Annotated[bool, Depends(dashboard_token)]

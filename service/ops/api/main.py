@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,16 +11,18 @@ from dicom_fusion.service.config import Settings
 from dicom_fusion.service.errors import ConfigError
 from dicom_fusion.service.jobs.queues import make_celery
 from dicom_fusion.service.ops.api.deps import ApiContext
-from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queues, studies
+from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queues, review, studies
 from dicom_fusion.service.ops.api.routes.errors import install_error_handler
+from dicom_fusion.service.ops.logredact import RedactQuerySecrets
 from dicom_fusion.service.ops.metrics import api_registry
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.schema import check_schema
 
 DESCRIPTION = """Operate dicom-fusion: queues, studies, job history, retries, replays, dead letters, metrics.
 
-Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <api.token>`
-(set `DICOM_FUSION_API__TOKEN`). Responses carry UIDs, states, counts and reasons: never patient data.
+Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`: a named user's API
+token (`dicom-fusion users token`; the user's role — viewer, reviewer, operator, admin — decides what it
+may do) or the service token `api.token` (`DICOM_FUSION_API__TOKEN`), an operator for automation. Responses carry UIDs, states, counts and reasons: never patient data.
 """
 
 
@@ -56,20 +57,14 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="dicom-fusion", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handler(app)
-    for module in (health, studies, queues, metrics, dashboard):
+    for module in (health, studies, queues, review, metrics, dashboard):
         app.include_router(module.router)
     return app
 
 
-class _RedactToken(logging.Filter):
-    """Access logs must not record the dashboard's ``?token=``."""
-
-    _re = re.compile(r"(token=)[^&\s]*")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(self._re.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
-        return True
+class _RedactToken(RedactQuerySecrets):
+    """Access logs must not record the dashboard's ``?token=``, however its name is encoded (``?tok%65n=``):
+    parameters are matched by decoded name (`service/ops/logredact.py`)."""
 
 
 def run(settings: Settings) -> None:

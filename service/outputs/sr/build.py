@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from io import BytesIO
@@ -59,7 +60,10 @@ __all__ = [
     "MANUFACTURER",
     "ReportedClass",
     "ReportedResult",
+    "SrVerification",
     "build_sr",
+    "person_name",
+    "review_lines",
     "check_sr",
     "read_sr",
     "source_header",
@@ -75,6 +79,32 @@ _TYPE2_PATIENT_STUDY = (
 _NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "US", "SS", "UL", "SL", "UV", "SV"})
 
 
+@dataclass(frozen=True)
+class SrVerification:
+    """A clinician's approval of the result (README "Review"): the SR becomes VERIFIED and FINAL, names the
+    reviewer in the Verifying Observer Sequence and holds the decision and comment as TEXT items.
+
+    `model_finding` is the model's own finding (any object with system, code, display, probability) when
+    the reviewer chose another class; the SR then reports the reviewer's class and keeps the model's in
+    the decision text, next to the model's unchanged class probabilities.
+    """
+
+    observer_name: str  # the reviewer's display name ("Jane Smith") or a DICOM PN ("Smith^Jane")
+    organization: str
+    at: datetime
+    comment: str = ""
+    model_finding: object | None = None
+
+
+def person_name(display: str) -> str:
+    """A display name as a DICOM PN: "Jane Q Smith" → "Smith^Jane Q"; a value with "^" is kept."""
+    display = " ".join(display.split())
+    if "^" in display or not display:
+        return display
+    *given, family = display.split(" ")
+    return f"{family}^{' '.join(given)}"
+
+
 def build_sr(
     sources: Sequence[Dataset],
     result: InferenceResult,
@@ -87,6 +117,7 @@ def build_sr(
     saliency: Dataset | None = None,
     segmentation: Dataset | None = None,
     lesion: LesionMeasurement | None = None,
+    verification: SrVerification | None = None,
 ) -> Dataset:
     """Build the Comprehensive 3D SR (TID 1500) reporting `result` for the `sources` images.
 
@@ -99,6 +130,8 @@ def build_sr(
     Capture, `saliency.build_saliency_sc`) is referenced from the measurement group and listed as
     evidence; send it to the PACS with the SR. `segmentation` (the lesion SEG, `seg.build_segmentation`)
     with its `lesion` measurement adds a TID 1410/1411 group referencing the SEG segment (`outputs/seg/build.py`).
+    Without `verification` the SR is COMPLETE, UNVERIFIED and PRELIMINARY (nobody has looked at it); with
+    it, VERIFIED and FINAL (see :class:`SrVerification`).
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -160,6 +193,10 @@ def build_sr(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
+    if verification is not None:
+        for line in review_lines(verification, result):
+            content.append(hd.sr.TextContentItem(name=concepts.REVIEW_COMMENT, value=line[:1024],
+                                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     evidence = list(headers)
     if saliency is not None:
         if saliency.StudyInstanceUID != headers[0].StudyInstanceUID:
@@ -214,6 +251,10 @@ def build_sr(
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
+        is_final=verification is not None,
+        is_verified=verification is not None,
+        verifying_observer_name=person_name(verification.observer_name) if verification else None,
+        verifying_organization=(verification.organization or "unspecified")[:64] if verification else None,
         institution_name=institution_name,
         contributing_equipment=[ours],
         series_description=f"AI report {model_name}"[:64],
@@ -228,7 +269,28 @@ def build_sr(
     for item in sr.ContributingEquipmentSequence:
         if item.get("ManufacturerModelName") == "highdicom":
             item.ContributionDateTime = DT(when)
+    if verification is not None:
+        at = verification.at.astimezone().replace(tzinfo=None) if verification.at.tzinfo else verification.at
+        sr.VerifyingObserverSequence[0].VerificationDateTime = DT(at)
     return sr
+
+
+def review_lines(verification: SrVerification, result: object) -> list[str]:
+    """The review decision and comment as the SR's TEXT items say them (the FHIR report and the ORU
+    repeat these lines): "Clinical review: confirmed …" or "… changed the finding to …", then the comment."""
+    finding = getattr(result, "finding", None)
+    shown = getattr(finding, "display", "") or getattr(finding, "code", "")
+    model = verification.model_finding
+    if model is None:
+        lines = [f"{concepts.REVIEW_DECISION_PREFIX}: confirmed the model's finding {shown}"]
+    else:
+        was = getattr(model, "display", "") or getattr(model, "code", "")
+        p = getattr(model, "probability", None)
+        lines = [f"{concepts.REVIEW_DECISION_PREFIX}: changed the finding to {shown}; the model's output was "
+                 f"{was}" + (f" (probability {float(p):.2f})" if isinstance(p, (int, float)) else "")]
+    if verification.comment.strip():
+        lines.append(f"{concepts.REVIEW_COMMENT_PREFIX}: {verification.comment.strip()}")
+    return lines
 
 
 def source_header(source: Dataset) -> Dataset:

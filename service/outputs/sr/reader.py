@@ -70,6 +70,9 @@ class ReportedResult:
     drivers: tuple[str, ...] = ()  # "name +0.123 toward <class>" per EHR timeline driver, in order
     saliency_sop_instance_uid: str | None = None  # the referenced Grad-CAM Secondary Capture
     lesions: tuple[ReportedLesion, ...] = ()  # segmented lesions (SEG) with their area / volume
+    verified: bool = False  # VerificationFlag VERIFIED: a clinician approved it (README "Review")
+    reviewer: str | None = None  # the Verifying Observer Name of a verified SR
+    review: tuple[str, ...] = ()  # the review decision and comment TEXT items, in order
 
 
 def read_sr(ds: Dataset) -> ReportedResult:
@@ -162,6 +165,17 @@ def read_sr(ds: Dataset) -> ReportedResult:
         )
         if item.value.startswith(concepts.TIMELINE_DRIVER_PREFIX)
     )
+    review = tuple(
+        item.value
+        for item in find_content_items(group[0], name=concepts.REVIEW_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT)
+        if item.value.startswith((concepts.REVIEW_DECISION_PREFIX, concepts.REVIEW_COMMENT_PREFIX))
+    )
+    verified = str(ds.get("VerificationFlag", "")) == "VERIFIED"
+    if verified != any(v.startswith(concepts.REVIEW_DECISION_PREFIX) for v in review):
+        raise SRValidationError("A VERIFIED SR holds its review decision, an UNVERIFIED one none: "
+                                f"VerificationFlag {ds.get('VerificationFlag')!r}, {len(review)} review item(s).")
+    observers_seq = ds.get("VerifyingObserverSequence") or []
+    reviewer = str(observers_seq[0].VerifyingObserverName) if verified and observers_seq else None
     images = find_content_items(group[0], name=concepts.SALIENCY_IMAGE, value_type=hd.sr.ValueTypeValues.IMAGE)
     if len(images) > 1:
         raise SRValidationError(f"Found {len(images)} saliency images; expected at most 1.")
@@ -194,6 +208,9 @@ def read_sr(ds: Dataset) -> ReportedResult:
         drivers=drivers,
         saliency_sop_instance_uid=saliency,
         lesions=lesions,
+        verified=verified,
+        reviewer=reviewer,
+        review=review,
     )
 
 

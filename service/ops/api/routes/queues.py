@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from dicom_fusion.service.ops import monitoring, operations
-from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep
+from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, Operate
 from dicom_fusion.service.ops.api.schemas import ActionOut, FailureOut, OverviewOut, QueuesOut, RedeliverOut
 
 router = APIRouter(prefix="/api", tags=["queues"], dependencies=[Authorized])
@@ -34,7 +34,7 @@ def dead_letter(ctx: ContextDep) -> list[FailureOut]:
     return [FailureOut.model_validate(f) for f in monitoring.dead_jobs(ctx.ledger)]
 
 
-@router.post("/dead-letter/redeliver", response_model=RedeliverOut,
+@router.post("/dead-letter/redeliver", response_model=RedeliverOut, dependencies=[Operate],
              summary="Re-deliver every dead job: back to the stage it died at, fresh retry budget",
              responses={503: {"description": "the broker is unreachable"}})
 def redeliver_all(ctx: ContextDep) -> RedeliverOut:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from dicom_fusion.service.ops import monitoring, operations
-from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep
+from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, Operate
 from dicom_fusion.service.ops.api.schemas import ActionOut, JobOut, RedeliverOut, StudyDetailOut, StudyPageOut
 
 router = APIRouter(prefix="/api/studies", tags=["studies"], dependencies=[Authorized])
@@ -40,7 +40,7 @@ def _naive(ts: datetime | None) -> datetime | None:
 
 
 def study_out(ctx: ApiContext, detail: monitoring.StudyDetail) -> StudyDetailOut:
-    base = ctx.settings.fhir.base_url.rstrip("/")
+    base = ctx.settings.fhir.shown_base_url.rstrip("/")  # never the userinfo of fhir.base_url
     jobs = [JobOut.model_validate(j).model_copy(
         update={"report_url": f"{base}/{j.report_id}" if base and j.report_id else None}) for j in detail.jobs]
     out = StudyDetailOut.model_validate(detail)
@@ -60,12 +60,14 @@ _ACTION_RESPONSES: dict[int | str, dict[str, str]] = {
 
 
 @router.post("/{study_uid}/retry", response_model=ActionOut, responses=_ACTION_RESPONSES,
+             dependencies=[Operate],
              summary="Re-enqueue the current stage of a failed or dead job")
 def retry(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
     return ActionOut.model_validate(operations.retry_study(ctx.ledger, ctx.enqueue, study_uid))
 
 
 @router.post("/{study_uid}/replay", response_model=ActionOut, responses=_ACTION_RESPONSES,
+             dependencies=[Operate],
              summary="Run the study again as a new job version from its stored instances")
 def replay(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
     return ActionOut.model_validate(operations.replay_study(ctx.ledger, ctx.enqueue, study_uid,
@@ -73,6 +75,7 @@ def replay(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
 
 
 @router.post("/{study_uid}/redeliver", response_model=RedeliverOut, responses=_ACTION_RESPONSES,
+             dependencies=[Operate],
              summary="Dead-letter re-delivery of this study's dead job")
 def redeliver(ctx: ContextDep, study_uid: StudyUID) -> RedeliverOut:
     done = operations.redeliver_dead(ctx.ledger, ctx.enqueue, study_uid=study_uid)
