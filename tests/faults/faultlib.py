@@ -307,3 +307,41 @@ def echo_from(port: int, source: str = "127.0.0.1", timeout: float = 5) -> bool:
     finally:
         assoc.release()
     return bool(ok)
+
+
+# ---- processes left behind (test_listener_kill.py) -------------------------------------------------
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields after the command name (field 3 onwards), None when the pid is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of `pid`, as pid -> start time (so a reused pid is not taken for it)."""
+    parents: dict[int, tuple[int, str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat(int(stat.parent.name))
+        if fields is not None and fields[0] not in ("Z", "X"):
+            parents[int(stat.parent.name)] = (int(fields[1]), fields[19])
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for child, (ppid, start) in parents.items():
+            if ppid == p and child not in found:
+                found[child] = start
+                todo.append(child)
+    return found
+
+
+def still_running(procs: dict[int, str]) -> list[int]:
+    """The processes of a `descendants` snapshot that still run (same pid, same start time, not a zombie)."""
+    alive = []
+    for pid, start in procs.items():
+        fields = _stat(pid)
+        if fields is not None and fields[0] not in ("Z", "X") and fields[19] == start:
+            alive.append(pid)
+    return alive

@@ -1,13 +1,28 @@
 """Listener kill -9 during parallel sends: nothing acknowledged is lost, nothing half-written is
-recorded, and interrupted studies complete after restart."""
+recorded, and interrupted studies complete after restart. And kill -9 of `serve` alone (not its process
+group) leaves no process behind: its embedded worker and extra listeners die with it (issue 17, item 3)."""
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
 from conftest import FAULT_ROUNDS, Figures
-from faultlib import Proc, SendLog, base_env, parallel_send, study_batches, verify_spool, wait_until
+from faultlib import (
+    Proc,
+    SendLog,
+    base_env,
+    descendants,
+    parallel_send,
+    report_measure,
+    still_running,
+    study_batches,
+    verify_spool,
+    wait_until,
+)
 
 from dicom_fusion.service.demo.components import free_port
 from dicom_fusion.service.storage.ledger import Ledger
@@ -75,3 +90,45 @@ def _job_studies(ledger: Ledger) -> set[int]:
 
     with ledger.session() as s:
         return {j.study_id for j in s.query(Job)}
+
+
+def test_serve_kill9_leaves_no_process(tmp_path: Path, figures: Figures, request: pytest.FixtureRequest) -> None:
+    """`serve` with its embedded worker (ready, polling the broker) and a second listener process;
+    kill -9 of the serve process only, FAULT_ROUNDS times: every child must be gone within 5 s."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    serve = Proc(["serve"], base_env(tmp_path / "var", port, DICOM_FUSION_LISTENER__PROCESSES="2"), log_path,
+                 tmp_path)
+    left: list[int] = []
+    children = 0
+    gone_after: list[float] = []
+    try:
+        for _ in range(FAULT_ROUNDS):
+            serve.start(wait_port=port)
+            assert serve.proc is not None
+            ready_before = log_path.read_text(errors="replace").count(" ready.")
+            wait_until(lambda n=ready_before: log_path.read_text(errors="replace").count(" ready.") > n, 90,
+                       "the embedded worker ready")
+            wait_until(lambda: len(descendants(serve.proc.pid)) >= 2, 30, "worker and second listener started")
+            procs = descendants(serve.proc.pid)
+            children += len(procs)
+            os.kill(serve.proc.pid, signal.SIGKILL)  # the process that owns the port, not its group
+            serve.proc.wait(timeout=10)
+            t0 = time.monotonic()
+            deadline = t0 + 5.0
+            while still_running(procs) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            survivors = still_running(procs)
+            gone_after.append(time.monotonic() - t0)
+            left += survivors
+            for pid in survivors:  # clean up, so the next round starts alone
+                os.kill(pid, signal.SIGKILL)
+            figures.rounds += 1
+        report_measure(request.config, "serve_kill9_leaves_no_process",
+                       f"{FAULT_ROUNDS} kill -9 of serve alone (embedded worker ready + 1 extra listener, "
+                       f"{children} children in all): {len(left)} process(es) left behind; children gone "
+                       f"within {max(gone_after):.2f} s")
+        figures.crashes = len(left)
+        assert left == [], f"processes that outlived serve: {left}"
+    finally:
+        serve.stop()
