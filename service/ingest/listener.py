@@ -4,7 +4,8 @@ Handler contract (the only statuses :func:`StoreHandler.__call__` returns):
 
 =========  ==========================================================================
 0x0000     stored durably (spool fsync + ledger row, by a group commit), or a duplicate already stored
-0xA700     out of resources: the spool or the ledger could not make it durable (the whole batch)
+0xA700     out of resources: the spool or the ledger could not make it durable (the whole batch), or the
+           spool's free space is under ``spool.min_free_mb`` (:mod:`.lowwater`; nothing read or written)
 0xA900     dataset does not match the request (SOP Instance UID differs, UIDs missing)
 0xC000     cannot understand: the dataset is not well-formed (truncated, sequences not closed, encoding
            not the declared transfer syntax: :mod:`.wellformed`) or cannot be parsed (quarantined with a reason)
@@ -40,6 +41,7 @@ from dicom_fusion.service.config import ListenerSettings
 from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
 from dicom_fusion.service.ingest.committer import GroupCommitter
 from dicom_fusion.service.ingest.connections import ConnectionGate, GatedAssociationServer
+from dicom_fusion.service.ingest.lowwater import LowWaterMark
 from dicom_fusion.service.ingest.wellformed import check_part10
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import FilingHeader
@@ -86,12 +88,16 @@ class StoreHandler:
     """EVT_C_STORE handler: durable first (group commit), acknowledge second."""
 
     def __init__(self, spool: Spool, committer: GroupCommitter,
-                 on_stored: Callable[[Any, str], None] | None = None) -> None:
+                 on_stored: Callable[[Any, str], None] | None = None, *,
+                 low_water: LowWaterMark | None = None) -> None:
         self.spool = spool
         self.committer = committer
         self.on_stored = on_stored
+        self.low_water = low_water
 
     def __call__(self, event: evt.Event) -> int:
+        if self.low_water is not None and self.low_water.refuse():
+            return STATUS_OUT_OF_RESOURCES  # before the disk is full; logged once a minute there
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         try:
             data = event.encoded_dataset()
@@ -161,7 +167,8 @@ class Listener:
     """The running SCP. ``on_release`` receives the study UIDs stored by a released association."""
 
     def __init__(self, settings: ListenerSettings, spool: Spool, ledger: Ledger,
-                 on_release: Callable[[set[str]], None] | None = None, *, reuse_port: bool = False) -> None:
+                 on_release: Callable[[set[str]], None] | None = None, *, reuse_port: bool = False,
+                 min_free_mb: float = 0.0) -> None:
         self.settings = settings
         self.reuse_port = reuse_port
         self._on_release = on_release
@@ -171,7 +178,9 @@ class Listener:
             spool, ledger, sync_mode=spool.sync_mode,  # type: ignore[arg-type]
             max_batch=settings.commit_max_batch, max_delay=settings.commit_max_delay_ms / 1000,
             wait_timeout=max(settings.dimse_timeout, 30.0))
-        self.handler = StoreHandler(spool, self.committer, on_stored=self._note_study if on_release else None)
+        self.low_water = LowWaterMark(spool.root, min_free_mb)  # spool.min_free_mb; 0 = off
+        self.handler = StoreHandler(spool, self.committer, on_stored=self._note_study if on_release else None,
+                                    low_water=self.low_water)
         self.gate = ConnectionGate(settings)
         self.ae = self._build_ae()
         self.server: GatedAssociationServer | None = None

@@ -158,6 +158,34 @@ def write_durable(final: Path, data: bytes, *, fsync: bool = True, replace: bool
     return created
 
 
+@dataclass(frozen=True)
+class SpoolSpace:
+    """Free space on the spool's filesystem against ``spool.min_free_mb`` (the low-water mark)."""
+
+    free_mb: float
+    min_free_mb: float
+
+    @property
+    def low(self) -> bool:
+        """Under the low-water mark: the listener refuses C-STORE (0xA700) until space returns."""
+        return self.free_mb < self.min_free_mb
+
+
+def free_mb(path: Path) -> float:
+    """MiB an unprivileged writer can still use on the filesystem holding ``path`` (``statvfs``)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize / (1024 * 1024)
+
+
+def spool_space(path: Path, min_free_mb: float) -> SpoolSpace | None:
+    """The spool's free space against its low-water mark; None when ``path`` cannot be read (the
+    caller runs without the spool volume)."""
+    try:
+        return SpoolSpace(free_mb=round(free_mb(path), 1), min_free_mb=min_free_mb)
+    except OSError:
+        return None
+
+
 class Spool:
     """The spool directory: ``studies/<study>/<series>/<sop>.<sha12>.dcm``, ``quarantine/``, ``jobs/``."""
 
