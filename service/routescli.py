@@ -3,7 +3,8 @@
 `check` loads the route table exactly as `serve` does and lists it, so a PACS administrator finds a bad
 route before a restart does. `explain` answers "what would happen to this study": for DICOM files on
 disk, or for a study already in the ledger, it prints the never-process exclusions, every route's
-verdict and why, and the job the first matching route would create. Neither prints patient data.
+verdict and why, and every job the table would create (one per matching route, up to the first one
+without `continue`). Neither prints patient data.
 
 Exit codes: 0 fine (explain: the study would be processed), 1 the route table is invalid (explain: the
 study would be ignored), 2 the configuration is invalid or the study is unknown.
@@ -43,11 +44,11 @@ def check(config: ConfigOpt = None) -> None:
     """Load and validate the route table as `serve` would; list the routes in order."""
     table = _table(settings_or_exit(config))
     t = Table(title=f"routes from {table.source}")
-    for col in ("#", "name", "model", "reads", "series"):
+    for col in ("#", "name", "model", "reads", "series", "then"):
         t.add_column(col)
     for i, r in enumerate(table.routes, 1):
         t.add_row(str(i), r.name, f"{r.model} ({r.card.path})", ", ".join(r.card.input.modalities) or "any",
-                  r.series)
+                  r.series, "continue" if r.continues else "stop")
     out.print(t)
     out.print(f"{len(table.routes)} route(s) valid")
 
@@ -108,9 +109,12 @@ def explain(
             out.print(f"route {escape(v.route)} ({escape(v.model)}): {mark}"
                       + (f" — {escape(v.why)}" if v.why else f" — series {', '.join(v.series_uids)}"))
     decision = table.decide(study)
-    if decision.plan is None:
-        out.print(f"[bold]→ ignored:[/bold] {escape(decision.ignored or '')}")
+    if decision.ignored is not None:
+        out.print(f"[bold]→ ignored:[/bold] {escape(decision.ignored)}")
         raise typer.Exit(1)
-    plan = decision.plan
-    out.print(f"[bold]→ job on route {escape(plan.route)}[/bold]: model {escape(plan.model)}, "
-              f"{len(plan.series_uids)} series")
+    for plan in decision.plans:  # one job per matching route (several when routes say `continue`)
+        release = f", release {plan.release}" if plan.release else ""
+        out.print(f"[bold]→ job on route {escape(plan.route)}[/bold]: model {escape(plan.model)}, "
+                  f"{len(plan.series_uids)} series{escape(release)}")
+    if len(decision.plans) > 1:
+        out.print(f"{len(decision.plans)} jobs, each with its own SR and report")

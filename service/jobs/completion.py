@@ -1,10 +1,11 @@
 """Study completion: a study is complete after a quiet period with no new instance (or, with
 ``completion.on_release``, when the association that sent it is released).
 
-Completing a study creates exactly one job version in the ledger (a conditional UPDATE, safe with
-several listeners) and enqueues its first stage. The router (``service/routing``) decides that job
-first: which model reads which series, or why the study is ``ignored`` (nothing is enqueued then). A late instance reopens the study, and the next
-completion creates a new job version, never a silent drop.
+Completing a study creates its job versions in the ledger exactly once (a conditional UPDATE, safe with
+several listeners) and enqueues their first stage. The router (``service/routing``) decides them first:
+one job per matching route (which model reads which series; several when routes say `continue`), or one
+job recording why the study is ``ignored`` (nothing is enqueued then). A late instance reopens the study,
+and the next completion creates new job versions, never a silent drop.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Routes: which studies go to which model, and which series it reads. Everything else is ignored.
 
 An ordered list of routes (`[[routes]]` in the configuration, or the file named by `routing.file`);
-the first route that matches a study wins. A route matches when at least one series of the study
+the first route that matches a study wins, unless it says `continue = true`: then the routes after it are
+still tried, and every matching route up to the first one without `continue` gives the study one job (one
+study can feed two models). A route matches when at least one series of the study
 (after the never-process exclusions of :mod:`.exclusions`) satisfies its `match` and the route's model
 reads that series' modality. README "Routing" documents the language; in short:
 
@@ -11,6 +13,7 @@ name = "chest-xray"                       # unique
 model = "default"                         # a model card path, or "default" (`model.card`)
 series = "largest"                        # largest | matching | all
 refuse_burned_in = false                  # also exclude BurnedInAnnotation YES series
+continue = false                          # true: the routes after this one are still tried
 [routes.match]                            # keys are ANDed; `all`, `any` (lists) and `not` nest
 Modality = ["DX", "CR"]                   # text: exact, case-insensitive; a list = any of them
 SeriesDescription = "chest|thorax"        # descriptions and ProtocolName: regular expressions
@@ -40,7 +43,7 @@ from dicom_fusion.service.routing.exclusions import series_exclusion, study_excl
 from dicom_fusion.service.routing.headers import SeriesHeader, StudyHeader
 
 SERIES_SELECTIONS = ("largest", "matching", "all")
-ROUTE_KEYS = frozenset({"name", "model", "series", "refuse_burned_in", "match", "release"})
+ROUTE_KEYS = frozenset({"name", "model", "series", "refuse_burned_in", "match", "release", "continue"})
 RELEASE_MODES = ("auto", "review")  # README "Review"; unset = the global `release.mode`
 DEFAULT_ROUTE = "default"
 
@@ -157,6 +160,7 @@ class Route:
     card: ModelCard
     refuse_burned_in: bool
     release: str | None = None  # "auto" | "review"; None = the global `release.mode`
+    continues: bool = False  # `continue = true`: after a match, the following routes are still tried
 
     @property
     def model(self) -> str:
@@ -180,14 +184,19 @@ class JobPlan:
 
 @dataclass(frozen=True)
 class Decision:
-    """Either one job plan or the reason the study is ignored."""
+    """Either the job plans (one per matching route, in route order) or the reason the study is ignored."""
 
-    plan: JobPlan | None
+    plans: tuple[JobPlan, ...]
     ignored: str | None
 
     def __post_init__(self) -> None:
-        if (self.plan is None) == (self.ignored is None):
-            raise ValueError("a decision has either a plan or an ignored reason")
+        if bool(self.plans) == (self.ignored is not None):
+            raise ValueError("a decision has either job plans or an ignored reason")
+
+    @property
+    def plan(self) -> JobPlan | None:
+        """The first route's plan (the only one unless a matching route says `continue`)."""
+        return self.plans[0] if self.plans else None
 
 
 @dataclass(frozen=True)
@@ -256,20 +265,25 @@ class RouteTable:
         return None, [self.verdict(r, study) for r in self.routes]
 
     def decide(self, study: StudyHeader | None) -> Decision:
-        """The first matching route's job plan, or why the study is ignored."""
+        """One job plan per matching route, in order, up to and including the first matching route without
+        `continue`; or why the study is ignored."""
         if study is None:
-            return Decision(None, "no readable DICOM file in the study")
+            return Decision((), "no readable DICOM file in the study")
         excluded, verdicts = self.explain(study)
         if excluded is not None:
-            return Decision(None, excluded)
+            return Decision((), excluded)
+        plans: list[JobPlan] = []
         for route, v in zip(self.routes, verdicts, strict=True):
             if v.matched:
-                return Decision(JobPlan(route.name, route.card.path, route.model, v.series_uids, route.release),
-                                None)
+                plans.append(JobPlan(route.name, route.card.path, route.model, v.series_uids, route.release))
+                if not route.continues:
+                    break
+        if plans:
+            return Decision(tuple(plans), None)
         if verdicts and all(v.why.startswith("only series never processed") for v in verdicts):
-            return Decision(None, verdicts[0].why)
+            return Decision((), verdicts[0].why)
         summary = " | ".join(f"route {v.route}: {v.why}" for v in verdicts) or "no routes configured"
-        return Decision(None, f"no route matched: {summary}"[:1000])
+        return Decision((), f"no route matched: {summary}"[:1000])
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -370,8 +384,11 @@ def _route(raw: Any, index: int, source: str, base: Path | None, settings: Setti
     release = raw.get("release")
     if release is not None and release not in RELEASE_MODES:
         raise RouteError(f"{where}: release: {release!r} is unknown; use one of {', '.join(RELEASE_MODES)}")
+    continues = raw.get("continue", False)
+    if not isinstance(continues, bool):
+        raise RouteError(f"{where}: continue: expected true or false, got {continues!r}")
     return Route(name=name.strip(), match=_match(raw.get("match", {}), f"{where}: match", timeout),
-                 series=series, card=card, refuse_burned_in=refuse, release=release)
+                 series=series, card=card, refuse_burned_in=refuse, release=release, continues=continues)
 
 
 def route_entries(settings: Settings) -> tuple[list[Any], str, Path | None]:

@@ -4,9 +4,15 @@ A synthetic radiograph, pydicom's MR and CT slices and the SR this service produ
 the PACS's auto-routing) go to `dicom-fusion serve` with storescu. The radiograph gets exactly one SR
 and one DiagnosticReport; the MR, the CT and our own SR are `ignored` with the reason, produce nothing,
 and neither fail nor reach the dead letters.
+
+Several models per study: a route with `continue = true` followed by a route to a second model card
+gives one radiograph two jobs, two SRs in the PACS and two DiagnosticReports, each naming its model.
 """
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 import shutil
 import subprocess
 import sys
@@ -19,9 +25,12 @@ from pydicom.data import get_testdata_file
 from test_spine import Stack, _orthanc, _sr_instances, _storescu, cohort, running_serve  # noqa: F401
 
 from dicom_fusion.fhir.client import FhirClient
-from dicom_fusion.inference.synth.generate import SyntheticPatient
+from dicom_fusion.inference.card.model import load_card, write_card
+from dicom_fusion.inference.synth.generate import SyntheticPatient, generate_patient
+from dicom_fusion.service.config import load_settings
+from dicom_fusion.service.outputs.sr.build import read_sr
 from dicom_fusion.service.demo.components import FhirServer, Pacs
-from dicom_fusion.service.ops.monitoring import dead_jobs, studies_by_state
+from dicom_fusion.service.ops.monitoring import dead_jobs, list_studies, studies_by_state
 from dicom_fusion.service.storage.models import Job, JobState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -81,4 +90,59 @@ def test_only_what_a_route_takes_is_processed(tmp_path: Path, orthanc: Pacs, fhi
 
         counts = studies_by_state(stack.ledger)
         assert counts["ignored"] == 3 and counts["dead"] == 0 and counts["failed"] == 0
+        assert dead_jobs(stack.ledger) == ()
+
+
+def test_a_continue_route_feeds_a_second_model(tmp_path: Path, orthanc: Pacs, fhir_server: FhirServer,
+                                               storescu: str) -> None:
+    # a patient of its own (FHIR id syn00009: no other e2e cohort has nine patients)
+    patient = generate_patient(9, tmp_path / "cohort", seed=41)
+    with FhirClient(fhir_server.base_url) as client:
+        client.transaction(json.loads(Path(patient.bundle_path).read_text()))
+    # a second model: the shipped weights under another name (the service tells models apart by name)
+    card = load_card(load_settings(data_dir=tmp_path / "x").model_card_path())
+    (tmp_path / "second").mkdir()
+    write_card(dataclasses.replace(card, name="dfusion-second-opinion", path=tmp_path / "second" / "card.toml"),
+               tmp_path / "second" / "card.toml")
+    routes = tmp_path / "routes.toml"
+    routes.write_text(f"""
+[[routes]]
+name = "xr"
+model = "default"
+continue = true
+[routes.match]
+Modality = "DX"
+
+[[routes]]
+name = "xr-second"
+model = "second/card.toml"
+[routes.match]
+Modality = "DX"
+""")
+    with running_serve(tmp_path, orthanc, fhir_server, {"DICOM_FUSION_ROUTING__FILE": str(routes)}) as stack:
+        _storescu(storescu, stack, sorted(Path(patient.study_dir).glob("*.dcm")))
+        first = stack.wait_done(patient.study_instance_uid, version=1)
+        second = stack.wait_done(patient.study_instance_uid, version=2)
+        jobs = stack.ledger.jobs_for_study(patient.study_instance_uid)
+        assert [(j.version, j.route, j.model.split()[0], j.state) for j in jobs] == [
+            (1, "xr", card.name, JobState.DONE), (2, "xr-second", "dfusion-second-opinion", JobState.DONE)]
+        assert first.sr_uid != second.sr_uid
+
+        srs = _sr_instances(orthanc, patient.study_instance_uid)
+        assert len(srs) == 2
+        readings = {}
+        for oid in srs:
+            ds = dcmread(io.BytesIO(_orthanc(orthanc, f"/instances/{oid}/file")))  # type: ignore[arg-type]
+            readings[ds.SOPInstanceUID] = read_sr(ds).model_name
+        assert readings == {first.sr_uid: card.name, second.sr_uid: "dfusion-second-opinion"}
+        with FhirClient(fhir_server.base_url) as client:
+            reports = list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))
+        assert len(reports) == 2
+        by_sr = {next(i["value"] for i in r["identifier"] if i["value"].startswith("urn:oid:")): r for r in reports}
+        assert f"model {card.name} " in by_sr[f"urn:oid:{first.sr_uid}"]["conclusion"]
+        assert "model dfusion-second-opinion " in by_sr[f"urn:oid:{second.sr_uid}"]["conclusion"]
+
+        row = list_studies(stack.ledger).items
+        mine = next(r for r in row if r.study_uid == patient.study_instance_uid)
+        assert (mine.state, mine.route) == ("done", "xr, xr-second")
         assert dead_jobs(stack.ledger) == ()

@@ -286,8 +286,9 @@ def test_a_study_reopened_by_our_looped_back_output_gets_no_second_job(settings:
     with ledger.transaction() as s:
         for j in s.query(Job):
             j.state = JobState.DONE if j.state != JobState.IGNORED else j.state
-    job_id = ledger.add_job_version(study, reason="operator replay", route=make_router(ledger, settings))
-    assert job_id is not None and ledger.job(job_id).state == JobState.COMPLETE  # type: ignore[union-attr]
+    job_ids = ledger.add_job_version(study, reason="operator replay", route=make_router(ledger, settings))
+    assert job_ids is not None and len(job_ids) == 1
+    assert ledger.job(job_ids[0]).state == JobState.COMPLETE  # type: ignore[union-attr]
     ledger.close()
 
 
@@ -307,3 +308,201 @@ def test_a_job_reads_only_the_series_its_route_selected(settings: Settings, tmp_
     assert ledger.study_files(job.study_id, job.series_uids) == [files[0]]
     assert ledger.study_files(job.study_id) == files
     ledger.close()
+
+
+# ---- several models per study: `continue` ---------------------------------------------------------
+def _second_card(folder: Path, name: str = "dfusion-second-opinion") -> Path:
+    """A second model card: the shipped weights under another model name (another model to the service)."""
+    card = load_card(load_settings(data_dir=folder / "var").model_card_path())
+    folder.mkdir(parents=True, exist_ok=True)
+    card = dataclasses.replace(card, name=name, path=folder / "card.toml")
+    write_card(card, folder / "card.toml")
+    return folder / "card.toml"
+
+
+def _two_model_routes(tmp_path: Path, *, second_model: str | None = None, then: str = "") -> Settings:
+    second = second_model or str(_second_card(tmp_path / "second"))
+    return _routes(tmp_path, f"""
+[[routes]]
+name = "xr-primary"
+model = "default"
+continue = true
+[routes.match]
+Modality = ["DX", "CR"]
+
+[[routes]]
+name = "xr-second"
+model = "{second}"
+series = "all"
+release = "review"
+[routes.match]
+Modality = "DX"
+
+[[routes]]
+name = "after-the-stop"
+model = "default"
+{then}""")
+
+
+def test_continue_gives_one_plan_per_matching_route_up_to_the_first_stop(tmp_path: Path) -> None:
+    table = load_routes(_two_model_routes(tmp_path))
+    assert [r.continues for r in table.routes] == [True, False, False]
+    series = generate_uid()
+    dx = _file(tmp_path / "dx", study=generate_uid(), series=series)
+    d = table.decide(_study([dx]))
+    assert d.ignored is None and d.plan == d.plans[0]
+    assert [(p.route, p.model.split()[0], p.series_uids, p.release) for p in d.plans] == [
+        ("xr-primary", "dfusion-hybrid-demo", (series,), None),
+        ("xr-second", "dfusion-second-opinion", (series,), "review")]  # not "after-the-stop": xr-second stops
+    assert d.plans[0].card_path != d.plans[1].card_path
+    # a CR study: the continuing route matches, the second does not (DX only), the third takes it
+    cr = _file(tmp_path / "cr", study=generate_uid(), modality="CR")
+    assert [p.route for p in table.decide(_study([cr])).plans] == ["xr-primary", "after-the-stop"]
+    # nothing matches: one reason naming every route
+    mr = table.decide(_study([Path(get_testdata_file("MR_small.dcm"))]))
+    assert mr.plans == () and mr.ignored is not None
+    assert all(f"route {n}:" in mr.ignored for n in ("xr-primary", "xr-second", "after-the-stop"))
+
+
+def test_continue_must_be_true_or_false(tmp_path: Path) -> None:
+    settings = _routes(tmp_path, '[[routes]]\nname = "a"\ncontinue = "yes"\n')
+    with pytest.raises(RouteError, match=r"route 'a': continue: expected true or false, got 'yes'"):
+        load_routes(settings)
+
+
+def _stored_dx(ledger: Ledger, folder: Path) -> str:
+    study = generate_uid()
+    _store(ledger, _file(folder, study=study))
+    return study
+
+
+def test_a_study_on_two_routes_gets_two_distinct_jobs_exactly_once(tmp_path: Path) -> None:
+    from dicom_fusion.service.outputs.identity import derive_sr_uids
+    from dicom_fusion.service.storage.schema import upgrade
+
+    settings = _two_model_routes(tmp_path)
+    upgrade(settings.ledger_url)
+    ledger, other = Ledger(settings.ledger_url), Ledger(settings.ledger_url)  # two listeners' ledgers
+    router = Router.from_settings(settings, ledger)
+    study = _stored_dx(ledger, tmp_path / "dx")
+    # The second listener completes the study while the first is still routing it (outside any
+    # transaction): the first one's conditional UPDATE then finds nothing to do.
+    raced: list[int] = []
+
+    def first_router(study_id: int):  # type: ignore[no-untyped-def]
+        raced.extend(other.complete_studies(quiet_before=None, study_uids=[study], route=router))
+        return router(study_id)
+
+    assert ledger.complete_studies(quiet_before=None, study_uids=[study], route=first_router) == []
+    assert len(raced) == 2
+    jobs = ledger.jobs_for_study(study)
+    assert [(j.id, j.version, j.route, j.state) for j in jobs] == [
+        (raced[0], 1, "xr-primary", JobState.COMPLETE), (raced[1], 2, "xr-second", JobState.COMPLETE)]
+    assert jobs[0].card_path != jobs[1].card_path and jobs[1].model.startswith("dfusion-second-opinion")
+    assert [j.release for j in jobs] == ["auto", "review"]
+    assert jobs[0].created_at == jobs[1].created_at  # one completion
+    assert [j.id for j in ledger.current_jobs(study)] == raced
+    with ledger.session() as s:
+        from dicom_fusion.service.storage.models import Study
+
+        assert s.query(Study).filter_by(study_uid=study).one().job_version == 2
+    # each job derives its own SR (and so its own DiagnosticReport, identified by the SR UID)
+    srs = {derive_sr_uids(study, j.model.split()[0], j.model.split()[1], j.version)[1] for j in jobs}
+    assert len(srs) == 2
+    # a claim hands each job its own card and series
+    refs = [ledger.claim(j.id, stage=Stage.PREPARE, owner="t", lease_seconds=60) for j in jobs]
+    assert [r.card_path for r in refs if r] == [j.card_path for j in jobs]
+    ledger.close()
+    other.close()
+
+
+def test_two_routes_on_one_model_still_get_distinct_versions_and_sr_uids(tmp_path: Path) -> None:
+    from dicom_fusion.service.outputs.identity import derive_sr_uids
+    from dicom_fusion.service.storage.schema import upgrade
+
+    settings = _two_model_routes(tmp_path, second_model="default")
+    upgrade(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url)
+    study = _stored_dx(ledger, tmp_path / "dx")
+    assert len(ledger.complete_studies(quiet_before=None, study_uids=[study],
+                                       route=Router.from_settings(settings, ledger))) == 2
+    jobs = ledger.jobs_for_study(study)
+    assert jobs[0].model == jobs[1].model and [j.version for j in jobs] == [1, 2]
+    name, version = jobs[0].model.split()
+    assert derive_sr_uids(study, name, version, 1) != derive_sr_uids(study, name, version, 2)
+    ledger.close()
+
+
+def test_reopen_replay_and_read_models_with_two_jobs_per_completion(tmp_path: Path) -> None:
+    from opshelpers import OWNER, run_to_done
+
+    from dicom_fusion.service.ops import monitoring, operations
+    from dicom_fusion.service.storage.schema import upgrade
+
+    settings = _two_model_routes(tmp_path)
+    upgrade(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url)
+    router = Router.from_settings(settings, ledger)
+    study = _stored_dx(ledger, tmp_path / "dx")
+    first, second = ledger.complete_studies(quiet_before=None, study_uids=[study], route=router)
+
+    def shown() -> tuple[str, str, list[str]]:
+        row = monitoring.list_studies(ledger).items[0]
+        assert monitoring.study_detail(ledger, study).state == row.state
+        return row.state, row.route, [m.split()[0] for m in row.model.split(", ") if m]
+
+    assert shown() == ("complete", "xr-primary, xr-second", ["dfusion-hybrid-demo", "dfusion-second-opinion"])
+    run_to_done(ledger, second)  # the newest job done, the other not started: the study is not done
+    assert shown()[0] == "complete"
+    ledger.mark_enqueued(first, stage=Stage.PREPARE, lease_seconds=60)
+    assert ledger.claim(first, stage=Stage.PREPARE, owner=OWNER, lease_seconds=60) is not None
+    assert shown()[0] == "preparing"
+    assert ledger.fail(first, owner=OWNER, reason="prepare: boom", retry_in=None, lease_seconds=60) == "dead"
+    assert shown()[0] == "dead"  # any dead job makes the study dead; it is counted once
+    counts = monitoring.studies_by_state(ledger)
+    assert counts["dead"] == 1 and counts["done"] == 0 and sum(counts.values()) == 1
+    assert monitoring.list_studies(ledger, state="dead").items[0].error == "prepare: boom"
+
+    # retry picks the dead job of the completion, not the newest version (done); then the study is done
+    calls: list[tuple[int, Stage, bool]] = []
+    result = operations.retry_study(ledger, lambda j, st, rq: calls.append((j, st, rq)), study)
+    assert calls == [(first, Stage.PREPARE, True)] and result.job_version == 1
+    ledger.mark_enqueued(first, stage=Stage.PREPARE, lease_seconds=60)
+    run_to_done(ledger, first)
+    assert shown()[0] == "done"
+
+    # our SR looped back: one ignored job naming both routes, no result twice
+    _store(ledger, _file(tmp_path / "loop", study=study, modality="SR", sop_class=BASIC_TEXT_SR,
+                         Manufacturer=MANUFACTURER))
+    assert ledger.complete_studies(quiet_before=None, study_uids=[study], route=router) == []
+    v3 = ledger.jobs_for_study(study)[-1]
+    assert v3.version == 3 and v3.state == JobState.IGNORED
+    assert "nothing new for route xr-primary" in (v3.error or "") and "nothing new for route xr-second" in (v3.error or "")
+    assert shown() == ("ignored", "", [])
+    assert [j.id for j in ledger.current_jobs(study)] == [v3.id]
+
+    # an operator replay routes again and creates the jobs of both routes
+    calls.clear()
+    result = operations.replay_study(ledger, lambda j, st, rq: calls.append((j, st, rq)), study,
+                                     route=operations.make_router(ledger, settings))
+    jobs = ledger.jobs_for_study(study)
+    assert [(j.version, j.route) for j in jobs[3:]] == [(4, "xr-primary"), (5, "xr-second")]
+    assert calls == [(jobs[3].id, Stage.PREPARE, False), (jobs[4].id, Stage.PREPARE, False)]
+    assert result.job_version == 4 and "v4 (route xr-primary), v5 (route xr-second)" in result.message
+    assert shown()[0] == "complete"  # neither has been marked queued by this fake enqueue
+    ledger.close()
+
+
+def test_explain_prints_every_job_the_table_would_create(tmp_path: Path) -> None:
+    settings = _two_model_routes(tmp_path)
+    cfg = tmp_path / "df.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "var"}"\n[routing]\nfile = "{settings.routing.file}"\n')
+    folder = tmp_path / "dx"
+    _file(folder, study=generate_uid())
+    res = CliRunner().invoke(app, ["routes", "explain", str(folder), "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "→ job on route xr-primary" in res.output and "→ job on route xr-second" in res.output
+    assert "model dfusion-second-opinion" in res.output and "release review" in res.output
+    assert "→ job on route after-the-stop" not in res.output and "2 jobs" in res.output
+    res = CliRunner().invoke(app, ["routes", "check", "--config", str(cfg)])
+    assert res.exit_code == 0 and "continue" in res.output, res.output
