@@ -2,9 +2,14 @@
 
 Each check returns a short description or raises; :func:`readiness` runs them in parallel with
 short timeouts and reports each one separately, so an operator sees which dependency is down.
+
+:class:`CachedReadiness` is what the API's ``/readyz`` calls: a probe makes a FHIR request and a
+C-ECHO to the PACS, and ``/readyz`` answers anyone (load balancers, Kubernetes), so without a cache
+every poll, or a caller in a loop, would hit the EHR and the PACS once per request.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +18,10 @@ from dataclasses import dataclass
 from sqlalchemy import text
 
 from dicom_fusion.service.config import Settings
+from dicom_fusion.service.errors import SpoolError
 from dicom_fusion.service.ops.broker import check_broker
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.spool import Spool
+from dicom_fusion.service.storage.spool import Spool, spool_space
 
 CHECK_TIMEOUT = 5.0
 
@@ -35,8 +41,15 @@ def check_ledger(ledger: Ledger) -> str:
 
 
 def check_spool(settings: Settings) -> str:
+    """Writable, and over its low-water mark (``spool.min_free_mb``: under it C-STORE gets 0xA700)."""
     Spool(settings.spool_dir, fsync=False).ensure()  # raises SpoolError when not writable
-    return f"{settings.spool_dir} writable"
+    space = spool_space(settings.spool_dir, settings.spool.min_free_mb)
+    if space is not None and space.low:
+        raise SpoolError(f"{space.free_mb:.0f} MB free on the spool, under spool.min_free_mb "
+                         f"({space.min_free_mb:.0f} MB): C-STORE is answered 0xA700 until space returns; "
+                         "free disk space or lower spool.min_free_mb")
+    free = "" if space is None else f", {space.free_mb:.0f} MB free"
+    return f"{settings.spool_dir} writable{free}"
 
 
 def check_pacs(settings: Settings) -> str:
@@ -80,3 +93,47 @@ def readiness(ledger: Ledger, settings: Settings) -> list[Check]:
     with ThreadPoolExecutor(max_workers=len(checks)) as pool:
         futures = [pool.submit(_timed, name, fn) for name, fn in checks.items()]
         return [f.result() for f in futures]
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """One probe's checks and when it started (``time.monotonic()``)."""
+
+    checks: list[Check]
+    started: float
+
+    @property
+    def ready(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+class CachedReadiness:
+    """:func:`readiness`, probed at most once per ``ttl`` seconds whatever the call rate.
+
+    A probe's age counts from its start, so two probes start at least ``ttl`` apart even when one
+    waits out its timeouts. Concurrent callers wait for the probe in flight instead of starting their
+    own (one lock): 50 parallel ``/readyz`` calls make one FHIR request and one C-ECHO.
+    """
+
+    def __init__(self, ledger: Ledger, settings: Settings, ttl: float,
+                 probe: Callable[[Ledger, Settings], list[Check]] = readiness,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not ttl > 0:
+            raise ValueError(f"the readiness cache needs a positive ttl in seconds, got {ttl!r}")
+        self._ledger, self._settings, self._ttl = ledger, settings, ttl
+        self._probe, self._clock = probe, clock
+        self._lock = threading.Lock()
+        self._last: Readiness | None = None
+
+    def get(self) -> Readiness:
+        """The latest probe's result, probing first when it is ``ttl`` seconds old or more."""
+        with self._lock:
+            last = self._last
+            if last is None or self._clock() - last.started >= self._ttl:
+                started = self._clock()
+                last = self._last = Readiness(self._probe(self._ledger, self._settings), started)
+            return last
+
+    def age(self, result: Readiness) -> float:
+        """Seconds since ``result``'s probe started."""
+        return max(0.0, self._clock() - result.started)

@@ -139,13 +139,14 @@ def store_to_pacs(
         ae.add_requested_context(sop_class, list(syntaxes))
     started = time.monotonic()
     assoc: Association | None = None
+    sent = False
     try:
         assoc = _associate(ae, target, calling_ae, timeout)
         for index, ds in enumerate(loaded, 1):
             _store_one(assoc, ds, index=index, total=len(loaded), target=target, timeout=timeout)
+        sent = True
     finally:
-        if assoc is not None and assoc.is_established:
-            assoc.release()
+        _close(assoc, graceful=sent)
         ae.shutdown()
     LOGGER.info(
         "Stored %d instance(s) to %s in %.2f s", len(loaded), target, time.monotonic() - started
@@ -162,6 +163,7 @@ def echo(target: DicomNode, calling_ae: str, timeout: float = 10.0) -> bool:
     ae = _application_entity(calling_ae, timeout)
     ae.add_requested_context(Verification)
     assoc: Association | None = None
+    answered = False
     try:
         assoc = _associate(ae, target, calling_ae, timeout)
         response = assoc.send_c_echo()
@@ -170,17 +172,34 @@ def echo(target: DicomNode, calling_ae: str, timeout: float = 10.0) -> bool:
             shown = "no response" if status is None else f"status 0x{status:04X}"
             LOGGER.warning("C-ECHO to %s failed: %s", target, shown)
             return False
+        answered = True
         return True
     except DeliveryError as exc:
         LOGGER.warning("C-ECHO to %s failed: %s", target, exc)
         return False
     finally:
-        if assoc is not None and assoc.is_established:
-            assoc.release()
+        _close(assoc, graceful=answered)
         ae.shutdown()
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _close(assoc: Association | None, *, graceful: bool) -> None:
+    """End the association: released when every request was answered, aborted otherwise.
+
+    A graceful release waits up to ``acse_timeout`` (= the call's timeout, ``pacs.timeout``) for the
+    peer's A-RELEASE-RP. After a failure that wait buys nothing and is exactly what a hung PACS never
+    answers: a stage whose soft time limit fired mid-C-STORE would sit the full timeout again in
+    ``finally`` before the worker could fail the job. An A-ABORT is one PDU and a socket close
+    (bounded by pynetdicom's ~0.1 s shutdown), and is what PS3.8 prescribes for an unusable association.
+    """
+    if assoc is None or not assoc.is_established:
+        return
+    if graceful:
+        assoc.release()
+    else:
+        assoc.abort()
 
 
 def _check_timeout(timeout: object) -> None:

@@ -1,16 +1,35 @@
 """Studies: list, drill-down, and the operator actions retry / replay / redeliver."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
+from pydantic import AfterValidator
 
 from dicom_fusion.service.ops import monitoring, operations
 from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, Operate
 from dicom_fusion.service.ops.api.schemas import ActionOut, JobOut, RedeliverOut, StudyDetailOut, StudyPageOut
 
 router = APIRouter(prefix="/api/studies", tags=["studies"], dependencies=[Authorized])
+#: Pages past this are refused (422) rather than handed to the database: the offset
+#: (page - 1) * page_size must fit a 64-bit integer, and no ledger holds 500 million studies.
+MAX_PAGE = 1_000_000
+
+
+def _naive_utc(ts: datetime) -> datetime:
+    """The ledger stores naive UTC: an aware time is converted, a naive one is taken as UTC. A time whose
+    conversion leaves the calendar (0001-01-01T00:00+14:00) is a 422, not an OverflowError's 500."""
+    if ts.tzinfo is None:
+        return ts
+    try:
+        return ts.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:
+        raise ValueError("the time is outside years 1-9999 once converted to UTC; give a later/earlier one") \
+            from None
+
+
+UtcTime = Annotated[datetime, AfterValidator(_naive_utc)]
 StudyUID = Annotated[str, Path(pattern=r"^[0-9][0-9.]{0,63}$", description="Study Instance UID")]
 _STATES = "|".join(monitoring.STUDY_STATES)
 
@@ -20,23 +39,16 @@ def list_studies(
     ctx: ContextDep,
     state: Annotated[str | None, Query(pattern=f"^({_STATES})$",
                                        description="receiving, or the state of the latest job")] = None,
-    received_after: Annotated[datetime | None, Query(description="last instance at or after (UTC)")] = None,
-    received_before: Annotated[datetime | None, Query(description="last instance before (UTC)")] = None,
-    page: Annotated[int, Query(ge=1)] = 1,
+    received_after: Annotated[UtcTime | None, Query(description="last instance at or after (UTC unless an "
+                                                    "offset is given)")] = None,
+    received_before: Annotated[UtcTime | None, Query(description="last instance before (UTC unless an "
+                                                     "offset is given)")] = None,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> StudyPageOut:
-    result = monitoring.list_studies(ctx.ledger, state=state, received_after=_naive(received_after),
-                                     received_before=_naive(received_before), page=page, page_size=page_size)
+    result = monitoring.list_studies(ctx.ledger, state=state, received_after=received_after,
+                                     received_before=received_before, page=page, page_size=page_size)
     return StudyPageOut.model_validate(result)
-
-
-def _naive(ts: datetime | None) -> datetime | None:
-    """The ledger stores naive UTC."""
-    if ts is None or ts.tzinfo is None:
-        return ts
-    from datetime import UTC
-
-    return ts.astimezone(UTC).replace(tzinfo=None)
 
 
 def study_out(ctx: ApiContext, detail: monitoring.StudyDetail) -> StudyDetailOut:
