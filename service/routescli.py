@@ -6,11 +6,19 @@ disk, or for a study already in the ledger, it prints the never-process exclusio
 verdict and why, and every job the table would create (one per matching route, up to the first one
 without `continue`). Neither prints patient data.
 
+`reload` has the running `serve` load its route table again (SIGHUP to the pid in
+`<data_dir>/serve.pid`) and prints what serve answered in `<data_dir>/routes-status.json`: the routes
+now in force, or why the new table was refused (the old one then stays in force).
+
 Exit codes: 0 fine (explain: the study would be processed), 1 the route table is invalid (explain: the
-study would be ignored), 2 the configuration is invalid or the study is unknown.
+study would be ignored; reload: serve refused it), 2 the configuration is invalid, the study is unknown,
+or no serve runs (reload).
 """
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -39,10 +47,25 @@ def _table(settings: Settings):  # type: ignore[no-untyped-def]
         raise typer.Exit(1) from exc
 
 
+def _serve_status(settings: Settings) -> None:
+    """What the serve running on these settings' data_dir routes with, and its last refused reload."""
+    from dicom_fusion.service.routing.reload import read_status, running_serve_pid
+
+    status = read_status(settings.data_dir)
+    if status is None or running_serve_pid(settings.data_dir) != status.pid:
+        return
+    out.print(f"the running serve (pid {status.pid}) routes with {len(status.routes)} route(s) loaded at "
+              f"{status.loaded_at}: {escape(', '.join(status.routes))}")
+    if status.error is not None:
+        out.print(f"[yellow]its last reload was refused ({status.error_at}):[/yellow] {escape(status.error)}")
+
+
 @routes_app.command("check")
 def check(config: ConfigOpt = None) -> None:
     """Load and validate the route table as `serve` would; list the routes in order."""
-    table = _table(settings_or_exit(config))
+    settings = settings_or_exit(config)
+    _serve_status(settings)
+    table = _table(settings)
     t = Table(title=f"routes from {table.source}")
     for col in ("#", "name", "model", "reads", "series", "then"):
         t.add_column(col)
@@ -118,3 +141,42 @@ def explain(
                   f"{len(plan.series_uids)} series{escape(release)}")
     if len(decision.plans) > 1:
         out.print(f"{len(decision.plans)} jobs, each with its own SR and report")
+
+
+@routes_app.command("reload")
+def reload(
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for serve's answer.")] = 15.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Have the running serve load its route table again (SIGHUP); print the routes in force or the error."""
+    from dicom_fusion.service.routing.reload import PID_FILE, read_status, running_serve_pid
+
+    settings = settings_or_exit(config)
+    pid = running_serve_pid(settings.data_dir)
+    if pid is None:
+        err.print(f"[red]error:[/red] no running serve found: {escape(str(settings.data_dir / PID_FILE))} is "
+                  "missing or names no serve process (same --config as the service?)")
+        raise typer.Exit(2)
+    before = read_status(settings.data_dir)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot signal serve (pid {pid}): {escape(exc.strerror or str(exc))}")
+        raise typer.Exit(2) from exc
+    deadline = time.monotonic() + wait
+    while True:
+        status = read_status(settings.data_dir)
+        if status is not None and status.pid == pid and (before is None or before.pid != pid
+                                                         or status.attempts > before.attempts):
+            break
+        if time.monotonic() > deadline:
+            err.print(f"[red]error:[/red] serve (pid {pid}) did not answer within {wait:g} s; see its log")
+            raise typer.Exit(2)
+        time.sleep(0.2)
+    if status.error is not None:
+        err.print(f"[red]serve refused the new route table:[/red] {escape(status.error)}")
+        err.print(f"the {len(status.routes)} route(s) loaded at {status.loaded_at} stay in force: "
+                  f"{escape(', '.join(status.routes))}")
+        raise typer.Exit(1)
+    out.print(f"serve (pid {pid}) reloaded {len(status.routes)} route(s) from {escape(status.source)}: "
+              f"{escape(', '.join(status.routes))}")

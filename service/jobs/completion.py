@@ -24,11 +24,22 @@ Enqueue = Callable[[int, Stage], None]
 
 class Completion:
     def __init__(self, ledger: Ledger, enqueue: Enqueue, *, quiet_seconds: float,
-                 route: RouteStudy | None = None) -> None:
+                 route: RouteStudy | None = None, refresh: Callable[[], object] | None = None) -> None:
         self.ledger = ledger
         self.enqueue = enqueue
         self.quiet_seconds = quiet_seconds
-        self.route = route  # routing.Router: the job's model and series, or why the study is ignored
+        self.route = route  # routing.Router: the jobs' models and series, or why the study is ignored
+        # routing.reload.LiveRouter.refresh: reloads the route table when asked (SIGHUP) or when its file
+        # changed; called before each completion round, so a new table is in force for the next study.
+        self.refresh = refresh
+
+    def _refresh_routes(self) -> None:
+        if self.refresh is None:
+            return
+        try:
+            self.refresh()
+        except Exception as exc:  # a reload problem never stops completion: the old routes stay in force
+            log.error("route table reload failed: %s: %s", type(exc).__name__, exc)
 
     def _start_jobs(self, job_ids: Iterable[int]) -> list[int]:
         started = []
@@ -42,6 +53,7 @@ class Completion:
 
     def poll(self) -> list[int]:
         """Complete every study quiet for ``quiet_seconds``; returns the new job ids."""
+        self._refresh_routes()
         cutoff = utcnow() - timedelta(seconds=self.quiet_seconds)
         jobs = self.ledger.complete_studies(quiet_before=cutoff, route=self.route)
         for job_id in jobs:
@@ -50,6 +62,7 @@ class Completion:
 
     def release(self, study_uids: set[str]) -> list[int]:
         """Complete the studies an association sent, right when it is released."""
+        self._refresh_routes()
         jobs = self.ledger.complete_studies(quiet_before=None, study_uids=sorted(study_uids), route=self.route)
         for job_id in jobs:
             log.info("study complete on association release: job %s", job_id)

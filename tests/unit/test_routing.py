@@ -506,3 +506,81 @@ def test_explain_prints_every_job_the_table_would_create(tmp_path: Path) -> None
     assert "→ job on route after-the-stop" not in res.output and "2 jobs" in res.output
     res = CliRunner().invoke(app, ["routes", "check", "--config", str(cfg)])
     assert res.exit_code == 0 and "continue" in res.output, res.output
+
+
+# ---- reload without restart (service/routing/reload.py; the serve process: tests/integration) ------
+def _aged(path: Path, text: str) -> None:
+    """Write `text` and date the file 5 s back, as a file saved a while ago (past the settle time)."""
+    import os
+    import time
+
+    path.write_text(text)
+    os.utime(path, (time.time() - 5, time.time() - 5))
+
+
+def test_live_router_swaps_a_valid_table_and_keeps_the_old_one_otherwise(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    from dicom_fusion.service.routing.reload import STATUS_FILE, LiveRouter, read_status
+    from dicom_fusion.service.storage.schema import upgrade
+
+    settings = _routes(tmp_path, '[[routes]]\nname = "first"\n')
+    upgrade(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url)
+    live = LiveRouter(settings, ledger, status_path=tmp_path / STATUS_FILE, check_seconds=0)
+    study = _stored_dx(ledger, tmp_path / "dx")
+    with ledger.session() as s:
+        from dicom_fusion.service.storage.models import Study
+
+        sid = s.query(Study).filter_by(study_uid=study).one().id
+    assert live.refresh() is None  # unchanged file: nothing to do
+    assert [j.route for j in live(sid)] == ["first"]  # type: ignore[union-attr]
+
+    file = settings.routing.file
+    assert file is not None
+    file.write_text('[[routes]]\nname = "second"\n')  # just saved: may be half written, looked at later
+    assert live.refresh() is None and live.routes == ["first"]
+    _aged(file, '[[routes]]\nname = "second"\n')
+    assert live.refresh() is True and [j.route for j in live(sid)] == ["second"]  # type: ignore[union-attr]
+
+    caplog.set_level(logging.ERROR, logger="dicom_fusion.service.routing.reload")
+    _aged(file, '[[routes]]\nname = "third"\n[routes.match]\nSeriesDescription = "(unclosed"\n')
+    assert live.refresh() is False and live.routes == ["second"]
+    assert [j.route for j in live(sid)] == ["second"]  # type: ignore[union-attr]
+    status = read_status(tmp_path)
+    assert status is not None and status.routes == ("second",) and status.attempts == 2
+    assert status.error is not None and "route 'third': match.SeriesDescription: invalid regular" in status.error
+    live.request()  # SIGHUP on the unchanged bad file: refused again, not logged again
+    assert live.refresh() is False
+    assert len([r for r in caplog.records if "not reloaded" in r.getMessage()]) == 1
+    assert read_status(tmp_path).attempts == 3  # type: ignore[union-attr]
+
+    file.unlink()  # a missing file is an invalid table too
+    assert live.refresh() is False and live.routes == ["second"] and "cannot read" in (live.error or "")
+    _aged(file, '[[routes]]\nname = "fourth"\ncontinue = true\n[[routes]]\nname = "fifth"\n')
+    assert live.refresh() is True and live.error is None
+    raw = json.loads((tmp_path / STATUS_FILE).read_text())
+    assert [(r["name"], r["continue"]) for r in raw["routes"]] == [("fourth", True), ("fifth", False)]
+    assert raw["error"] is None and raw["source"] == str(file)
+    ledger.close()
+
+
+def test_live_router_reloads_the_routes_of_the_configuration_file(tmp_path: Path) -> None:
+    from dicom_fusion.service.routing.reload import LiveRouter
+    from dicom_fusion.service.storage.schema import upgrade
+
+    cfg = tmp_path / "df.toml"
+    head = f'data_dir = "{tmp_path / "var"}"\n'
+    _aged(cfg, head + '[[routes]]\nname = "a"\n')
+    settings = load_settings(cfg)
+    upgrade(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url)
+    live = LiveRouter(settings, ledger, config=cfg, check_seconds=0)
+    assert live.watched == cfg and live.routes == ["a"]
+    _aged(cfg, head + '[[routes]]\nname = "b"\n')
+    assert live.refresh() is True and live.routes == ["b"]
+    _aged(cfg, head + 'listener = 3\n[[routes]]\nname = "c"\n')  # the configuration itself is invalid
+    assert live.refresh() is False and live.routes == ["b"] and "invalid configuration" in (live.error or "")
+    ledger.close()
