@@ -183,6 +183,9 @@ class SpoolSettings(_Section):
     # How a group commit makes received data durable: "file" = fdatasync each file in its receiving
     # thread (associations sync concurrently); "filesystem" = one syncfs of the spool per batch.
     sync_mode: Literal["file", "filesystem"] = "file"
+    # Low-water mark: under this much free space on the spool's filesystem the listener answers C-STORE
+    # with 0xA700 (the sender retries later) before the disk is full; 0 = off. /readyz reports it.
+    min_free_mb: float = Field(2048.0, ge=0)
 
 
 class CompletionSettings(_Section):
@@ -273,6 +276,15 @@ class ApiSettings(_Section):
     token_file: Path | None = None  # a file holding the token (Docker/Kubernetes secret); wins over token
     auth: bool = True
     refresh_seconds: float = Field(5.0, gt=0)
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)  # a dashboard sign-in lasts this long
+    # the session cookie's Secure flag: "auto" = when the request came over https (directly or, with
+    # uvicorn's proxy headers, through a TLS-terminating proxy); "always" for sites that only serve https
+    cookie_secure: Literal["auto", "always"] = "auto"
+    # /readyz probes (a FHIR request, a C-ECHO) run at most once per this many seconds, whatever the call rate
+    readiness_cache_seconds: float = Field(5.0, ge=1, le=300)
+    # /docs and /redoc (Swagger UI / ReDoc load scripts and fonts from public CDNs, and are served open
+    # with /openapi.json): development only. Off, /openapi.json needs a token.
+    docs: bool = False
 
 
 class MetricsSettings(_Section):

@@ -19,7 +19,7 @@ from pathlib import Path
 from dicom_fusion.service.config import Settings
 from dicom_fusion.service.ingest.listener import Listener
 from dicom_fusion.service.jobs.completion import Completion, PeriodicThread
-from dicom_fusion.service.routing.router import Router
+from dicom_fusion.service.routing.reload import STATUS_FILE, LiveRouter, remove_pid_file, write_pid_file
 from dicom_fusion.service.jobs.queues import enqueue, make_celery
 from dicom_fusion.service.jobs.reaper import reap, release_dead_worker, release_left_by_earlier_workers
 from dicom_fusion.service.storage.engine import is_sqlite
@@ -134,7 +134,9 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     spool = Spool(settings.spool_dir, fsync=settings.spool.fsync, sync_mode=settings.spool.sync_mode)
     spool.ensure()
     ledger = Ledger(settings.ledger_url)
-    router = Router.from_settings(settings, ledger)  # RouteError: refuse to start, file/route/field named
+    # RouteError: refuse to start, file/route/field named. Reloaded on SIGHUP (`dicom-fusion routes reload`)
+    # and when the route file changes; an invalid new table never replaces this one.
+    router = LiveRouter(settings, ledger, config=config, status_path=settings.data_dir / STATUS_FILE)
     app = make_celery(settings)
 
     def enq(job_id: int, stage: Stage) -> None:
@@ -143,15 +145,19 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     def requeue(job_id: int, stage: Stage) -> None:
         enqueue(app, ledger, settings, job_id, stage, requeue=True)
 
-    completion = Completion(ledger, enq, quiet_seconds=settings.completion.quiet_seconds, route=router)
+    completion = Completion(ledger, enq, quiet_seconds=settings.completion.quiet_seconds, route=router,
+                            refresh=router.refresh)
     extra = settings.listener.processes - 1
     listener = Listener(settings.listener, spool, ledger, reuse_port=extra > 0,
-                        on_release=completion.release if settings.completion.on_release else None)
+                        on_release=completion.release if settings.completion.on_release else None,
+                        min_free_mb=settings.spool.min_free_mb)
     host, port = listener.start()
     children: list[_ChildSupervisor] = []
     if extra > 0:
         # More listener processes on the same port (SO_REUSEPORT): associations spread over cores.
         env = dict(os.environ, DICOM_FUSION_LISTENER__PORT=str(port))
+        if config is not None:  # their route reloads read the same configuration file
+            env["DICOM_FUSION_CONFIG"] = str(config)
         for i in range(extra):
             children.append(_ChildSupervisor(f"listener-{i + 2}", _cli("listen", config), stop, env=env,
                                              die_with_parent=True))
@@ -174,11 +180,22 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
         children[-1].start()
     state = {"ae_title": settings.listener.ae_title, "host": host, "port": port, "pid": os.getpid()}
     (settings.data_dir / "listener.json").write_text(json.dumps(state))
+
+    def _reload(_signum: int, _frame: object) -> None:  # SIGHUP: reload the routes here and in listeners
+        router.request()
+        for child in children:
+            if child.what.startswith("listener") and child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGHUP)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, _reload)
+    write_pid_file(settings.data_dir)  # `dicom-fusion routes reload` signals this pid; removed on exit
     print(f"dicom-fusion listening: {settings.listener.ae_title}@{host}:{port}", flush=True)
 
     try:
         _wait_for_stop(stop)
     finally:
+        remove_pid_file(settings.data_dir)
         listener.stop()
         for t in threads:
             t.stop()
@@ -194,13 +211,18 @@ def listen(settings: Settings, *, stop: threading.Event | None = None) -> None:
     spool = Spool(settings.spool_dir, fsync=settings.spool.fsync, sync_mode=settings.spool.sync_mode)
     ledger = Ledger(settings.ledger_url)
     on_release = None
+    router: LiveRouter | None = None
     if settings.completion.on_release:
         app = make_celery(settings)
+        router = LiveRouter(settings, ledger)  # reloads like serve's (serve forwards its SIGHUP here)
         completion = Completion(ledger, lambda job_id, stage: enqueue(app, ledger, settings, job_id, stage),
-                                quiet_seconds=settings.completion.quiet_seconds,
-                                route=Router.from_settings(settings, ledger))
+                                quiet_seconds=settings.completion.quiet_seconds, route=router,
+                                refresh=router.refresh)
         on_release = completion.release
-    listener = Listener(settings.listener, spool, ledger, on_release=on_release, reuse_port=True)
+    if threading.current_thread() is threading.main_thread():  # serve forwards its SIGHUP (route reload)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: router.request() if router is not None else None)
+    listener = Listener(settings.listener, spool, ledger, on_release=on_release, reuse_port=True,
+                        min_free_mb=settings.spool.min_free_mb)
     listener.start()
     try:
         _wait_for_stop(stop)

@@ -33,10 +33,19 @@ from dicom_fusion.service.storage.models import (
     StudyState,
     utcnow,
 )
+from dicom_fusion.service.storage.spool import SpoolSpace, spool_space
 
 RECEIVING = "receiving"
-#: Every state a study can show: still receiving, or the state of its latest job version.
+#: Every state a study can show: still receiving, or the state of its current job (see STATE_PRECEDENCE).
 STUDY_STATES = (RECEIVING, *(s.value for s in JobState))
+#: A study shows the state of its current job: its latest completion or replay creates one job per route
+#: that took it (routes with `continue`), all with one `created_at`. With several, the study shows the
+#: first state in this order (then the lowest version): whatever needs an operator (dead, failed), then
+#: the least advanced job still running, then a result waiting for a reviewer, then the finished ones.
+#: So a study is `done` only when all its current jobs are done, and `dead` when any of them is.
+STATE_PRECEDENCE = (JobState.DEAD, JobState.FAILED, JobState.COMPLETE, JobState.QUEUED, JobState.PREPARING,
+                    JobState.INFERRING, JobState.DELIVERING, JobState.AWAITING_REVIEW, JobState.REJECTED,
+                    JobState.DONE, JobState.IGNORED)
 _TERMINAL = [str(t) for t in TERMINAL]
 _QUEUED_STAGES = {s.value for s in STAGE_QUEUE}
 
@@ -100,8 +109,8 @@ class StudyRow:
     probability: float | None
     error: str | None  # the failure reason; for an ignored study, why it was ignored
     updated_at: datetime | None
-    route: str = ""  # the route its latest job took ("" = ignored, or before routing)
-    model: str = ""  # "name version" of that route's model
+    route: str = ""  # the routes its current jobs took, comma-separated ("" = ignored, or before routing)
+    model: str = ""  # "name version" of those routes' models, in the same order
 
 
 @dataclass(frozen=True)
@@ -112,9 +121,33 @@ class StudyPage:
     page_size: int
 
 
-def _latest_jobs() -> Select:  # type: ignore[type-arg]
+def _current_jobs() -> Select:  # type: ignore[type-arg]
+    """Each study's current jobs: those created with its newest job (same completion or replay)."""
     latest = select(Job.study_id, func.max(Job.version).label("version")).group_by(Job.study_id).subquery()
-    return select(Job).join(latest, (Job.study_id == latest.c.study_id) & (Job.version == latest.c.version))
+    newest = select(Job.study_id, Job.created_at).join(
+        latest, (Job.study_id == latest.c.study_id) & (Job.version == latest.c.version)).subquery()
+    return select(Job).join(newest, (Job.study_id == newest.c.study_id) & (Job.created_at == newest.c.created_at))
+
+
+def _latest_jobs() -> Select:  # type: ignore[type-arg]
+    """One job per study: the current job whose state the study shows (STATE_PRECEDENCE)."""
+    cur = _current_jobs().subquery()
+    rank = case({s.value: i for i, s in enumerate(STATE_PRECEDENCE)}, value=cur.c.state,
+                else_=len(STATE_PRECEDENCE))
+    ranked = select(cur, func.row_number().over(partition_by=cur.c.study_id, order_by=(rank, cur.c.version))
+                    .label("precedence")).subquery()
+    return select(*(ranked.c[c.name] for c in Job.__table__.columns)).where(ranked.c.precedence == 1)
+
+
+def _routes_of(s, study_ids: list[int]) -> dict[int, tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """Study id -> (routes, models) of its current jobs, comma-separated in version order."""
+    cur = _current_jobs().subquery()
+    found: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for sid, route, model in s.execute(select(cur.c.study_id, cur.c.route, cur.c.model)
+                                       .where(cur.c.study_id.in_(study_ids)).order_by(cur.c.version)):
+        if route or model:
+            found[sid].append((route or "", model or ""))
+    return {sid: (", ".join(r for r, _ in v), ", ".join(m for _, m in v)) for sid, v in found.items()}
 
 
 def _study_state_expr():  # type: ignore[no-untyped-def]
@@ -144,11 +177,13 @@ def list_studies(ledger: Ledger, *, state: str | None = None, received_after: da
         total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
         rows = s.execute(q.order_by(Study.last_received_at.desc(), Study.id.desc())
                          .offset((page - 1) * page_size).limit(page_size)).all()
+        routes = _routes_of(s, [r[0].id for r in rows])
     items = tuple(StudyRow(study_uid=st.study_uid, state=eff, instances=st.instance_count,
                            first_received_at=st.first_received_at, last_received_at=st.last_received_at,
                            job_version=st.job_version, stage=stage, finding=finding, probability=prob,
-                           error=err, updated_at=upd, route=route or "", model=model or "")
-                  for st, stage, finding, prob, err, upd, eff, route, model in rows)
+                           error=err, updated_at=upd, route=routes.get(st.id, ("", ""))[0],
+                           model=routes.get(st.id, ("", ""))[1])
+                  for st, stage, finding, prob, err, upd, eff, _route, _model in rows)
     return StudyPage(items=items, total=int(total), page=page, page_size=page_size)
 
 
@@ -284,10 +319,17 @@ def study_detail(ledger: Ledger, study_uid: str) -> StudyDetail:
                              image_only=j.image_only, sr_uid=j.sr_uid, deliveries=tuple(deliveries[j.id]),
                              history=h, stage_seconds=stage_durations(h), route=j.route, model=j.model,
                              series_uids=tuple(json.loads(j.series_uids)) if j.series_uids else ()))
-    state = RECEIVING if study.state == StudyState.RECEIVING or not infos else infos[0].state
+    current = [j for j in infos if infos and j.created_at == infos[0].created_at]  # latest completion's jobs
+    state = RECEIVING if study.state == StudyState.RECEIVING or not infos else \
+        min(current, key=lambda j: (_precedence(j.state), j.version)).state
     return StudyDetail(study_uid=study.study_uid, state=state, instances=study.instance_count, bytes=int(size or 0),
                        first_received_at=study.first_received_at, last_received_at=study.last_received_at,
                        calling_ae=study.calling_ae, series=series, jobs=tuple(infos))
+
+
+def _precedence(state: str) -> int:
+    order = [s.value for s in STATE_PRECEDENCE]
+    return order.index(state) if state in order else len(order)
 
 
 # ---- activity: throughput, latency, failures --------------------------------------------------
@@ -381,6 +423,7 @@ class Overview:
     latency: Latency
     failures: tuple[Failure, ...]
     recent: tuple[StudyRow, ...]
+    spool: SpoolSpace | None = None  # free space vs spool.min_free_mb; None when the spool cannot be read
 
     @property
     def done_last_hour(self) -> int:
@@ -397,4 +440,5 @@ def overview(ledger: Ledger, settings: Settings, *, now: datetime | None = None)
     return Overview(generated_at=now, queues=queue_overview(ledger, settings, now=now),
                     studies_by_state=studies_by_state(ledger), throughput=throughput(ledger, now=now),
                     latency=latency(ledger, since=now - timedelta(hours=1)),
-                    failures=recent_failures(ledger), recent=list_studies(ledger, page_size=15).items)
+                    failures=recent_failures(ledger), recent=list_studies(ledger, page_size=15).items,
+                    spool=spool_space(settings.spool_dir, settings.spool.min_free_mb))

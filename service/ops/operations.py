@@ -60,12 +60,14 @@ def _study_and_latest_job(ledger: Ledger, study_uid: str) -> tuple[Study, Job | 
 
 
 def retry_study(ledger: Ledger, enqueue: Enqueue, study_uid: str) -> ActionResult:
-    """Run the current stage of the study's latest job again: now for a failed (backing-off) job,
-    with a fresh retry budget for a dead one."""
+    """Run the current stage of the study's failed or dead job again: now for a failed (backing-off) job,
+    with a fresh retry budget for a dead one. With several jobs from its latest completion (routes with
+    `continue`), the first failed or dead one (`retry` again for the next)."""
     _, job = _study_and_latest_job(ledger, study_uid)
     if job is None:
         raise ActionRefusedError(f"study {study_uid} has no job yet: it is still receiving and starts "
                                  "after the quiet period")
+    job = next((j for j in ledger.current_jobs(study_uid) if j.state in (JobState.DEAD, JobState.FAILED)), job)
     stage = Stage(job.stage)
     if job.state == JobState.DEAD:
         if not ledger.reset_for_redelivery(job.id):
@@ -84,28 +86,30 @@ def retry_study(ledger: Ledger, enqueue: Enqueue, study_uid: str) -> ActionResul
 
 
 def replay_study(ledger: Ledger, enqueue: Enqueue, study_uid: str, route: RouteStudy | None = None) -> ActionResult:
-    """Start a new job version over the stored instances (new SR and report, derived from the version),
-    routed again by ``route``: a study ignored before may match a route added since, and the other way
-    round."""
-    study, job = _study_and_latest_job(ledger, study_uid)
+    """Start new job versions over the stored instances (new SR and report each, derived from the version),
+    routed again by ``route``: one per matching route, so a study ignored before may match a route added
+    since, and the other way round. ``job_version`` of the result is the first new version."""
+    study, _ = _study_and_latest_job(ledger, study_uid)
     if study.state == StudyState.RECEIVING:
         raise ActionRefusedError(f"study {study_uid} is still receiving instances; it gets a new job "
                                  "version by itself after the quiet period")
-    if job is not None and job.state not in (JobState.DONE, JobState.DEAD, JobState.IGNORED):
-        raise ActionRefusedError(f"job v{job.version} of {study_uid} is {job.state}; wait for it to finish "
-                                 "(or retry it if it failed) before replaying")
-    job_id = ledger.add_job_version(study_uid, reason="operator replay", route=route)
-    if job_id is None:
+    for job in ledger.current_jobs(study_uid):
+        if job.state not in (JobState.DONE, JobState.DEAD, JobState.IGNORED):
+            raise ActionRefusedError(f"job v{job.version} of {study_uid} is {job.state}; wait for it to finish "
+                                     "(or retry it if it failed) before replaying")
+    job_ids = ledger.add_job_version(study_uid, reason="operator replay", route=route)
+    if job_ids is None:
         raise ActionRefusedError(f"study {study_uid} changed state meanwhile; reload and try again")
-    version = (job.version if job is not None else 0) + 1
     with ledger.session() as s:
-        new = s.get(Job, job_id)
-        assert new is not None
-        if new.state == JobState.IGNORED:
-            return ActionResult("replay", study_uid, version, "", f"job v{version} ignored: {new.error}")
-    enqueue(job_id, Stage.PREPARE, False)
-    return ActionResult("replay", study_uid, version, str(Stage.PREPARE),
-                        f"job v{version} created from {study.instance_count} stored instance(s) and queued")
+        new = [j for j in (s.get(Job, i) for i in job_ids) if j is not None]
+    if len(new) == 1 and new[0].state == JobState.IGNORED:
+        return ActionResult("replay", study_uid, new[0].version, "", f"job v{new[0].version} ignored: {new[0].error}")
+    for j in new:
+        enqueue(j.id, Stage.PREPARE, False)
+    names = f"job v{new[0].version}" if len(new) == 1 else \
+        "jobs " + ", ".join(f"v{j.version} (route {j.route})" for j in new)  # one per route
+    return ActionResult("replay", study_uid, new[0].version, str(Stage.PREPARE),
+                        f"{names} created from {study.instance_count} stored instance(s) and queued")
 
 
 def _redeliver(ledger: Ledger, enqueue: Enqueue, job: Job, study_uid: str) -> ActionResult | None:

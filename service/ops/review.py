@@ -132,3 +132,157 @@ def decide(ledger: Ledger, settings: Settings, enqueue: Enqueue, job_id: int, *,
     else:
         message = f"job {job_id} rejected; nothing was sent"
     return ReviewResult(job_id, study_uid, str(verdict), message)
+
+
+# ---- the review page (authenticated clinical view: it may show study details, logs never do) -----------
+@dataclass(frozen=True)
+class LabSeries:
+    """One timeline feature the model reads, as plotted on the review page: (days before the study, value)."""
+
+    name: str
+    unit: str
+    points: tuple[tuple[float, float], ...]
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    name: str
+    display: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class ReviewDetail:
+    """Everything the review page shows of one job's result."""
+
+    job_id: int
+    study_uid: str
+    state: str
+    route: str
+    model: str
+    accession: str
+    modality: str
+    study_date: str
+    study_description: str
+    finding: str | None
+    classes: tuple[ClassRow, ...]
+    image_only_reason: str | None
+    drivers: tuple[str, ...]
+    lesion: str | None
+    has_overlay: bool
+    card: dict[str, str]
+    labs: tuple[LabSeries, ...]
+    awaiting_seconds: float
+    overdue: bool
+    reviewer: str | None
+    review: str | None
+
+
+_MAX_TIMELINE_BYTES = 50_000_000  # a bigger timeline.json is not parsed for the plot (the page stays fast)
+
+
+def _json(path: Any) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _card_summary(settings: Settings, card_path: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Name, version, modalities and cross-validated figures of the job's model card, and its features
+    (read as TOML: the ops area does not load the model library)."""
+    import tomllib
+    from pathlib import Path
+
+    path = Path(card_path) if card_path else settings.model_card_path()
+    try:
+        card = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {"name": "?", "version": "?"}, []
+    metrics = card.get("metrics") or {}
+    summary = {"name": str(card.get("name", "?")), "version": str(card.get("version", "?")),
+               "modalities": ", ".join(card.get("input", {}).get("modalities", [])) or "any",
+               "intended_use": str(card.get("intended_use") or "not stated in the model card")}
+    if "cv_roc_auc_mean" in metrics:
+        summary["validation"] = (f"ROC-AUC {metrics['cv_roc_auc_mean']:.3f} ± {metrics.get('cv_roc_auc_sd', 0):.3f}, "
+                                 f"ECE {metrics.get('cv_ece_mean', float('nan')):.3f} "
+                                 f"({int(metrics.get('cv_folds', 0))}-fold CV, {int(metrics.get('n_patients', 0))} "
+                                 "patients)")
+    return summary, list(card.get("timeline", {}).get("features", []))
+
+
+def _labs(job_dir: Any, study_time: str, features: list[dict[str, Any]]) -> tuple[LabSeries, ...]:
+    path = job_dir / "timeline.json"
+    try:
+        if path.stat().st_size > _MAX_TIMELINE_BYTES:
+            return ()
+    except OSError:
+        return ()
+    record = _json(path)
+    events = (record.get("timeline") or {}).get("events") or []
+    try:
+        when = datetime.fromisoformat(study_time)
+    except ValueError:
+        return ()
+    out = []
+    for f in features:
+        if f.get("kind") != "observation":
+            continue
+        points = []
+        for e in events:
+            if e.get("code") == f.get("code") and e.get("system") == f.get("system") and e.get("value") is not None:
+                try:
+                    days = (when - datetime.fromisoformat(str(e["time"]))).total_seconds() / 86400.0
+                    points.append((round(days, 1), float(e["value"])))
+                except (ValueError, TypeError):
+                    continue
+        if points:
+            out.append(LabSeries(str(f.get("name")), str(f.get("unit") or ""), tuple(sorted(points, reverse=True))))
+    return tuple(out)
+
+
+def review_detail(ledger: Ledger, settings: Settings, job_id: int, *, now: datetime | None = None) -> ReviewDetail:
+    """The review page of one job (any state: a decided one shows its decision)."""
+    from pydicom import dcmread
+
+    job, study_uid = _job(ledger, job_id)
+    d = Spool(settings.spool_dir, fsync=False).job_dir(job_id)
+    result, facts = _json(d / "result.json"), _json(d / "study.json")
+    header: Any = {}
+    files = ledger.study_files(job.study_id, json.loads(job.series_uids) if job.series_uids else ())
+    if files:
+        try:
+            header = dcmread(files[0], stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - a page must render even when a file went missing
+            header = {}
+    card, features = _card_summary(settings, job.card_path)
+    lesion = _json(d / "lesion.json")
+    lesion_text = None
+    if lesion.get("status") == "segmented":
+        unit = "mm²" if lesion.get("kind") == "area" else "mm³"
+        lesion_text = f"lesion segmented: {float(lesion.get('value', 0)):.0f} {unit} (DICOM SEG sent with the SR)"
+    drivers = tuple(f"{x.get('name')} {float(x.get('attribution', 0)):+.3f}" for x in result.get("drivers", []))
+    limit = timedelta(hours=settings.release.review_timeout_hours)
+    waited = (now or utcnow()) - (job.awaiting_since or job.updated_at)
+    date = str(header.get("StudyDate", "") or "")
+    return ReviewDetail(
+        job_id=job.id, study_uid=study_uid, state=job.state, route=job.route, model=job.model,
+        accession=str(facts.get("accession_number", "") or header.get("AccessionNumber", "") or ""),
+        modality=str(header.get("Modality", "") or ""),
+        study_date=f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else date,
+        study_description=str(header.get("StudyDescription", "") or ""),
+        finding=job.finding,
+        classes=tuple(ClassRow(str(p["name"]), str(p.get("display", p["name"])), float(p["probability"]))
+                      for p in result.get("probabilities", [])),
+        image_only_reason=result.get("image_only_reason") if result.get("image_only") else None,
+        drivers=drivers, lesion=lesion_text, has_overlay=(d / "saliency.png").exists(), card=card,
+        labs=_labs(d, str(facts.get("study_time", "")), features),
+        awaiting_seconds=max(waited.total_seconds(), 0.0), overdue=job.state == JobState.AWAITING_REVIEW and waited > limit,
+        reviewer=job.reviewer, review=job.review)
+
+
+def overlay_path(settings: Settings, job_id: int) -> Any:
+    """The Grad-CAM overlay PNG of the job (the image the model read), if there is one."""
+    path = Spool(settings.spool_dir, fsync=False).job_dir(job_id) / "saliency.png"
+    return path if path.exists() else None

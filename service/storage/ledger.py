@@ -170,12 +170,15 @@ class Ledger:
     # ---- completion ---------------------------------------------------------------------------
     def complete_studies(self, *, quiet_before: datetime | None, study_uids: Sequence[str] = (),
                          route: RouteStudy | None = None) -> list[int]:
-        """Close receiving studies (quiet since ``quiet_before``, or named) and create one job each.
+        """Close receiving studies (quiet since ``quiet_before``, or named) and create their jobs.
 
-        ``route`` decides each study's job before it is closed (routing reads the study's headers, outside
-        any transaction): its model and series, or the reason it is ignored, recorded as a job in the
-        terminal state ``ignored``. Returns the ids of the jobs to run (ignored ones are not among them).
-        The conditional UPDATE makes this exactly-once even with several listeners polling.
+        ``route`` decides each study's jobs before it is closed (routing reads the study's headers, outside
+        any transaction): one per matching route (its model and series), or the reason the study is
+        ignored, recorded as one job in the terminal state ``ignored``. Each job takes its own version (the
+        study's ``job_version`` grows by the number of jobs), so every job derives its own SR UIDs; the
+        jobs of one completion share their ``created_at`` (docs/architecture.md "Job states"). Returns
+        the ids of the jobs to run (ignored ones are not among them). The conditional UPDATE makes this
+        exactly-once even with several listeners polling.
         """
         created: list[int] = []
         with self.session() as s:
@@ -188,28 +191,32 @@ class Ledger:
                 return []
             candidates = list(s.scalars(q))
         for study_id in candidates:
-            decision = route(study_id) if route is not None else None
+            plans = _job_plans(route(study_id) if route is not None else None)
             with self.transaction() as s:
                 cond = [Study.id == study_id, Study.state == StudyState.RECEIVING]
                 if not study_uids and quiet_before is not None:
                     cond.append(Study.last_received_at <= quiet_before)
                 res = s.execute(update(Study).where(*cond).values(
-                    state=StudyState.COMPLETE, job_version=Study.job_version + 1))
+                    state=StudyState.COMPLETE, job_version=Study.job_version + len(plans)))
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     continue
                 study = s.get(Study, study_id)
                 assert study is not None
-                job = self._new_job(s, study, decision, "complete")
-                if job.state != JobState.IGNORED:
-                    created.append(job.id)
+                first, now = study.job_version - len(plans) + 1, utcnow()
+                for i, plan in enumerate(plans):
+                    job = self._new_job(s, study, plan, "complete", version=first + i, now=now)
+                    if job.state != JobState.IGNORED:
+                        created.append(job.id)
         return created
 
     def _new_job(self, s: Session, study: Study, decision: JobRoute | str | None, event_name: str,
-                 note: str = "") -> Job:
-        """A job row for the study's current version: routed (``JobRoute``), ignored (a reason) or, with no
-        routing (``None``), on the default model over every series."""
-        now = utcnow()
-        job = Job(study_id=study.id, version=study.job_version, state=JobState.COMPLETE, stage=Stage.PREPARE,
+                 note: str = "", *, version: int | None = None, now: datetime | None = None) -> Job:
+        """A job row (version ``version``, default the study's current one): routed (``JobRoute``), ignored
+        (a reason) or, with no routing (``None``), on the default model over every series. The jobs of one
+        completion or replay are created with one ``now``: their shared ``created_at`` groups them."""
+        now = now or utcnow()
+        job = Job(study_id=study.id, version=study.job_version if version is None else version,
+                  state=JobState.COMPLETE, stage=Stage.PREPARE,
                   attempts=0, instance_count=study.instance_count, created_at=now, updated_at=now,
                   lease_owner=None, lease_expires=None)
         if isinstance(decision, JobRoute):
@@ -393,17 +400,18 @@ class Ledger:
             self._audit(s, "job", job_id, "redeliver", "operator")
             return True
 
-    def add_job_version(self, study_uid: str, *, reason: str, route: RouteStudy | None = None) -> int | None:
-        """Operator replay: a new job version over the instances stored so far, routed again.
+    def add_job_version(self, study_uid: str, *, reason: str, route: RouteStudy | None = None) -> list[int] | None:
+        """Operator replay: new job versions over the instances stored so far, routed again: one per
+        matching route (as at completion), or one ignored job.
 
         None when the study is unknown, still receiving, or has a job that is not finished yet; the new
-        job's id otherwise (an ignored one included: its state says so).
+        jobs' ids otherwise, in version order (an ignored one included: its state says so).
         """
         with self.session() as s:
             study_id = s.scalar(select(Study.id).where(Study.study_uid == study_uid))
         if study_id is None:
             return None
-        decision = route(study_id) if route is not None else None
+        plans = _job_plans(route(study_id) if route is not None else None)
         with self.transaction() as s:
             study = s.get(Study, study_id)
             if study is None or study.state != StudyState.COMPLETE:
@@ -411,8 +419,11 @@ class Ledger:
             if s.scalar(select(Job.id).where(Job.study_id == study.id,
                                              Job.state.not_in([str(t) for t in TERMINAL]))) is not None:
                 return None
-            study.job_version += 1
-            return self._new_job(s, study, decision, "replay", reason).id
+            now, ids = utcnow(), []
+            for plan in plans:
+                study.job_version += 1
+                ids.append(self._new_job(s, study, plan, "replay", reason, now=now).id)
+            return ids
 
     # ---- review before release (docs/architecture.md "Job states") --------------------------------
     def await_review(self, job_id: int, *, owner: str) -> bool:
@@ -548,6 +559,12 @@ class Ledger:
             return list(s.scalars(select(Job).join(Study, Study.id == Job.study_id)
                                   .where(Study.study_uid == study_uid).order_by(Job.version)))
 
+    def current_jobs(self, study_uid: str) -> list[Job]:
+        """The jobs of the study's latest completion or replay (one per route that took it, or one ignored
+        job), in version order: those created with its newest job (same ``created_at``)."""
+        jobs = self.jobs_for_study(study_uid)
+        return [j for j in jobs if j.created_at == jobs[-1].created_at] if jobs else []
+
     def deliveries(self, job_id: int) -> list[Delivery]:
         with self.session() as s:
             return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.kind)))
@@ -556,6 +573,17 @@ class Ledger:
         with self.session() as s:
             return list(s.scalars(select(AuditEvent).where(
                 AuditEvent.entity == entity, AuditEvent.entity_id == entity_id).order_by(AuditEvent.id)))
+
+
+def _job_plans(decision: Sequence[JobRoute] | JobRoute | str | None) -> list[JobRoute | str | None]:
+    """A routing decision as the list of jobs to create: one per route, or one ignored (a reason) or
+    unrouted (None) job. An empty sequence of routes is a routing bug, never "no job"."""
+    if decision is None or isinstance(decision, (str, JobRoute)):
+        return [decision]
+    plans: list[JobRoute | str | None] = list(decision)
+    if not plans:
+        raise ValueError("routing returned no job and no reason to ignore the study")
+    return plans
 
 
 def _review_of(job: Job) -> Review | None:

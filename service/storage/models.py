@@ -8,7 +8,7 @@ birth dates.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,6 +222,20 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+class WebSession(Base):
+    """A dashboard sign-in: the cookie holds a random id, the ledger only its SHA-256; the CSRF token every
+    state-changing request of that session must echo; ends at sign-out, expiry or when the user is disabled."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 @dataclass(frozen=True)
 class JobRef:
     """What a task needs to run a job: ids and paths only."""
@@ -264,8 +278,9 @@ class JobRoute:
     release: ReleaseMode = ReleaseMode.AUTO
 
 
-#: Decides a completing study's job: study id -> its route, or the reason the study is ignored.
-RouteStudy = Callable[[int], "JobRoute | str"]
+#: Decides a completing study's jobs: study id -> one route per job to create (several when matching routes
+#: say `continue`), or the reason the study is ignored.
+RouteStudy = Callable[[int], "Sequence[JobRoute] | JobRoute | str"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from dicom_fusion.service.errors import ActionRefusedError
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import ApiToken, Role, User, utcnow
+from dicom_fusion.service.storage.models import ApiToken, Role, User, WebSession, utcnow
 
 LOCK_AFTER = 5  # consecutive wrong passwords before the account is slowed down
 LOCK_SECONDS = 30.0  # then: at least this long between attempts
@@ -182,6 +182,34 @@ class Users:
                 return None
             row[0].last_used_at = utcnow()
             return _principal(row[1])
+
+    # ---- dashboard sessions -----------------------------------------------------------------------------
+    def start_session(self, username: str, *, hours: float) -> tuple[str, str]:
+        """A signed-in browser: (the cookie value, the session's CSRF token). Call after `authenticate`."""
+        cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now = utcnow()
+        with self.ledger.transaction() as s:
+            user = self._get(s, username)
+            s.add(WebSession(user_id=user.id, session_hash=_token_hash(cookie), csrf_token=csrf, created_at=now,
+                             expires_at=now + timedelta(hours=hours)))
+        return cookie, csrf
+
+    def resolve_session(self, cookie: str) -> tuple[Principal, str] | None:
+        """The signed-in user and the session's CSRF token; None once signed out, expired or disabled."""
+        with self.ledger.session() as s:
+            row = s.execute(select(WebSession, User).join(User, User.id == WebSession.user_id).where(
+                WebSession.session_hash == _token_hash(cookie), WebSession.ended_at.is_(None),
+                WebSession.expires_at > utcnow())).first()
+        if row is None or row[1].disabled:
+            return None
+        return _principal(row[1]), row[0].csrf_token
+
+    def end_session(self, cookie: str) -> None:
+        with self.ledger.transaction() as s:
+            row = s.scalar(select(WebSession).where(WebSession.session_hash == _token_hash(cookie)))
+            if row is not None and row.ended_at is None:
+                row.ended_at = utcnow()
+                self.ledger._audit(s, "user", row.user_id, "signed_out", "")
 
     @staticmethod
     def _get(s: object, username: str) -> User:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from browser import Browser
 from conftest import require, require_tool
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -148,14 +149,17 @@ def ops(tmp_path: Path, orthanc: Pacs, fhir_server: FhirServer, redis: RedisServ
     with log.open("wb") as fh:
         serve = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "serve"], env=env,
                                  stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
-        api = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "api"], env=env,
-                               stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
+    api = None
     try:
-        wait_for_port("127.0.0.1", dicom_port, timeout=60)
+        wait_for_port("127.0.0.1", dicom_port, timeout=60)  # serve has migrated the ledger: the api may start
+        with log.open("ab") as fh:
+            api = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "api"], env=env,
+                                   stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
         wait_for_port("127.0.0.1", api_port, timeout=60)
         yield Ops(serve, api, dicom_port, api_port, lm, wm, env, log, tmp_path)
     finally:
-        _stop(api)
+        if api is not None:
+            _stop(api)
         _stop(serve)
 
 
@@ -222,21 +226,36 @@ def test_operator_sees_and_acts_on_a_real_run(ops: Ops, cohort: list[SyntheticPa
         assert wm[("dicom_fusion_task_duration_seconds_count", (("outcome", "ok"), ("stage", stage)))] >= 1
     assert sum(v for (n, _), v in wm.items() if n == "dicom_fusion_model_inference_seconds_count") == 1
 
-    # The dashboard, as a browser renders it (scripts run; the token leaves the URL)
-    url = f"http://127.0.0.1:{ops.api_port}/dashboard?token={TOKEN}&study={uid}"
-    shot = Path(os.environ.get("DICOM_FUSION_SCREENSHOT") or tmp_path / "dashboard.png")
-    chromium(url, tmp_path, f"--screenshot={shot}", "--virtual-time-budget=2000")
-    assert shot.stat().st_size > 20_000
-    dom = chromium(url, tmp_path, "--dump-dom")
+    # The dashboard, as a browser renders it: an operator signs in (no token in any URL), scripts run
+    made = subprocess.run([sys.executable, "-m", "dicom_fusion.service.cli", "users", "add", "olga", "--role",
+                           "operator", "--name", "Olga Operator", "--password-stdin"], env=ops.env, cwd=ops.tmp,
+                          input="operator password 1\n", capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    browser = Browser(tmp_path / "chromium")
+    try:
+        base = f"http://127.0.0.1:{ops.api_port}"
+        browser.goto(f"{base}/dashboard?study={uid}")
+        assert "/login" in browser.url and browser.eval("!!document.getElementById('password')")
+        browser.eval("document.getElementById('username').value = 'olga';"
+                     "document.getElementById('password').value = 'operator password 1';")
+        browser.submit_and_wait("document.getElementById('login').submit()")
+        assert browser.url == f"{base}/dashboard?study={uid}"
+        assert browser.eval("!!document.getElementById('study-state')"), browser.eval("document.body.innerText")[:3000]
+        shot = Path(os.environ.get("DICOM_FUSION_SCREENSHOT") or tmp_path / "dashboard.png")
+        browser.screenshot(shot)
+        assert shot.stat().st_size > 20_000
+        dom = browser.eval("document.documentElement.outerHTML")
+    finally:
+        browser.close()
     assert _text(dom, "kpi-done") == "1"
     assert _text(dom, "kpi-instances") == str(len(files))
     assert _text(dom, "kpi-failing") == "0"
     assert re.search(r'data-state="done"><span class="badge done">done</span><span class="n">1<', dom)
     assert re.search(r'data-queue="gpu">.*?class="num depth">0<', dom, re.S)
     assert _text(dom, "study-uid") == uid and _text(dom, "study-state") == "done"
-    assert f'data-study="{uid}"' in dom
+    assert f'data-study="{uid}"' in dom and "Olga Operator" in dom
     login = chromium(f"http://127.0.0.1:{ops.api_port}/dashboard", tmp_path / "fresh", "--dump-dom")
-    assert 'name="token"' in login and "kpi-done" not in login
+    assert 'name="password"' in login and "kpi-done" not in login
 
     # CLI status shows the same
     status = ops.cli("status")

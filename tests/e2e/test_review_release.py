@@ -7,6 +7,7 @@ it again is refused and sends nothing. Rejecting the other marks its report ente
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from browser import Browser
 from test_spine import Stack, _orthanc, _sr_instances, _storescu, running_serve
 
 from dicom_fusion.fhir.client import FhirClient
 from dicom_fusion.inference.synth.generate import SyntheticPatient, generate_cohort
-from dicom_fusion.service.demo.components import FhirServer, Pacs
+from dicom_fusion.service.demo.components import FhirServer, Pacs, free_port
+from dicom_fusion.service.server import wait_for_port
 from dicom_fusion.service.outputs.sr.reader import read_sr
 from dicom_fusion.service.storage.models import Job, JobState
 
@@ -121,3 +124,131 @@ def test_nothing_leaves_before_review_then_approve_and_reject(tmp_path: Path, or
         assert _sr_instances(orthanc, rejected.study_instance_uid) == []
         assert len(_sr_instances(orthanc, approved.study_instance_uid)) == 1
         assert "motion artefact" not in stack.log.read_text() and "agree with AI" not in stack.log.read_text()
+
+
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "images"
+PASSWORD = "a long enough password"
+
+
+def _users(stack: Stack, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DICOM_FUSION_CONFIG"}
+    env["DICOM_FUSION_DATA_DIR"] = str(stack.data_dir)
+    return subprocess.run([sys.executable, "-m", "dicom_fusion.service.cli", "users", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=120, cwd=stack.data_dir.parent)
+
+
+def _sign_in(browser: Browser, base: str, username: str, password: str = PASSWORD) -> None:
+    browser.goto(f"{base}/dashboard")
+    assert "/login" in browser.url  # no session: the sign-in form, never a token in the URL
+    browser.eval(f"document.getElementById('username').value = {json.dumps(username)};"
+                 f"document.getElementById('password').value = {json.dumps(password)};")
+    browser.submit_and_wait("document.getElementById('login').submit()")
+
+
+def test_a_reviewer_approves_and_rejects_in_the_browser(tmp_path: Path, orthanc: Pacs, fhir_server: FhirServer,
+                                                        storescu: str) -> None:
+    """Real Chromium, real serve + api, Orthanc and FHIR: sign in as a reviewer, approve one study from
+    the review page, reject another with the keyboard; a viewer gets 403; no CSRF token, no action;
+    five wrong passwords slow the account down. Screenshots of the worklist and the review page go to
+    docs/images when DICOM_FUSION_SCREENSHOTS=1 (the README shows them)."""
+    found = generate_cohort(2, tmp_path / "cohort", seed=37, progress=False)
+    with FhirClient(fhir_server.base_url) as client:
+        for p in found:
+            client.transaction(json.loads(Path(p.bundle_path).read_text()))
+    api_port = free_port()
+    with running_serve(tmp_path, orthanc, fhir_server, REVIEW_ENV) as stack:
+        env = {k: v for k, v in os.environ.items() if k != "DICOM_FUSION_CONFIG"}
+        env.update({"DICOM_FUSION_DATA_DIR": str(stack.data_dir), "DICOM_FUSION_API__PORT": str(api_port),
+                    "DICOM_FUSION_API__TOKEN": "service-token-e2e", "DICOM_FUSION_FHIR__BASE_URL": fhir_server.base_url,
+                    **REVIEW_ENV})
+        with (tmp_path / "api.log").open("wb") as fh:
+            api = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "api"], env=env, stdout=fh,
+                                   stderr=subprocess.STDOUT, cwd=tmp_path)
+        browsers: list[Browser] = []
+        try:
+            wait_for_port("127.0.0.1", api_port, timeout=60)
+            base = f"http://127.0.0.1:{api_port}"
+            for name, role, display in (("jsmith", "reviewer", "Jane Smith"), ("vera", "viewer", "Vera Viewer")):
+                made = _users(stack, "add", name, "--role", role, "--name", display, "--organization",
+                              "Test General Hospital", "--password-stdin", stdin=PASSWORD + "\n")
+                assert made.returncode == 0, made.stderr
+            for p in found:
+                _storescu(storescu, stack, sorted(Path(p.study_dir).glob("*.dcm")))
+            jobs = [_wait(stack, p.study_instance_uid, (JobState.AWAITING_REVIEW, JobState.DEAD)) for p in found]
+            assert [j.state for j in jobs] == [JobState.AWAITING_REVIEW] * 2, [j.error for j in jobs]
+
+            rev = Browser(tmp_path / "chromium-reviewer")
+            browsers.append(rev)
+            _sign_in(rev, base, "jsmith")
+            assert rev.url.endswith("/dashboard"), rev.eval("document.body.textContent")
+            assert "Jane Smith" in rev.eval("document.getElementById('who').textContent")
+            assert rev.eval("document.getElementById('kpi-review').textContent").startswith("2 awaiting review")
+            rev.goto(f"{base}/review")
+            listed = rev.eval("Array.from(document.querySelectorAll('tr[data-job]')).map(r => Number(r.dataset.job))")
+            assert sorted(listed) == sorted(j.id for j in jobs)
+            if os.environ.get("DICOM_FUSION_SCREENSHOTS"):
+                rev.screenshot(SHOTS / "review-worklist.png")
+            first, second = jobs
+            rev.submit_and_wait(f"document.querySelector('tr[data-job=\"{first.id}\"] a').click()")
+            assert rev.url.endswith(f"/review/{first.id}")
+            assert rev.wait_for("document.getElementById('overlay') && document.getElementById('overlay').naturalWidth")
+            assert rev.eval("document.querySelectorAll('#drivers li').length") == 3
+            assert rev.eval("document.querySelectorAll('svg.spark').length") >= 1
+            if os.environ.get("DICOM_FUSION_SCREENSHOTS"):
+                rev.screenshot(SHOTS / "review-page.png")
+            # a request without the session's CSRF token is refused, whoever's cookie it carries
+            status = rev.eval(f"fetch('/api/review/{first.id}/approve', {{method: 'POST', headers: "
+                              "{'Content-Type': 'application/json'}, body: '{}'}).then(r => r.status)",
+                              await_promise=True)
+            assert status == 403
+            rev.eval("document.getElementById('comment').value = 'agree, lesion visible'")
+            rev.eval("document.getElementById('approve').click()")
+            assert "approved" in rev.wait_for("document.getElementById('outcome').textContent")
+            approved = _wait(stack, found[0].study_instance_uid, (JobState.DONE, JobState.DEAD))
+            assert approved.state == JobState.DONE and approved.reviewer == "Jane Smith", approved.error
+            [sr_id] = _sr_instances(orthanc, found[0].study_instance_uid)
+            sr = dcmread(io.BytesIO(_orthanc(orthanc, f"/instances/{sr_id}/file")))  # type: ignore[arg-type]
+            assert sr.VerificationFlag == "VERIFIED"
+            assert str(sr.VerifyingObserverSequence[0].VerifyingObserverName) == "Smith^Jane"
+            assert sr.VerifyingObserverSequence[0].VerifyingOrganization == "Test General Hospital"
+            [report] = _reports(fhir_server, found[0])
+            assert (report["status"], report["meta"]["versionId"]) == ("final", "2")  # type: ignore[index]
+
+            # the second with the keyboard: r rejects
+            rev.goto(f"{base}/review/{second.id}")
+            rev.eval("document.getElementById('comment').value = 'wrong side'")
+            rev.eval("document.body.dispatchEvent(new KeyboardEvent('keydown', {key: 'r', bubbles: true}))")
+            assert "rejected" in rev.wait_for("document.getElementById('outcome').textContent")
+            rejected = _wait(stack, found[1].study_instance_uid, (JobState.REJECTED, JobState.DEAD))
+            assert rejected.state == JobState.REJECTED
+            [report] = _reports(fhir_server, found[1])
+            assert report["status"] == "entered-in-error"
+            assert _sr_instances(orthanc, found[1].study_instance_uid) == []
+
+            # a viewer may look but not approve
+            viewer = Browser(tmp_path / "chromium-viewer")
+            browsers.append(viewer)
+            _sign_in(viewer, base, "vera")
+            viewer.goto(f"{base}/review/{first.id}")
+            assert viewer.eval("document.getElementById('approve')") is None
+            status = viewer.eval(
+                f"fetch('/api/review/{second.id}/approve', {{method: 'POST', body: '{{}}', headers: "
+                "{'Content-Type': 'application/json', 'X-CSRF-Token': "
+                "document.querySelector('meta[name=csrf-token]').content}}).then(r => r.status)", await_promise=True)
+            assert status == 403
+
+            # five wrong passwords: the sixth attempt is refused even with the right one, and audited
+            guesser = Browser(tmp_path / "chromium-guesser")
+            browsers.append(guesser)
+            for _ in range(5):
+                _sign_in(guesser, base, "vera", "not the password")
+                assert "/login" in guesser.url or "wrong username" in guesser.eval("document.body.textContent")
+            _sign_in(guesser, base, "vera")
+            assert "cooling down" in guesser.eval("document.body.textContent")
+            refused = [e for e in stack.ledger.audit_events("user", 2) if e.event == "sign_in_refused"]
+            assert len(refused) == 6 and PASSWORD not in " ".join(e.detail for e in refused)
+        finally:
+            for b in browsers:
+                b.close()
+            api.terminate()
+            api.wait(timeout=30)

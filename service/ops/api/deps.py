@@ -3,8 +3,8 @@
 Authentication: every route except ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>``
 unless ``api.auth = false``: a named user's API token (``dicom-fusion users token``; the user's role decides
 what it may do, see :data:`PERMISSIONS`) or ``api.token``, the service token, which acts as an operator
-for automation. The dashboard page alone also accepts ``?token=`` (a browser cannot send a header on
-navigation); its script then keeps the token in ``sessionStorage`` and sends it as a header.
+for automation. Browsers sign in instead (``/login``, :mod:`.routes.session`): an HttpOnly, SameSite=Strict
+session cookie, and a CSRF token the dashboard's script sends with every state-changing request.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
 
@@ -103,19 +103,42 @@ def _principal(ctx: ApiContext, token: str | None) -> Principal | None:
     return Users(ctx.ledger).resolve_token(token)
 
 
+SESSION_COOKIE = "dfu_session"
+CSRF_HEADER = "X-CSRF-Token"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def _unauthorized() -> HTTPException:
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token (a user's API token or "
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in, or send a bearer token (a user's API token or "
                          "api.token)", headers={"WWW-Authenticate": "Bearer"})
 
 
-def current_principal(ctx: ContextDep,
+def session_of(request: Request, ctx: ApiContext) -> tuple[Principal, str] | None:
+    """The dashboard session of the request's cookie: (user, CSRF token), or None."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return Users(ctx.ledger).resolve_session(cookie) if cookie else None
+
+
+def current_principal(request: Request, ctx: ContextDep,
                       cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
-    """Who calls: 401 without a valid token (unless `api.auth = false`)."""
+    """Who calls: a bearer token (API clients), else the dashboard's session cookie — whose state-changing
+    requests must carry the session's CSRF token in `X-CSRF-Token` (403 otherwise); 401 with neither
+    (unless `api.auth = false`)."""
     if not ctx.settings.api.auth:
         return ANONYMOUS
-    who = _principal(ctx, cred.credentials if cred else None)
-    if who is None:
+    if cred is not None:
+        who = _principal(ctx, cred.credentials)
+        if who is None:
+            raise _unauthorized()
+        return who
+    signed_in = session_of(request, ctx)
+    if signed_in is None:
         raise _unauthorized()
+    who, csrf = signed_in
+    if request.method not in _SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not sent or not secrets.compare_digest(sent.encode(), csrf.encode()):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"missing or wrong {CSRF_HEADER} header: reload the page")
     return who
 
 
@@ -134,16 +157,15 @@ def require(permission: str) -> Any:
     return Depends(check)
 
 
-def dashboard_token(ctx: ContextDep,
-                    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                    token: Annotated[str | None, Query(description="api.token, for browsers")] = None) -> bool:
-    """The dashboard page: header or ``?token=``; False (show the login form) instead of a 401."""
+def dashboard_user(request: Request, ctx: ContextDep) -> Principal | None:
+    """The dashboard's pages: the signed-in user (None: show the sign-in form). No token travels in a URL."""
     if not ctx.settings.api.auth:
-        return True
-    return (_principal(ctx, cred.credentials if cred else None) or _principal(ctx, token)) is not None
+        return ANONYMOUS
+    signed_in = session_of(request, ctx)
+    return signed_in[0] if signed_in else None
 
 
 Authorized = require("read")
 Operate = require("operate")
 ReviewPermission = require("review")
-DashboardAuth = Annotated[bool, Depends(dashboard_token)]
+DashboardUser = Annotated[Principal | None, Depends(dashboard_user)]

@@ -11,10 +11,22 @@ from dicom_fusion.service.config import Settings
 from dicom_fusion.service.errors import ConfigError
 from dicom_fusion.service.jobs.queues import make_celery
 from dicom_fusion.service.ops.api.deps import ApiContext
-from dicom_fusion.service.ops.api.routes import dashboard, health, metrics, queues, review, studies
+from dicom_fusion.service.ops.api.docs import install_docs
+from dicom_fusion.service.ops.api.routes import (
+    dashboard,
+    health,
+    metrics,
+    queues,
+    review,
+    review_pages,
+    session,
+    studies,
+)
 from dicom_fusion.service.ops.api.routes.errors import install_error_handler
+from dicom_fusion.service.ops.api.security import SecurityHeaders, content_security_policy, inline_hashes
 from dicom_fusion.service.ops.logredact import RedactQuerySecrets
 from dicom_fusion.service.ops.metrics import api_registry
+from dicom_fusion.service.ops.readiness import CachedReadiness
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.schema import check_schema
 
@@ -54,10 +66,15 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         ledger.close()
 
-    app = FastAPI(title="dicom-fusion", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # no CDN-loaded docs pages, /openapi.json behind the token unless api.docs (service/ops/api/docs.py)
+    app = FastAPI(title="dicom-fusion", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    app.state.readiness = CachedReadiness(ledger, settings, ttl=settings.api.readiness_cache_seconds)
+    docs_policies = install_docs(app, settings)
+    app.add_middleware(SecurityHeaders, csp=content_security_policy(inline_hashes()), overrides=docs_policies)
     install_error_handler(app)
-    for module in (health, studies, queues, review, metrics, dashboard):
+    for module in (health, studies, queues, review, metrics, session, dashboard, review_pages):
         app.include_router(module.router)
     return app
 
@@ -75,6 +92,6 @@ def run(settings: Settings) -> None:
     app = create_app(settings)
     logging.getLogger("uvicorn.access").addFilter(_RedactToken())
     print(f"dicom-fusion api on http://{settings.api.host}:{settings.api.port} "
-          f"(dashboard /dashboard, docs /docs)", flush=True)
+          f"(dashboard /dashboard{', docs /docs' if settings.api.docs else ''})", flush=True)
     uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level=settings.log_level.lower(),
                 log_config=None)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, create_model
 from dicom_fusion.service.ops import monitoring
 from dicom_fusion.service.ops.operations import ActionResult
 from dicom_fusion.service.ops.readiness import Check
+from dicom_fusion.service.storage.spool import SpoolSpace
 
 
 class _Out(BaseModel):
@@ -90,6 +91,7 @@ ActionOut = schema_of(ActionResult, "ActionOut")
 FailureOut = schema_of(monitoring.Failure, "FailureOut")
 LatencyOut = schema_of(monitoring.Latency, "LatencyOut")
 BucketOut = schema_of(monitoring.Bucket, "BucketOut")
+SpoolSpaceOut = schema_of(SpoolSpace, "SpoolSpaceOut", properties=("low",))
 OverviewOut = schema_of(monitoring.Overview, "OverviewOut", exclude=("recent",),
                         properties=("done_last_hour", "instances_last_hour"))
 

@@ -6,49 +6,21 @@ on screen has one renderer (the templates). Without a valid token the page is a 
 """
 from __future__ import annotations
 
-from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
 
 from dicom_fusion.service.errors import StudyNotFoundError
 from dicom_fusion.service.ops import monitoring
-from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, DashboardAuth
+from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, DashboardUser, session_of
 from dicom_fusion.service.ops.api.routes.queues import queues_out
 from dicom_fusion.service.ops.api.routes.studies import StudyUID, study_out
+from dicom_fusion.service.ops.api.templating import templates
 from dicom_fusion.service.storage.models import utcnow
 
 router = APIRouter(tags=["dashboard"], include_in_schema=False)
-templates = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds // 60:.0f} m {seconds % 60:02.0f} s"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _ago(ts: datetime | None, now: datetime) -> str:
-    return "–" if ts is None else f"{_duration(max((now - ts).total_seconds(), 0.0))} ago"
-
-
-def _short_uid(uid: str) -> str:
-    """Long UIDs in narrow columns: head…tail (the full UID is in the title and the drill-down)."""
-    return uid if len(uid) <= 26 else f"{uid[:10]}…{uid[-12:]}"
-
-
-templates.env.filters["duration"] = _duration
-templates.env.filters["short_uid"] = _short_uid
-templates.env.globals["ago"] = _ago
 
 
 def _overview_context(ctx: ApiContext) -> dict[str, Any]:
@@ -73,16 +45,22 @@ def root() -> RedirectResponse:
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
-def dashboard(request: Request, ctx: ContextDep, authorized: DashboardAuth,
+def dashboard(request: Request, ctx: ContextDep, user: DashboardUser,
               study: Annotated[str | None, Query(pattern=r"^[0-9][0-9.]{0,63}$")] = None) -> Response:
-    base = {"refresh": ctx.settings.api.refresh_seconds, "auth": ctx.settings.api.auth}
-    if not authorized:
-        wrong = "token" in request.query_params
-        return templates.TemplateResponse(request, "login.html", {**base, "wrong": wrong}, status_code=401)
-    page = {**base, **_overview_context(ctx), "selected": study}
+    if user is None:
+        return RedirectResponse("/login?next=" + quote(str(request.url.path) + (f"?study={study}" if study else "")),
+                                status_code=303)
+    page = {**page_base(request, ctx, user), **_overview_context(ctx), "selected": study}
     if study:
         page.update(_study_context(ctx, study))
     return templates.TemplateResponse(request, "dashboard.html", page)
+
+
+def page_base(request: Request, ctx: ApiContext, user: Any) -> dict[str, Any]:
+    """What base.html needs on every signed-in page: refresh period, the user, the session's CSRF token."""
+    signed_in = session_of(request, ctx)
+    return {"refresh": ctx.settings.api.refresh_seconds, "auth": ctx.settings.api.auth, "user": user,
+            "csrf": signed_in[1] if signed_in else ""}
 
 
 @router.get("/dashboard/fragments/overview", response_class=HTMLResponse, dependencies=[Authorized])

@@ -1,14 +1,9 @@
 (function () {
   "use strict";
-  var KEY = "dicom-fusion-token";
   var here = new URL(location.href);
-  if (here.searchParams.has("token")) {  // keep the token out of the address bar and history
-    sessionStorage.setItem(KEY, here.searchParams.get("token"));
-    here.searchParams.delete("token");
-    history.replaceState(null, "", here.toString());
-  }
-  var token = sessionStorage.getItem(KEY);
-  var headers = token ? { "Authorization": "Bearer " + token } : {};
+  var csrf = document.querySelector('meta[name="csrf-token"]');
+  // the session cookie authenticates; state-changing requests echo the session's CSRF token
+  var headers = csrf ? { "X-CSRF-Token": csrf.content } : {};
   var every = Math.max(1, Number(document.body.dataset.refresh || 5)) * 1000;
   var overview = document.getElementById("overview");
   var study = document.getElementById("study");
@@ -23,7 +18,7 @@
     opts = opts || {};
     opts.headers = Object.assign({}, headers, opts.headers || {});
     return fetch(path, opts).then(function (r) {
-      if (r.status === 401) { sessionStorage.removeItem(KEY); location.replace("/dashboard"); throw new Error("unauthorized"); }
+      if (r.status === 401) { location.replace("/login?next=" + encodeURIComponent(location.pathname + location.search)); throw new Error("unauthorized"); }
       return r.text().then(function (body) { return { ok: r.ok, status: r.status, body: body }; });
     });
   }
