@@ -215,6 +215,9 @@ class RoutingSettings(_Section):
     file: Path | None = None  # a TOML file of [[routes]] tables (instead of [[routes]] here)
     phantom_pattern: str = ""  # QC phantoms: regular expression on PatientName / PatientID; never processed
     regex_timeout_ms: float = Field(50.0, gt=0, le=5000)  # per match: a pathological pattern is cut short
+    # calling AE title -> priority of the jobs of studies it sends, on every route (a route's own
+    # `priority_by_calling_ae` wins); README "Routing", "Priority"
+    priority_by_calling_ae: dict[str, Literal["urgent", "normal", "background"]] = Field(default_factory=dict)
 
 
 ReleaseMode = Literal["auto", "review"]
@@ -263,6 +266,9 @@ class WorkerSettings(_Section):
     # shared or busy host OpenMP threads of a small model spin against other processes (measured here:
     # 4.5 ms per prediction with 1 thread, 256 ms with 2 on a loaded 2-core machine).
     torch_threads: int = Field(1, ge=0)
+    # models (classifier + segmenter of one card) a worker process keeps loaded after first use; the least
+    # recently used is released beyond this (and its GPU memory returned with torch.cuda.empty_cache)
+    max_loaded_models: int = Field(4, ge=1)
     soft_time_limits: StageTimeLimits = Field(default_factory=StageTimeLimits)
     hard_time_limit_grace_seconds: float = Field(30.0, gt=0)  # hard limit = soft limit + this
 
@@ -280,6 +286,10 @@ class ApiSettings(_Section):
     # the session cookie's Secure flag: "auto" = when the request came over https (directly or, with
     # uvicorn's proxy headers, through a TLS-terminating proxy); "always" for sites that only serve https
     cookie_secure: Literal["auto", "always"] = "auto"
+    # single sign-on through an authenticating reverse proxy: the header naming the signed-in user (a user of
+    # `dicom-fusion users`), trusted only from these proxy addresses; empty = off
+    trusted_user_header: str = ""
+    trusted_proxies: list[str] = Field(default_factory=list)
     # /readyz probes (a FHIR request, a C-ECHO) run at most once per this many seconds, whatever the call rate
     readiness_cache_seconds: float = Field(5.0, ge=1, le=300)
     # /docs and /redoc (Swagger UI / ReDoc load scripts and fonts from public CDNs, and are served open

@@ -59,7 +59,7 @@ def _study_and_latest_job(ledger: Ledger, study_uid: str) -> tuple[Study, Job | 
         return study, job
 
 
-def retry_study(ledger: Ledger, enqueue: Enqueue, study_uid: str) -> ActionResult:
+def retry_study(ledger: Ledger, enqueue: Enqueue, study_uid: str, *, actor: str = "console") -> ActionResult:
     """Run the current stage of the study's failed or dead job again: now for a failed (backing-off) job,
     with a fresh retry budget for a dead one. With several jobs from its latest completion (routes with
     `continue`), the first failed or dead one (`retry` again for the next)."""
@@ -72,10 +72,12 @@ def retry_study(ledger: Ledger, enqueue: Enqueue, study_uid: str) -> ActionResul
     if job.state == JobState.DEAD:
         if not ledger.reset_for_redelivery(job.id):
             raise ActionRefusedError(f"job v{job.version} of {study_uid} changed state meanwhile; reload")
+        ledger.record_action(job.id, "retry", actor=actor)
         enqueue(job.id, stage, True)
         return ActionResult("retry", study_uid, job.version, str(stage),
                             f"dead job v{job.version} re-enqueued at stage {stage} with a fresh retry budget")
     if job.state == JobState.FAILED:
+        ledger.record_action(job.id, "retry", actor=actor)
         enqueue(job.id, stage, True)
         return ActionResult("retry", study_uid, job.version, str(stage),
                             f"failed job v{job.version} re-enqueued at stage {stage} now")
@@ -85,7 +87,8 @@ def retry_study(ledger: Ledger, enqueue: Enqueue, study_uid: str) -> ActionResul
                              f"or dead jobs{hint}")
 
 
-def replay_study(ledger: Ledger, enqueue: Enqueue, study_uid: str, route: RouteStudy | None = None) -> ActionResult:
+def replay_study(ledger: Ledger, enqueue: Enqueue, study_uid: str, route: RouteStudy | None = None, *,
+                 actor: str = "console") -> ActionResult:
     """Start new job versions over the stored instances (new SR and report each, derived from the version),
     routed again by ``route``: one per matching route, so a study ignored before may match a route added
     since, and the other way round. ``job_version`` of the result is the first new version."""
@@ -102,6 +105,8 @@ def replay_study(ledger: Ledger, enqueue: Enqueue, study_uid: str, route: RouteS
         raise ActionRefusedError(f"study {study_uid} changed state meanwhile; reload and try again")
     with ledger.session() as s:
         new = [j for j in (s.get(Job, i) for i in job_ids) if j is not None]
+    for j in new:
+        ledger.record_action(j.id, "replay", actor=actor)
     if len(new) == 1 and new[0].state == JobState.IGNORED:
         return ActionResult("replay", study_uid, new[0].version, "", f"job v{new[0].version} ignored: {new[0].error}")
     for j in new:
@@ -112,16 +117,17 @@ def replay_study(ledger: Ledger, enqueue: Enqueue, study_uid: str, route: RouteS
                         f"{names} created from {study.instance_count} stored instance(s) and queued")
 
 
-def _redeliver(ledger: Ledger, enqueue: Enqueue, job: Job, study_uid: str) -> ActionResult | None:
+def _redeliver(ledger: Ledger, enqueue: Enqueue, job: Job, study_uid: str, actor: str) -> ActionResult | None:
     """Reset one dead job (None if it changed state meanwhile) and enqueue it at the stage it died at."""
     if not ledger.reset_for_redelivery(job.id):
         return None
+    ledger.record_action(job.id, "redeliver", actor=actor)
     enqueue(job.id, Stage(job.stage), True)
     return ActionResult("redeliver", study_uid, job.version, str(job.stage),
                         f"dead job {job.id} (v{job.version}) re-enqueued at stage {job.stage}")
 
 
-def redeliver_job(ledger: Ledger, enqueue: Enqueue, job_id: int) -> ActionResult:
+def redeliver_job(ledger: Ledger, enqueue: Enqueue, job_id: int, *, actor: str = "console") -> ActionResult:
     """Dead-letter re-delivery of one job by id (`dicom-fusion redeliver JOB_ID`)."""
     job = ledger.job(job_id)
     if job is None:
@@ -130,13 +136,14 @@ def redeliver_job(ledger: Ledger, enqueue: Enqueue, job_id: int) -> ActionResult
         raise ActionRefusedError(f"job {job_id} (v{job.version}) is {job.state}; only dead jobs are re-delivered")
     with ledger.session() as s:
         uid = s.scalar(select(Study.study_uid).where(Study.id == job.study_id)) or ""
-    result = _redeliver(ledger, enqueue, job, uid)
+    result = _redeliver(ledger, enqueue, job, uid, actor)
     if result is None:
         raise ActionRefusedError(f"job {job_id} changed state meanwhile; run the command again")
     return result
 
 
-def redeliver_dead(ledger: Ledger, enqueue: Enqueue, *, study_uid: str | None = None) -> list[ActionResult]:
+def redeliver_dead(ledger: Ledger, enqueue: Enqueue, *, study_uid: str | None = None,
+                   actor: str = "console") -> list[ActionResult]:
     """Dead-letter re-delivery: every dead job (or the dead job of one study) goes back to the stage
     it died at with a fresh retry budget; its dead deliveries become pending again."""
     with ledger.session() as s:
@@ -146,7 +153,7 @@ def redeliver_dead(ledger: Ledger, enqueue: Enqueue, *, study_uid: str | None = 
                 raise StudyNotFoundError(f"no study {study_uid} in the ledger; check the Study Instance UID")
             q = q.where(Study.study_uid == study_uid)
         dead = s.execute(q.order_by(Job.id)).all()
-    results = [r for job, uid in dead if (r := _redeliver(ledger, enqueue, job, uid)) is not None]
+    results = [r for job, uid in dead if (r := _redeliver(ledger, enqueue, job, uid, actor)) is not None]
     if study_uid is not None and not results:
         raise ActionRefusedError(f"study {study_uid} has no dead job to re-deliver")
     return results

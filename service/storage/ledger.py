@@ -44,6 +44,7 @@ from dicom_fusion.service.storage.models import (
     JobRef,
     JobRoute,
     JobState,
+    Priority,
     RecordOutcome,
     ReleaseMode,
     Review,
@@ -119,7 +120,8 @@ class Ledger:
                 lock.release()
 
     def record_instances(self, records: Sequence[InstanceRecord], *,
-                         before_write: Callable[[list[int]], None] | None = None) -> list[RecordOutcome]:
+                         before_write: Callable[[list[int]], None] | None = None,
+                         _attempts: int = 3) -> list[RecordOutcome]:
         """Record a batch of durable instances in one transaction (one commit, one WAL fsync).
 
         Outcomes are in the order of ``records``: ``new=False`` for a SOP Instance UID recorded
@@ -128,7 +130,10 @@ class Ledger:
         records that will be new: the listener makes their files durable there (an exception aborts
         the transaction). If another process inserts one of the UIDs concurrently (PostgreSQL; SQLite
         writers hold the lock from BEGIN IMMEDIATE), the batch is retried one record per transaction,
-        so the others still land. Any other database error propagates: nothing of the batch is recorded.
+        so the others still land; a single record is tried again, since the conflict may be its new
+        study or series (another listener's instance of the same study), not its SOP Instance UID: the
+        next attempt sees the other's rows and records it, or finds it a duplicate. Any other database
+        error propagates: nothing of the batch is recorded.
         This is the listener's hot path: see :mod:`.ledger_batch` for the statements.
         """
         if not records:
@@ -140,8 +145,11 @@ class Ledger:
                 return record_batch(CoreWriter(conn), records, utcnow(), before_write)
         except (IntegrityError, sqlite3.IntegrityError):
             if len(records) == 1:
-                # Another association recorded the same SOP Instance UID between our check and insert.
-                return [RecordOutcome(new=False, study_uid=records[0].study_uid)]
+                # Another process committed this SOP Instance UID, or this instance's new study or series,
+                # between our check and insert. Not "a duplicate" yet: that answer discards the file.
+                if _attempts <= 1:
+                    raise
+                return self.record_instances(records, before_write=before_write, _attempts=_attempts - 1)
             return [self.record_instances(
                 [r], before_write=None if before_write is None else (lambda _idx, i=i: before_write([i])))[0]
                 for i, r in enumerate(records)]
@@ -223,6 +231,7 @@ class Ledger:
             job.route, job.card_path, job.model = decision.route, decision.card_path, decision.model
             job.series_uids = json.dumps(list(decision.series_uids))
             job.release = decision.release
+            job.priority = decision.priority
         elif isinstance(decision, str):
             job.state, job.error, job.finished_at = JobState.IGNORED, decision[:2000], now
         s.add(job)
@@ -232,23 +241,28 @@ class Ledger:
             self._audit(s, "job", job.id, JobState.IGNORED, job.error or "")
         else:
             routed = f" route={job.route} model={job.model}" if job.route else ""
+            if job.priority and job.priority != Priority.NORMAL:
+                routed += f" priority={job.priority}"
             self._audit(s, "job", job.id, JobState.COMPLETE,
                         f"instances={study.instance_count}{routed} {note}".rstrip())
         return job
 
     # ---- job leases ---------------------------------------------------------------------------
-    def mark_enqueued(self, job_id: int, *, stage: Stage, lease_seconds: float, requeue: bool = False) -> None:
-        """Record that a message for ``stage`` is in the broker; the lease bounds how long we trust it."""
+    def mark_enqueued(self, job_id: int, *, stage: Stage, lease_seconds: float,
+                      requeue: bool = False) -> Priority:
+        """Record that a message for ``stage`` is in the broker; the lease bounds how long we trust it.
+        Returns the job's priority (which queues the message goes to)."""
         with self.transaction() as s:
             job = s.get(Job, job_id)
             if job is None or job.state in TERMINAL:
-                return
+                return Priority.NORMAL if job is None else Priority(job.priority or Priority.NORMAL)
             if job.state == JobState.COMPLETE:
                 job.state = JobState.QUEUED
             job.lease_owner = QUEUED_OWNER
             job.lease_expires = utcnow() + timedelta(seconds=lease_seconds)
             job.updated_at = utcnow()
             self._audit(s, "job", job_id, "requeued" if requeue else "queued", f"stage={stage}")
+            return Priority(job.priority or Priority.NORMAL)
 
     def claim(self, job_id: int, *, stage: Stage, owner: str, lease_seconds: float) -> JobRef | None:
         """Take the job for ``stage``; None when another worker holds it or the stage is past."""
@@ -277,7 +291,8 @@ class Ledger:
                           version=job.version, stage=Stage(job.stage), attempts=job.attempts,
                           created_at=job.created_at, card_path=job.card_path,
                           series_uids=tuple(json.loads(job.series_uids)) if job.series_uids else (),
-                          release=ReleaseMode(job.release or ReleaseMode.AUTO), review=_review_of(job))
+                          release=ReleaseMode(job.release or ReleaseMode.AUTO), review=_review_of(job),
+                          priority=Priority(job.priority or Priority.NORMAL))
 
     def renew(self, job_id: int, *, owner: str, lease_seconds: float) -> bool:
         with self.transaction() as s:
@@ -424,6 +439,12 @@ class Ledger:
                 study.job_version += 1
                 ids.append(self._new_job(s, study, plan, "replay", reason, now=now).id)
             return ids
+
+    def record_action(self, job_id: int, action: str, *, actor: str) -> None:
+        """An audit row naming who asked for an operator action on the job (retry, replay, redeliver): the
+        signed-in user, the API token's user, `service` (api.token) or `console` (the CLI)."""
+        with self.transaction() as s:
+            self._audit(s, "job", job_id, f"operator_{action}", f"by={actor[:128]}")
 
     # ---- review before release (docs/architecture.md "Job states") --------------------------------
     def await_review(self, job_id: int, *, owner: str) -> bool:

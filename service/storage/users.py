@@ -51,6 +51,15 @@ class UserInfo:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
 class SignInError(ActionRefusedError):
     """Wrong username or password, a disabled user, or too many failures: one message for all (no hint which)."""
 
@@ -170,6 +179,28 @@ class Users:
                 raise ActionRefusedError(f"no active API token {token_id}; `dicom-fusion users list` shows users")
             row.revoked_at = utcnow()
             self.ledger._audit(s, "user", row.user_id, "token_revoked", f"token={token_id} by={by}")
+
+    def tokens(self, username: str) -> list[TokenInfo]:
+        """The user's API tokens (never their values: only hashes are stored)."""
+        with self.ledger.session() as s:
+            user = self._get(s, username)
+            rows = s.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
+            return [TokenInfo(t.id, t.name, t.created_at, t.last_used_at, t.revoked_at) for t in rows]
+
+    def revoke_own_token(self, username: str, token_id: int) -> None:
+        """A user revokes one of their own tokens (someone else's id is "no such token", never a hint)."""
+        with self.ledger.session() as s:
+            user = self._get(s, username)
+            owner = s.scalar(select(ApiToken.user_id).where(ApiToken.id == token_id))
+        if owner != user.id:
+            raise ActionRefusedError(f"no active API token {token_id} of yours")
+        self.revoke_token(token_id, by=username)
+
+    def active_user(self, username: str) -> Principal | None:
+        """The enabled user of that name (a trusted reverse proxy names who signed in); None otherwise."""
+        with self.ledger.session() as s:
+            user = s.scalar(select(User).where(User.username == username.strip().lower()))
+        return None if user is None or user.disabled else _principal(user)
 
     def resolve_token(self, token: str) -> Principal | None:
         """The active user behind an API token; None for an unknown, revoked or disabled one."""

@@ -141,3 +141,54 @@ def test_users_cli_adds_lists_and_issues_a_token_shown_once(tmp_path: Path, sett
     assert "jsmith" in listing.stdout and "reviewer" in listing.stdout and made.stdout.strip() not in listing.stdout
     who = Users(Ledger(settings.ledger_url)).resolve_token(made.stdout.strip())
     assert who is not None and who.display_name == "Jane Smith"
+
+
+def test_users_create_list_and_revoke_their_own_tokens(users: Users, settings: Settings) -> None:
+    users.add("jsmith", password=PASSWORD, role=Role.REVIEWER, display_name="Jane Smith", by="t")
+    users.add("other", password=PASSWORD, role=Role.VIEWER, display_name="O T", by="t")
+    _, other_token = users.create_token("other", "x", by="t")
+    client = TestClient(create_app(settings))
+    bootstrap = {"Authorization": f"Bearer {users.create_token('jsmith', 'first', by='t')[1]}"}
+    assert client.get("/api/me", headers=bootstrap).json()["display_name"] == "Jane Smith"
+    made = client.post("/api/me/tokens", headers=bootstrap, json={"name": "script"})
+    assert made.status_code == 201 and made.json()["token"].startswith("dfu_")
+    mine = {"Authorization": f"Bearer {made.json()['token']}"}
+    listed = client.get("/api/me/tokens", headers=mine).json()
+    assert [t["name"] for t in listed] == ["first", "script"] and all("token" not in t for t in listed)
+    other_id = users.tokens("other")[0].id
+    assert client.delete(f"/api/me/tokens/{other_id}", headers=mine).status_code == 409  # not yours
+    assert users.resolve_token(other_token) is not None
+    assert client.delete(f"/api/me/tokens/{made.json()['id']}", headers=bootstrap).status_code == 204
+    assert client.get("/api/me", headers=mine).status_code == 401  # revoked
+    service = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    assert client.post("/api/me/tokens", headers=service, json={}).status_code == 409  # the service token has no account
+
+
+def test_a_trusted_proxy_names_the_user_and_nobody_else_can(users: Users, tmp_path: Path) -> None:
+    users.add("jsmith", password=PASSWORD, role=Role.OPERATOR, display_name="Jane Smith", by="t")
+    base = {"data_dir": tmp_path / "var", "api": {"token": SERVICE_TOKEN, "trusted_user_header": "X-Remote-User"}}
+    untrusted = TestClient(create_app(load_settings(**base)))
+    assert untrusted.get("/api/me", headers={"X-Remote-User": "jsmith"}).status_code == 401  # not from a proxy
+    proxied = TestClient(create_app(load_settings(**{**base, "api": {**base["api"], "trusted_proxies": ["testclient"]}})))
+    assert proxied.get("/api/me", headers={"X-Remote-User": "jsmith"}).json()["username"] == "jsmith"
+    assert proxied.get("/api/me", headers={"X-Remote-User": "nobody"}).status_code == 401
+    page = proxied.get("/dashboard", headers={"X-Remote-User": "jsmith"}, follow_redirects=False)
+    assert page.status_code == 200 and "Jane Smith" in page.text
+    cross = proxied.post("/api/dead-letter/redeliver", headers={"X-Remote-User": "jsmith",
+                                                                "Origin": "https://evil.example"})
+    assert cross.status_code == 403
+
+
+def test_operator_actions_are_audited_with_the_user(users: Users, ledger: Ledger, settings: Settings) -> None:
+    from opshelpers import add_study, complete, run_to_dead
+
+    from dicom_fusion.service.storage.models import Stage
+
+    users.add("olga", password=PASSWORD, role=Role.OPERATOR, display_name="Olga O", by="t")
+    auth = {"Authorization": f"Bearer {users.create_token('olga', 'x', by='t')[1]}"}
+    add_study(ledger, "1.8")
+    job = complete(ledger, "1.8")
+    run_to_dead(ledger, job, stage=Stage.DELIVER, reason="PACS refused")
+    client = TestClient(create_app(settings))
+    assert client.post("/api/studies/1.8/retry", headers=auth).status_code == 200
+    assert [e.detail for e in ledger.audit_events("job", job) if e.event == "operator_retry"] == ["by=olga"]

@@ -119,6 +119,21 @@ def session_of(request: Request, ctx: ApiContext) -> tuple[Principal, str] | Non
     return Users(ctx.ledger).resolve_session(cookie) if cookie else None
 
 
+def proxy_user(request: Request, ctx: ApiContext) -> Principal | None:
+    """The user an authenticating reverse proxy names in `api.trusted_user_header` — only when the request
+    comes from one of `api.trusted_proxies` (anyone else could set that header)."""
+    header = ctx.settings.api.trusted_user_header
+    if not header or request.client is None or request.client.host not in ctx.settings.api.trusted_proxies:
+        return None
+    name = request.headers.get(header, "").strip()
+    return Users(ctx.ledger).active_user(name) if name else None
+
+
+def _same_origin(request: Request) -> bool:
+    origin = request.headers.get("origin")
+    return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+
+
 def current_principal(request: Request, ctx: ContextDep,
                       cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
     """Who calls: a bearer token (API clients), else the dashboard's session cookie — whose state-changing
@@ -133,7 +148,12 @@ def current_principal(request: Request, ctx: ContextDep,
         return who
     signed_in = session_of(request, ctx)
     if signed_in is None:
-        raise _unauthorized()
+        via_proxy = proxy_user(request, ctx)
+        if via_proxy is None:
+            raise _unauthorized()
+        if request.method not in _SAFE_METHODS and not _same_origin(request):  # the proxy's SSO cookie rides along
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-site request refused")
+        return via_proxy
     who, csrf = signed_in
     if request.method not in _SAFE_METHODS:
         sent = request.headers.get(CSRF_HEADER, "")
@@ -162,7 +182,7 @@ def dashboard_user(request: Request, ctx: ContextDep) -> Principal | None:
     if not ctx.settings.api.auth:
         return ANONYMOUS
     signed_in = session_of(request, ctx)
-    return signed_in[0] if signed_in else None
+    return signed_in[0] if signed_in else proxy_user(request, ctx)
 
 
 Authorized = require("read")

@@ -15,6 +15,7 @@ from dicom_fusion.service.ops.api.docs import install_docs
 from dicom_fusion.service.ops.api.routes import (
     dashboard,
     health,
+    me,
     metrics,
     queues,
     review,
@@ -74,7 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
     docs_policies = install_docs(app, settings)
     app.add_middleware(SecurityHeaders, csp=content_security_policy(inline_hashes()), overrides=docs_policies)
     install_error_handler(app)
-    for module in (health, studies, queues, review, metrics, session, dashboard, review_pages):
+    for module in (health, studies, queues, review, me, metrics, session, dashboard, review_pages):
         app.include_router(module.router)
     return app
 

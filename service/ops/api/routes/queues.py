@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from dicom_fusion.service.ops import monitoring, operations
-from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, Operate
+from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, Operate, PrincipalDep
 from dicom_fusion.service.ops.api.schemas import ActionOut, FailureOut, OverviewOut, QueuesOut, RedeliverOut
 
 router = APIRouter(prefix="/api", tags=["queues"], dependencies=[Authorized])
@@ -37,6 +37,6 @@ def dead_letter(ctx: ContextDep) -> list[FailureOut]:
 @router.post("/dead-letter/redeliver", response_model=RedeliverOut, dependencies=[Operate],
              summary="Re-deliver every dead job: back to the stage it died at, fresh retry budget",
              responses={503: {"description": "the broker is unreachable"}})
-def redeliver_all(ctx: ContextDep) -> RedeliverOut:
-    done = operations.redeliver_dead(ctx.ledger, ctx.enqueue)
+def redeliver_all(ctx: ContextDep, who: PrincipalDep) -> RedeliverOut:
+    done = operations.redeliver_dead(ctx.ledger, ctx.enqueue, actor=who.username)
     return RedeliverOut(redelivered=[ActionOut.model_validate(r) for r in done])

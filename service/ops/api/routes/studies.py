@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import AfterValidator
 
 from dicom_fusion.service.ops import monitoring, operations
-from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, Operate
+from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep, Operate, PrincipalDep
 from dicom_fusion.service.ops.api.schemas import ActionOut, JobOut, RedeliverOut, StudyDetailOut, StudyPageOut
 
 router = APIRouter(prefix="/api/studies", tags=["studies"], dependencies=[Authorized])
@@ -74,21 +74,21 @@ _ACTION_RESPONSES: dict[int | str, dict[str, str]] = {
 @router.post("/{study_uid}/retry", response_model=ActionOut, responses=_ACTION_RESPONSES,
              dependencies=[Operate],
              summary="Re-enqueue the current stage of a failed or dead job")
-def retry(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
-    return ActionOut.model_validate(operations.retry_study(ctx.ledger, ctx.enqueue, study_uid))
+def retry(ctx: ContextDep, study_uid: StudyUID, who: PrincipalDep) -> ActionOut:
+    return ActionOut.model_validate(operations.retry_study(ctx.ledger, ctx.enqueue, study_uid, actor=who.username))
 
 
 @router.post("/{study_uid}/replay", response_model=ActionOut, responses=_ACTION_RESPONSES,
              dependencies=[Operate],
              summary="Run the study again as a new job version from its stored instances")
-def replay(ctx: ContextDep, study_uid: StudyUID) -> ActionOut:
+def replay(ctx: ContextDep, study_uid: StudyUID, who: PrincipalDep) -> ActionOut:
     return ActionOut.model_validate(operations.replay_study(ctx.ledger, ctx.enqueue, study_uid,
-                                                           ctx.router))
+                                                           ctx.router, actor=who.username))
 
 
 @router.post("/{study_uid}/redeliver", response_model=RedeliverOut, responses=_ACTION_RESPONSES,
              dependencies=[Operate],
              summary="Dead-letter re-delivery of this study's dead job")
-def redeliver(ctx: ContextDep, study_uid: StudyUID) -> RedeliverOut:
-    done = operations.redeliver_dead(ctx.ledger, ctx.enqueue, study_uid=study_uid)
+def redeliver(ctx: ContextDep, study_uid: StudyUID, who: PrincipalDep) -> RedeliverOut:
+    done = operations.redeliver_dead(ctx.ledger, ctx.enqueue, study_uid=study_uid, actor=who.username)
     return RedeliverOut(redelivered=[ActionOut.model_validate(r) for r in done])
