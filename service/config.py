@@ -234,6 +234,9 @@ class ReleaseSettings(_Section):
     # review mode: send a preliminary DiagnosticReport at once ("AI result pending review"); the approval
     # updates that same resource to final, a rejection marks it entered-in-error.
     send_preliminary: bool = False
+    # review mode: also send the UNVERIFIED SR (with its SC / SEG) to the PACS at once; the approval then sends
+    # a VERIFIED SR that references it (Predecessor Documents Sequence), a rejection leaves it as it is
+    send_preliminary_sr: bool = False
     review_timeout_hours: float = Field(24.0, gt=0)  # older results awaiting review are flagged and alerted
     organization: str = ""  # written as the verifying organisation of approved SRs (the site's name)
 

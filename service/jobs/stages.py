@@ -27,10 +27,11 @@ from dicom_fusion.service.jobs.study_context import (
     study_facts,
     verification,
 )
-from dicom_fusion.service.outputs.identity import derive_sr_uids
+from dicom_fusion.service.outputs.identity import derive_sr_uids, derive_verified_sr_uid
 from dicom_fusion.service.outputs.sr.build import SrVerification, source_header
 from dicom_fusion.service.storage.models import (
     DeliveryKind,
+    DeliveryState,
     JobRef,
     ReleaseMode,
     Review,
@@ -328,11 +329,16 @@ def deliver(rt: Any, job: JobRef) -> Stage:
     hl7 = rt.settings.hl7
     report_target = fhir.shown_base_url if fhir.enabled else None  # a ledger row the API shows: no userinfo
     review = job.review
+    series_uid, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
     if job.release == ReleaseMode.REVIEW and review is None:
-        if rt.settings.release.send_preliminary:
-            rt.ledger.ensure_deliveries(job.job_id, targets={DeliveryKind.PRELIMINARY: report_target})
-            _deliver_pending(rt, job, {DeliveryKind.PRELIMINARY: lambda: _deliver_report(
-                rt, d, result, facts, job.version, status="preliminary")})
+        release = rt.settings.release
+        rt.ledger.ensure_deliveries(job.job_id, targets={
+            DeliveryKind.PRELIMINARY: report_target if release.send_preliminary else None,
+            DeliveryKind.PRELIMINARY_SR: _pacs_target(rt) if release.send_preliminary_sr else None})
+        _deliver_pending(rt, job, {
+            DeliveryKind.PRELIMINARY: lambda: _deliver_report(rt, d, result, facts, job.version, status="preliminary"),
+            DeliveryKind.PRELIMINARY_SR: lambda: _deliver_sr(rt, job, d, result, series_uid, sr_uid, None,
+                                                             filename=PRELIMINARY_SR_FILE)})
         return Stage.REVIEW
     shown, model_finding = reviewed_result(result, review)
     verified = None
@@ -349,9 +355,14 @@ def deliver(rt: Any, job: JobRef) -> Stage:
         DeliveryKind.REPORT: report_target,
         DeliveryKind.HL7: f"{hl7.host}:{hl7.port}" if hl7.enabled else None,
     })
-    series_uid, sr_uid = derive_sr_uids(facts.study_uid, result.model_name, result.model_version, job.version)
+    predecessor = None
+    if verified is not None and any(x.kind == DeliveryKind.PRELIMINARY_SR and x.state == DeliveryState.DELIVERED
+                                    for x in rt.ledger.deliveries(job.job_id)):
+        predecessor = d / PRELIMINARY_SR_FILE  # the UNVERIFIED SR in the PACS: a new SR replaces it
+    final_sr_uid = derive_verified_sr_uid(sr_uid) if predecessor is not None else sr_uid
     _deliver_pending(rt, job, {
-        DeliveryKind.SR: lambda: _deliver_sr(rt, job, d, shown, series_uid, sr_uid, verified),
+        DeliveryKind.SR: lambda: _deliver_sr(rt, job, d, shown, series_uid, final_sr_uid, verified,
+                                             predecessor=predecessor),
         DeliveryKind.REPORT: lambda: _deliver_report(rt, d, shown, facts, job.version, status=status,
                                                      verified=verified),
         DeliveryKind.HL7: lambda: _deliver_hl7(rt, d, shown, facts, sr_uid, status=status, verified=verified),
@@ -381,8 +392,12 @@ def _deliver_pending(rt: Any, job: JobRef, senders: dict[DeliveryKind, Callable[
         raise TransientError("; ".join(failures))
 
 
+#: The UNVERIFIED SR sent before review (`release.send_preliminary_sr`), kept to be referenced by the verified one.
+PRELIMINARY_SR_FILE = "sr-preliminary.dcm"
+
+
 def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_uid: str,
-                verified: SrVerification | None) -> str:
+                verified: SrVerification | None, *, filename: str = "sr.dcm", predecessor: Path | None = None) -> str:
     from dicom_fusion.service.errors import DeliveryError
     from dicom_fusion.service.outputs.dispatch import DicomNode, store_to_pacs
     from dicom_fusion.service.outputs.sr.build import build_sr, check_sr
@@ -398,11 +413,11 @@ def _deliver_sr(rt: Any, job: JobRef, d: Path, result: Any, series_uid: str, sr_
         segmentation, lesion = dcmread(d / "seg.dcm"), LesionMeasurement.from_dict(_read_json(d / "lesion.json"))
     ds = build_sr(sources, result, sr_instance_uid=sr_uid, sr_series_uid=series_uid,
                   content_datetime=job.created_at, saliency=saliency, segmentation=segmentation, lesion=lesion,
-                  verification=verified)
+                  verification=verified, predecessor=dcmread(predecessor) if predecessor is not None else None)
     check_sr(ds, expected=result, expected_lesion=lesion)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    write_durable(d / "sr.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
+    write_durable(d / filename, buf.getvalue(), fsync=rt.spool.fsync, replace=True)
     p = rt.settings.pacs
     try:
         # SC and SEG first: a viewer that opens the SR finds the objects it references already there.

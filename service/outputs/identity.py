@@ -36,6 +36,12 @@ def derive_sr_uids(
     return series, instance
 
 
+def derive_verified_sr_uid(preliminary_sr_uid: str) -> str:
+    """SOP Instance UID of the VERIFIED SR that replaces an UNVERIFIED one already sent to the PACS (review
+    mode with `release.send_preliminary_sr`): a new instance in the same series, referencing its predecessor."""
+    return generate_uid(entropy_srcs=["dicom-fusion verified SR", preliminary_sr_uid])
+
+
 def derive_seg_uids(sr_instance_uid: str) -> tuple[str, str]:
     """(series_uid, sop_instance_uid) of the SEG that goes with the SR `sr_instance_uid`."""
     base = ["dicom-fusion segmentation", sr_instance_uid]

@@ -66,6 +66,15 @@ class ReleaseMode(enum.StrEnum):
     REVIEW = "review"  # results wait in `awaiting_review` for a reviewer's approval
 
 
+class Priority(enum.StrEnum):
+    """A job's priority (README "Routing", "Priority"): urgent jobs overtake queued normal ones at every
+    stage, background jobs run when nothing else waits. Fixed when the job is created."""
+
+    URGENT = "urgent"
+    NORMAL = "normal"
+    BACKGROUND = "background"
+
+
 class ReviewVerdict(enum.StrEnum):
     APPROVED = "approved"
     REJECTED = "rejected"
@@ -76,6 +85,7 @@ class DeliveryKind(enum.StrEnum):
     REPORT = "report"
     HL7 = "hl7"  # optional HL7 v2 ORU^R01 over MLLP (skipped unless hl7.enabled)
     PRELIMINARY = "preliminary"  # review mode: the preliminary DiagnosticReport sent before review
+    PRELIMINARY_SR = "preliminary_sr"  # review mode: the UNVERIFIED SR sent before review (send_preliminary_sr)
 
 
 class DeliveryState(enum.StrEnum):
@@ -147,6 +157,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(128), default="")  # "name version" of that card, for display
     series_uids: Mapped[str] = mapped_column(Text, default="")  # JSON list: the series the model reads
     release: Mapped[str] = mapped_column(String(16), default=ReleaseMode.AUTO)  # fixed when the job is created
+    priority: Mapped[str] = mapped_column(String(16), default=Priority.NORMAL)  # fixed when the job is created
     awaiting_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # entered awaiting_review
     review: Mapped[str | None] = mapped_column(String(16), nullable=True)  # ReviewVerdict once a reviewer acted
     reviewer: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the reviewer's display name
@@ -251,6 +262,7 @@ class JobRef:
     series_uids: tuple[str, ...] = ()  # the series its route selected (() = every stored series)
     release: ReleaseMode = ReleaseMode.AUTO
     review: Review | None = None  # the reviewer's decision, once there is one
+    priority: Priority = Priority.NORMAL  # which queues its stages go to (jobs/queues.py)
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,7 @@ class JobRoute:
     model: str  # "name version", for display
     series_uids: tuple[str, ...]
     release: ReleaseMode = ReleaseMode.AUTO
+    priority: Priority = Priority.NORMAL
 
 
 #: Decides a completing study's jobs: study id -> one route per job to create (several when matching routes

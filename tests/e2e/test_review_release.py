@@ -252,3 +252,39 @@ def test_a_reviewer_approves_and_rejects_in_the_browser(tmp_path: Path, orthanc:
                 b.close()
             api.terminate()
             api.wait(timeout=30)
+
+
+def test_an_approval_after_a_preliminary_sr_references_it(tmp_path: Path, orthanc: Pacs, fhir_server: FhirServer,
+                                                          storescu: str, dciodvfy: str) -> None:
+    """`release.send_preliminary_sr`: the UNVERIFIED SR is in the PACS before review; the approval sends a
+    new VERIFIED SR in the same series that names it in its Predecessor Documents Sequence (no silent
+    duplicate, no second SR with the same UID)."""
+    [patient] = generate_cohort(1, tmp_path / "cohort", seed=41, progress=False)
+    with FhirClient(fhir_server.base_url) as client:
+        client.transaction(json.loads(Path(patient.bundle_path).read_text()))
+    env = {**REVIEW_ENV, "DICOM_FUSION_RELEASE__SEND_PRELIMINARY_SR": "true"}
+    with running_serve(tmp_path, orthanc, fhir_server, env) as stack:
+        _storescu(storescu, stack, sorted(Path(patient.study_dir).glob("*.dcm")))
+        job = _wait(stack, patient.study_instance_uid, (JobState.AWAITING_REVIEW, JobState.DEAD))
+        assert job.state == JobState.AWAITING_REVIEW, job.error
+        [first] = _sr_instances(orthanc, patient.study_instance_uid)
+        unverified = dcmread(io.BytesIO(_orthanc(orthanc, f"/instances/{first}/file")))  # type: ignore[arg-type]
+        assert unverified.VerificationFlag == "UNVERIFIED" and unverified.SOPInstanceUID == job.sr_uid
+
+        done = _review(stack, "approve", str(job.id), "--reviewer", "Jane Smith")
+        assert done.returncode == 0, done.stderr
+        final = _wait(stack, patient.study_instance_uid, (JobState.DONE, JobState.DEAD))
+        assert final.state == JobState.DONE, final.error
+        srs = [dcmread(io.BytesIO(_orthanc(orthanc, f"/instances/{i}/file")))  # type: ignore[arg-type]
+               for i in _sr_instances(orthanc, patient.study_instance_uid)]
+        [verified] = [s for s in srs if s.VerificationFlag == "VERIFIED"]
+        assert len(srs) == 2 and verified.SOPInstanceUID != unverified.SOPInstanceUID
+        assert verified.SeriesInstanceUID == unverified.SeriesInstanceUID and verified.InstanceNumber == 2
+        ref = verified.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == unverified.SOPInstanceUID
+        sr_file = tmp_path / "verified.dcm"
+        verified.save_as(sr_file, enforce_file_format=True)
+        res = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True)
+        assert [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")] == [], res.stderr
+        [report] = _reports(fhir_server, patient)
+        assert report["status"] == "final"

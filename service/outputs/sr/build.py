@@ -118,6 +118,7 @@ def build_sr(
     segmentation: Dataset | None = None,
     lesion: LesionMeasurement | None = None,
     verification: SrVerification | None = None,
+    predecessor: Dataset | None = None,
 ) -> Dataset:
     """Build the Comprehensive 3D SR (TID 1500) reporting `result` for the `sources` images.
 
@@ -131,7 +132,9 @@ def build_sr(
     evidence; send it to the PACS with the SR. `segmentation` (the lesion SEG, `seg.build_segmentation`)
     with its `lesion` measurement adds a TID 1410/1411 group referencing the SEG segment (`outputs/seg/build.py`).
     Without `verification` the SR is COMPLETE, UNVERIFIED and PRELIMINARY (nobody has looked at it); with
-    it, VERIFIED and FINAL (see :class:`SrVerification`).
+    it, VERIFIED and FINAL (see :class:`SrVerification`). `predecessor` is an earlier SR of this result
+    already in the PACS (the unverified one sent before review): the new SR references it in its
+    Predecessor Documents Sequence and takes its instance number + 1.
 
     Raises:
         TypeError: if an argument has the wrong type.
@@ -248,8 +251,9 @@ def build_sr(
         series_instance_uid=sr_series_uid,
         series_number=series_number,
         sop_instance_uid=sr_instance_uid,
-        instance_number=1,
+        instance_number=1 if predecessor is None else int(predecessor.get("InstanceNumber", 1)) + 1,
         manufacturer=MANUFACTURER,
+        previous_versions=[predecessor] if predecessor is not None else None,
         is_complete=True,
         is_final=verification is not None,
         is_verified=verification is not None,
