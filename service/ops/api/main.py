@@ -20,6 +20,7 @@ from dicom_fusion.service.ops.api.routes import (
     queues,
     review,
     review_pages,
+    routing,
     session,
     studies,
 )
@@ -75,7 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     docs_policies = install_docs(app, settings)
     app.add_middleware(SecurityHeaders, csp=content_security_policy(inline_hashes()), overrides=docs_policies)
     install_error_handler(app)
-    for module in (health, studies, queues, review, me, metrics, session, dashboard, review_pages):
+    for module in (health, studies, queues, review, me, routing, metrics, session, dashboard, review_pages):
         app.include_router(module.router)
     return app
 
