@@ -1,0 +1,96 @@
+"""The production topology end to end (issue 19, item 2): PostgreSQL + Redis + two `serve --no-worker`
+listeners on one port + one worker per queue + `api`, Orthanc and the FHIR server, each its own
+process started as the README documents (tests/topology.py). 20 studies over 4 associations: each gets
+exactly one SR and one DiagnosticReport; /api/queues and /metrics agree with the ledger."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from topology import PHI, Topology, acknowledged, study_files, upload_cohort
+
+from dicom_fusion.inference.synth.generate import SyntheticPatient, generate_cohort
+from dicom_fusion.service.demo.components import FhirServer, Pacs, PostgresServer, RedisServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.timeout(600)]
+
+STUDIES, ASSOCIATIONS = 20, 4
+
+
+@pytest.fixture
+def cohort(tmp_path: Path, fhir_server: FhirServer) -> list[SyntheticPatient]:
+    patients = generate_cohort(STUDIES, tmp_path / "cohort", seed=19, progress=False)
+    upload_cohort(fhir_server, patients)
+    return patients
+
+
+@pytest.fixture
+def topology(tmp_path: Path, postgres_server: PostgresServer, redis_server: RedisServer, orthanc: Pacs,
+             fhir_server: FhirServer) -> Iterator[Topology]:
+    topo = Topology.start(tmp_path / "topology", postgres_server, redis_server, orthanc, fhir_server)
+    try:
+        yield topo
+    finally:
+        topo.stop()
+
+
+def test_production_topology(topology: Topology, cohort: list[SyntheticPatient], storescu: str) -> None:
+    topo = topology
+    groups = [[f for p in cohort[i::ASSOCIATIONS] for f in study_files(p)] for i in range(ASSOCIATIONS)]
+    sent = sum(len(g) for g in groups)
+    t0 = time.monotonic()
+    results = topo.send_parallel(storescu, groups)
+    for r in results:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sum(acknowledged(r) for r in results) == sent
+    uids = [p.study_instance_uid for p in cohort]
+    done_at = topo.wait_done(uids)
+    print(f"topology: {STUDIES} studies ({sent} instances, {ASSOCIATIONS} associations) done "
+          f"{done_at - t0:.1f}s after the first association opened")
+
+    # each study: one job, done; exactly one SR in Orthanc and one DiagnosticReport in FHIR
+    states = topo.job_states(uids)
+    assert all(v == [(1, "done")] for v in states.values()), states
+    for p in cohort:
+        assert topo.sr_count(p.study_instance_uid) == 1, p.study_instance_uid
+        assert topo.report_count(p) == 1, p.study_instance_uid
+
+    # both listeners served (the kernel spreads associations over SO_REUSEPORT sockets at random, so
+    # one may have got all four: then the other at least answered and shares the port)
+    per_listener = {name: topo.listener_associations(name) for name in ("listener-1", "listener-2")}
+    assert sum(per_listener.values()) == ASSOCIATIONS, per_listener
+    print(f"topology: associations accepted per listener (their metrics) {per_listener}")
+
+    # the API's views agree with the ledger
+    counts = topo.ledger_counts()
+    assert counts["instances"] == sent and counts["studies"] == STUDIES
+    assert counts["jobs"] == counts["jobs_done"] == STUDIES
+    status, body = topo.api_get("/api/queues")
+    assert status == 200, body
+    queues = json.loads(body)
+    assert queues["broker_error"] is None
+    by_name = {q["name"]: q for q in queues["queues"]}
+    assert set(by_name) == {"cpu", "gpu", "io"}
+    for q in by_name.values():  # nothing left anywhere, as the ledger says (every job done)
+        assert (q["depth"], q["waiting"], q["in_flight"]) == (0, 0, 0), q
+    assert queues["workers"] is not None and len(queues["workers"]) == 3, queues["workers"]
+    m = topo.metrics()
+    assert m[("dicom_fusion_instances_received_total", (("result", "stored"),))] == counts["instances"]
+    assert m[("dicom_fusion_studies_received_total", ())] == counts["studies"]
+    assert m[("dicom_fusion_jobs_created_total", ())] == counts["jobs"]
+    assert m[("dicom_fusion_studies_completed_total", ())] == counts["jobs_done"]
+    assert m[("dicom_fusion_jobs", (("state", "done"),))] == counts["jobs_done"]
+    assert sum(v for (name, labels), v in m.items() if name == "dicom_fusion_jobs") == counts["jobs"]
+    assert m[("dicom_fusion_broker_up", ())] == 1
+    for q in ("cpu", "gpu", "io"):
+        assert m[("dicom_fusion_queue_depth", (("queue", q),))] == by_name[q]["depth"] == 0
+        assert m[("dicom_fusion_jobs_in_flight", (("queue", q),))] == 0
+    assert m[("dicom_fusion_job_latency_seconds_count", ())] == counts["jobs_done"]
+
+    # no patient data in any process's log
+    text = topo.logs_text()
+    for phi in PHI + tuple(p.patient_id for p in cohort):
+        assert phi not in text, f"{phi!r} leaked into a log"
