@@ -192,6 +192,8 @@ def test_a_reviewer_approves_and_rejects_in_the_browser(tmp_path: Path, orthanc:
             rev.submit_and_wait(f"document.querySelector('tr[data-job=\"{first.id}\"] a').click()")
             assert rev.url.endswith(f"/review/{first.id}")
             assert rev.wait_for("document.getElementById('overlay') && document.getElementById('overlay').naturalWidth")
+            if rev.eval("!!document.getElementById('lesion')"):  # a lesion was segmented: its outline loads
+                assert rev.wait_for("document.getElementById('lesion-outline').naturalWidth > 0")
             assert rev.eval("document.querySelectorAll('#drivers li').length") == 3
             assert rev.eval("document.querySelectorAll('svg.spark').length") >= 1
             if os.environ.get("DICOM_FUSION_SCREENSHOTS"):

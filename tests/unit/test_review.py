@@ -239,3 +239,34 @@ def test_metrics_count_overdue_reviews(ledger: Ledger, settings: Settings) -> No
     assert m[("dicom_fusion_awaiting_review_oldest_seconds", ())] == pytest.approx(30 * 3600, abs=60)
     assert m[("dicom_fusion_jobs", (("state", "awaiting_review"),))] == 2
     assert [i.overdue for i in review.worklist(ledger, settings)] == [True, False]
+
+
+def test_the_lesion_outline_is_drawn_on_the_source_grid(tmp_path: Path) -> None:
+    """The review page's lesion image: the SEG's outline over the source pixels, nothing inside it drawn."""
+    import io
+
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    from dicom_fusion.inference.synth.generate import generate_patient
+    from dicom_fusion.service.ops.lesion_view import OUTLINE, lesion_png
+    from dicom_fusion.service.outputs.seg.build import SegmentCodes, build_segmentation
+
+    p = generate_patient(1, tmp_path / "study", seed=3, modality="DX")
+    [source] = sorted(p.study_dir.glob("*.dcm"))
+    ds = pydicom.dcmread(source)
+    mask = np.zeros((int(ds.Rows), int(ds.Columns)), np.uint8)
+    mask[20:40, 30:50] = 1
+    seg = build_segmentation([ds], mask, sr_instance_uid="1.2.826.0.1.3680043.8.498.1", model_name="m",
+                             model_version="1", content_datetime=datetime(2026, 1, 1),
+                             segment=SegmentCodes("Lesion", "52988006", "Lesion", "49755003", "Abnormal"))
+    job = tmp_path / "job"
+    job.mkdir()
+    seg.save_as(job / "seg.dcm", enforce_file_format=True)
+    assert lesion_png(job) is None  # no prepared.json: the sources are unknown
+    (job / "prepared.json").write_text(json.dumps({"source_files": [str(source)]}))
+    img = np.asarray(Image.open(io.BytesIO(lesion_png(job) or b"")))
+    red = np.all(img == OUTLINE, axis=-1)
+    assert red.shape == mask.shape and red[20, 35] and red[39, 35] and red[30, 30] and red[30, 49]
+    assert not red[30, 40] and not red[10, 10] and red.sum() == 2 * 20 + 2 * 18

@@ -17,6 +17,8 @@ from dicom_fusion.service.ops import review
 from dicom_fusion.service.ops.api.deps import PERMISSIONS, ContextDep, DashboardUser
 from dicom_fusion.service.ops.api.routes.dashboard import page_base
 from dicom_fusion.service.ops.api.templating import templates
+from dicom_fusion.service.ops.lesion_view import lesion_png
+from dicom_fusion.service.storage.spool import Spool
 
 router = APIRouter(tags=["review pages"], include_in_schema=False)
 JobId = Annotated[int, Path(ge=1, le=2**62)]
@@ -57,3 +59,14 @@ def overlay(request: Request, ctx: ContextDep, user: DashboardUser, job_id: JobI
     if path is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no Grad-CAM overlay for this job (model.explain off?)")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, no-store"})
+
+
+@router.get("/review/{job_id}/lesion.png")
+def lesion(request: Request, ctx: ContextDep, user: DashboardUser, job_id: JobId) -> Response:
+    """The source image with the SEG's outline (`ops/lesion_view.py`); 404 without a segmented lesion."""
+    if user is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in")
+    png = lesion_png(Spool(ctx.settings.spool_dir, fsync=False).job_dir(job_id))
+    if png is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no segmented lesion for this job")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-store"})
