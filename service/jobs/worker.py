@@ -33,7 +33,7 @@ from dicom_fusion.service.jobs import stages
 from dicom_fusion.service.jobs.queues import TASK_NAMES, publish
 from dicom_fusion.service.jobs.reaper import owner_prefix
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import JobState, Stage
+from dicom_fusion.service.storage.models import JobState, Priority, Stage
 from dicom_fusion.service.storage.spool import Spool
 
 if TYPE_CHECKING:
@@ -287,7 +287,7 @@ def run_stage(task: Task, runtime: Any, job_id: int, stage: Stage,
         log.error("job %s %s finished after its hard time limit; result discarded (the job was re-enqueued)",
                   job_id, stage)
         return "overran"
-    return _succeeded(runtime, job_id, owner, next_stage)
+    return _succeeded(runtime, job_id, owner, next_stage, job.priority)
 
 
 def _failed(task: Task, runtime: Any, job: Any, owner: str, stage: Stage, exc: BaseException) -> str:
@@ -320,8 +320,9 @@ def _failed(task: Task, runtime: Any, job: Any, owner: str, stage: Stage, exc: B
     raise task.retry(countdown=countdown, max_retries=None, exc=exc) from None
 
 
-def _succeeded(runtime: Any, job_id: int, owner: str, next_stage: Stage) -> str:
-    """Finish the job or hand it to the next stage's queue."""
+def _succeeded(runtime: Any, job_id: int, owner: str, next_stage: Stage,
+               priority: Priority = Priority.NORMAL) -> str:
+    """Finish the job or hand it to the next stage's queue (of the job's priority)."""
     settings: Settings = runtime.settings
     ledger: Ledger = runtime.ledger
     if next_stage == Stage.FINISHED:
@@ -335,7 +336,7 @@ def _succeeded(runtime: Any, job_id: int, owner: str, next_stage: Stage) -> str:
     if ledger.advance(job_id, owner=owner, next_stage=next_stage,
                       lease_seconds=settings.worker.queued_lease_seconds):
         try:
-            publish(runtime.app, job_id, next_stage)
+            publish(runtime.app, job_id, next_stage, priority)
         except Exception as exc:  # the reaper re-enqueues when the queued lease expires
             log.error("job %s: could not enqueue %s: %s", job_id, next_stage, exc)
     return str(next_stage)

@@ -12,7 +12,7 @@ from dicom_fusion.service.config import Settings
 from dicom_fusion.service.routing.headers import headers_from_ledger
 from dicom_fusion.service.routing.routes import RouteTable, load_routes, phantom_pattern
 from dicom_fusion.service.storage.ledger import Ledger
-from dicom_fusion.service.storage.models import Instance, Job, JobRoute, ReleaseMode, Series
+from dicom_fusion.service.storage.models import Instance, Job, JobRoute, Priority, ReleaseMode, Series
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,12 @@ class Router:
             if why is not None:
                 unchanged.append(why)
                 continue
-            log.info("study %s routed: route %s, model %s, %d series", study_id, plan.route, plan.model,
-                     len(plan.series_uids))
+            log.info("study %s routed: route %s, model %s, %d series, priority %s", study_id, plan.route,
+                     plan.model, len(plan.series_uids), plan.priority)
             jobs.append(JobRoute(route=plan.route, card_path=str(plan.card_path), model=plan.model,
                                  series_uids=plan.series_uids,
-                                 release=ReleaseMode(plan.release) if plan.release else self.release))
+                                 release=ReleaseMode(plan.release) if plan.release else self.release,
+                                 priority=Priority(plan.priority)))
         if not jobs:  # every matching route has read all of this study already
             reason = "; ".join(unchanged)
             log.info("study %s ignored: %s", study_id, reason)

@@ -14,6 +14,8 @@ model = "default"                         # a model card path, or "default" (`mo
 series = "largest"                        # largest | matching | all
 refuse_burned_in = false                  # also exclude BurnedInAnnotation YES series
 continue = false                          # true: the routes after this one are still tried
+priority = "normal"                       # urgent | normal | background
+priority_by_calling_ae = { ED_XR = "urgent" }   # overrides `priority` for studies this AE sent
 [routes.match]                            # keys are ANDed; `all`, `any` (lists) and `not` nest
 Modality = ["DX", "CR"]                   # text: exact, case-insensitive; a list = any of them
 SeriesDescription = "chest|thorax"        # descriptions and ProtocolName: regular expressions
@@ -43,8 +45,10 @@ from dicom_fusion.service.routing.exclusions import series_exclusion, study_excl
 from dicom_fusion.service.routing.headers import SeriesHeader, StudyHeader
 
 SERIES_SELECTIONS = ("largest", "matching", "all")
-ROUTE_KEYS = frozenset({"name", "model", "series", "refuse_burned_in", "match", "release", "continue"})
+ROUTE_KEYS = frozenset({"name", "model", "series", "refuse_burned_in", "match", "release", "continue",
+                        "priority", "priority_by_calling_ae"})
 RELEASE_MODES = ("auto", "review")  # README "Review"; unset = the global `release.mode`
+PRIORITIES = ("urgent", "normal", "background")  # README "Routing", "Priority"; jobs/queues.py queues them
 DEFAULT_ROUTE = "default"
 
 # attribute -> (kind, value of a series/study). Kinds: text (exact, case-insensitive), pattern (regular
@@ -161,6 +165,9 @@ class Route:
     refuse_burned_in: bool
     release: str | None = None  # "auto" | "review"; None = the global `release.mode`
     continues: bool = False  # `continue = true`: after a match, the following routes are still tried
+    priority: str = "normal"  # urgent | normal | background
+    # calling AE title (upper case) -> priority, overriding `priority` for the studies that AE sent
+    priority_by_calling_ae: tuple[tuple[str, str], ...] = ()
 
     @property
     def model(self) -> str:
@@ -180,6 +187,7 @@ class JobPlan:
     model: str
     series_uids: tuple[str, ...]
     release: str | None = None
+    priority: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -218,9 +226,18 @@ def _label(series: SeriesHeader) -> str:
 class RouteTable:
     """The ordered, checked routes and the never-process rules."""
 
-    def __init__(self, routes: Sequence[Route], *, source: str) -> None:
+    def __init__(self, routes: Sequence[Route], *, source: str,
+                 priority_by_calling_ae: dict[str, str] | None = None) -> None:
         self.routes = tuple(routes)
         self.source = source
+        # `routing.priority_by_calling_ae`: every route's override unless the route names the AE itself
+        self.priority_by_calling_ae = {k.strip().upper(): v for k, v in (priority_by_calling_ae or {}).items()}
+
+    def priority(self, route: Route, study: StudyHeader) -> str:
+        """The priority of `route`'s job for `study`: the route's entry for the study's calling AE, else
+        `routing.priority_by_calling_ae`'s, else the route's `priority`."""
+        ae = study.calling_ae.strip().upper()
+        return dict(route.priority_by_calling_ae).get(ae) or self.priority_by_calling_ae.get(ae) or route.priority
 
     def _candidates(self, study: StudyHeader, route: Route) -> tuple[list[SeriesHeader], list[str]]:
         kept, reasons = [], []
@@ -275,7 +292,8 @@ class RouteTable:
         plans: list[JobPlan] = []
         for route, v in zip(self.routes, verdicts, strict=True):
             if v.matched:
-                plans.append(JobPlan(route.name, route.card.path, route.model, v.series_uids, route.release))
+                plans.append(JobPlan(route.name, route.card.path, route.model, v.series_uids, route.release,
+                                     self.priority(route, study)))
                 if not route.continues:
                     break
         if plans:
@@ -387,8 +405,27 @@ def _route(raw: Any, index: int, source: str, base: Path | None, settings: Setti
     continues = raw.get("continue", False)
     if not isinstance(continues, bool):
         raise RouteError(f"{where}: continue: expected true or false, got {continues!r}")
+    priority = raw.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise RouteError(f"{where}: priority: {priority!r} is unknown; use one of {', '.join(PRIORITIES)}")
+    by_ae = _priority_table(raw.get("priority_by_calling_ae", {}), f"{where}: priority_by_calling_ae")
     return Route(name=name.strip(), match=_match(raw.get("match", {}), f"{where}: match", timeout),
-                 series=series, card=card, refuse_burned_in=refuse, release=release, continues=continues)
+                 series=series, card=card, refuse_burned_in=refuse, release=release, continues=continues,
+                 priority=priority, priority_by_calling_ae=tuple(sorted(by_ae.items())))
+
+
+def _priority_table(raw: Any, where: str) -> dict[str, str]:
+    """`{ AE_TITLE = "urgent", … }` checked; keys upper-cased (AE titles are compared case-insensitively)."""
+    if not isinstance(raw, dict):
+        raise RouteError(f"{where}: expected a table {{ CALLING_AE = \"urgent\" }}, got {raw!r}")
+    table: dict[str, str] = {}
+    for ae, priority in raw.items():
+        if not isinstance(ae, str) or not ae.strip() or len(ae.strip()) > 16:
+            raise RouteError(f"{where}: {ae!r} is not an AE title (1-16 characters)")
+        if priority not in PRIORITIES:
+            raise RouteError(f"{where}.{ae}: priority {priority!r} is unknown; use one of {', '.join(PRIORITIES)}")
+        table[ae.strip().upper()] = priority
+    return table
 
 
 def route_entries(settings: Settings) -> tuple[list[Any], str, Path | None]:
@@ -429,7 +466,8 @@ def load_routes(settings: Settings) -> RouteTable:
         if r.name in seen:
             raise RouteError(f"{source}: route {r.name!r}: name: used by an earlier route; names are unique")
         seen.add(r.name)
-    return RouteTable(routes, source=source)
+    return RouteTable(routes, source=source, priority_by_calling_ae=_priority_table(
+        settings.routing.priority_by_calling_ae, "routing.priority_by_calling_ae"))
 
 
 def phantom_pattern(settings: Settings) -> regex.Pattern[str] | None:

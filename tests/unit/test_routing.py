@@ -175,7 +175,7 @@ def test_a_pathological_regex_is_cut_short_by_the_timeout(tmp_path: Path) -> Non
     ('[[routes]]\nname = "a"\nmodel = "nowhere/card.toml"\n', "route 'a': model: cannot load the model card"),
     ('[[routes]]\nname = "a"\n[[routes]]\nname = "a"\n', "route 'a': name: used by an earlier route"),
     ('[[routes]]\nname = "a"\nseries = "biggest"\n', "route 'a': series: 'biggest' is unknown"),
-    ('[[routes]]\nname = "a"\npriority = 1\nmodle = "x"\n', "route 'a': unknown key(s) modle, priority"),
+    ('[[routes]]\nname = "a"\npriorty = 1\nmodle = "x"\n', "route 'a': unknown key(s) modle, priorty"),
     ('[[routes]]\nname = "a"\n[routes.match]\nPatientAge = { min = 60, max = 18 }\n', "min 60 is above max 18"),
     ('[[routes]]\nmodel = "default"\n', "route #1: name: every route needs a name"),
 ])
