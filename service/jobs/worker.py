@@ -8,15 +8,19 @@ ledger's reaper covers brokers that never redeliver (embedded filesystem broker)
 
 The runtime is built once by ``dicom-fusion worker`` (:func:`install`) and shared by the stage tasks;
 the model and the FHIR client are created on first use so a worker that only serves the ``io`` queue
-never loads torch.
+never loads torch. Each model stays loaded after its first use, up to ``worker.max_loaded_models`` per
+process; beyond it the least recently used one is released (:meth:`WorkerRuntime.models`).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -49,7 +53,8 @@ class JobModels:
     """One model card and what the worker loads from it (predictor, segmenter), each on first use.
 
     A route names the card its jobs use (`Job.card_path`); the worker keeps one of these per card, so a
-    deployment with several routes loads each model once per worker process.
+    deployment with several routes loads each model once per worker process (and again only after the
+    cache of :meth:`WorkerRuntime.models` released it).
     """
 
     def __init__(self, card_path: Path, *, device: str, segmenter_override: Path | None,
@@ -58,6 +63,11 @@ class JobModels:
         self.device = device
         self.segmenter_override = segmenter_override  # `model.segmenter`: applies to the default model only
         self._lock = lock
+
+    @property
+    def loaded(self) -> bool:
+        """Weights in memory (the predictor or the segmenter was loaded)."""
+        return "predictor" in self.__dict__ or "segmenter" in self.__dict__
 
     @cached_property
     def card(self) -> ModelCard:
@@ -69,8 +79,11 @@ class JobModels:
     def predictor(self) -> Predictor:
         from dicom_fusion.inference.serve.predict import Predictor
 
+        started = time.monotonic()
         with self._lock:
-            return Predictor.load(self.card_path, device=self.device)
+            predictor = Predictor.load(self.card_path, device=self.device)
+        log.info("model cache: loaded %s in %.3f s", self.card_path, time.monotonic() - started)
+        return predictor
 
     @cached_property
     def segmenter(self) -> Segmenter | None:
@@ -81,8 +94,20 @@ class JobModels:
             return None
         from dicom_fusion.inference.serve.segment import Segmenter
 
+        started = time.monotonic()
         with self._lock:
-            return Segmenter.load(path, device=self.device)
+            segmenter = Segmenter.load(path, device=self.device)
+        log.info("model cache: loaded segmenter %s in %.3f s", path, time.monotonic() - started)
+        return segmenter
+
+
+def _free_model_memory() -> None:
+    """After a model was dropped: collect it now (nn.Module graphs hold reference cycles) and, on a GPU,
+    hand the freed cached blocks back to the device (for the next model, other processes)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class WorkerRuntime:
@@ -95,18 +120,41 @@ class WorkerRuntime:
         self.ledger = Ledger(settings.ledger_url)
         self.spool = Spool(settings.spool_dir, fsync=settings.spool.fsync)
         self._lock = threading.Lock()
-        self._models: dict[Path, JobModels] = {}
+        # card path -> its models, least recently used first; at most `worker.max_loaded_models` entries
+        self._models: OrderedDict[Path, JobModels] = OrderedDict()
+        self.max_loaded_models = settings.worker.max_loaded_models
 
     def models(self, card_path: str = "") -> JobModels:
-        """The models of a job's card (`JobRef.card_path`; "" = the configured default model `model.card`)."""
+        """The models of a job's card (`JobRef.card_path`; "" = the configured default model `model.card`),
+        kept after first use so the next study on that model pays no load time. Beyond
+        `worker.max_loaded_models` cards the least recently used is dropped (its predictor and segmenter
+        are freed once no running stage holds them; on a GPU the cached blocks go back to the device)."""
         default = self.settings.model_card_path()
         path = Path(card_path) if card_path else default
+        evicted: list[JobModels] = []
         with self._lock:
-            if path not in self._models:
-                self._models[path] = JobModels(
+            models = self._models.get(path)
+            if models is None:
+                models = self._models[path] = JobModels(
                     path, device=self.settings.model.device, lock=threading.Lock(),
                     segmenter_override=self.settings.model.segmenter if path == default else None)
-            return self._models[path]
+                while len(self._models) > self.max_loaded_models:
+                    evicted.append(self._models.popitem(last=False)[1])
+            else:
+                self._models.move_to_end(path)
+        if evicted:
+            weights = any(m.loaded for m in evicted)
+            log.info("model cache: released %s (least recently used; worker.max_loaded_models = %d)",
+                     ", ".join(str(m.card_path) for m in evicted), self.max_loaded_models)
+            evicted.clear()  # the last references this runtime held
+            if weights:
+                _free_model_memory()
+        return models
+
+    def loaded_models(self) -> list[Path]:
+        """The cards whose models this worker keeps, least recently used first."""
+        with self._lock:
+            return list(self._models)
 
     def fhir_client(self) -> FhirClient:
         from dicom_fusion.service.peers import make_fhir_client
