@@ -116,7 +116,8 @@ class Topology:
     # ---- processes ------------------------------------------------------------------------------
     @classmethod
     def start(cls, tmp: Path, pg: PostgresServer, redis: RedisServer, pacs: Pacs, fhir: FhirServer,
-              extra_env: dict[str, str] | None = None) -> Topology:
+              extra_env: dict[str, str] | None = None,
+              piece_env: dict[str, dict[str, str]] | None = None) -> Topology:
         migrate_ledger(pg.url)  # README: `dicom-fusion db upgrade`, once per release, before the processes
         topo = cls(tmp, pg, redis, pacs, fhir, free_port(), free_port(), Ledger(pg.url))
         base = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_FUSION_")}
@@ -139,7 +140,7 @@ class Topology:
         for name, args in PIECES.items():
             folder = tmp / name
             folder.mkdir(parents=True, exist_ok=True)
-            env = dict(base, DICOM_FUSION_DATA_DIR=str(folder / "var"))
+            env = dict(base, DICOM_FUSION_DATA_DIR=str(folder / "var"), **(piece_env or {}).get(name, {}))
             if name.startswith("listener"):  # each listener's own counters (associations, responses)
                 env["DICOM_FUSION_METRICS__LISTENER_PORT"] = str(free_port())
             topo.pieces[name] = Piece(name, args, env, tmp / f"{name}.log", folder, ready[name.split("-")[0]])
