@@ -44,16 +44,20 @@ faults: venv sysdeps
 	FAULT_ROUNDS=20 $(VENV)/bin/python -m pytest -q -p no:logging tests/faults
 
 # Benchmarks print ratios against a reference run in the same invocation (not part of the tests).
-# About 6 minutes on 2 cores; smaller runs: make bench BENCH_INSTANCES=300 BENCH_MEMORY=2000 BENCH_STUDIES=10
+# About 12 minutes on 2 cores (bench/priority.py ~2, bench/model_cache.py ~3, bench/stow.py ~1); smaller runs: make bench BENCH_INSTANCES=300 BENCH_MEMORY=2000 BENCH_STUDIES=10
 BENCH_INSTANCES ?= 600
 BENCH_MEMORY ?= 10000
 BENCH_STUDIES ?= 20
 BENCH_INFER_STUDIES ?= 64
+BENCH_PRIORITY_NORMAL ?= 30
 bench: venv sysdeps
 	$(VENV)/bin/python bench/ingest.py --instances $(BENCH_INSTANCES) --memory $(BENCH_MEMORY)
 	$(VENV)/bin/python bench/latency.py --studies $(BENCH_STUDIES)
 	$(VENV)/bin/python bench/inference.py --studies $(BENCH_INFER_STUDIES)
 	$(VENV)/bin/python bench/fhir_timeline.py
+	$(VENV)/bin/python bench/priority.py --normal $(BENCH_PRIORITY_NORMAL)
+	$(VENV)/bin/python bench/model_cache.py
+	$(VENV)/bin/python bench/stow.py
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit

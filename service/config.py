@@ -70,6 +70,8 @@ class ListenerSettings(_Section):
     network_timeout: float = 60.0
     max_pdu_size: int = Field(0, ge=0)
     processes: int = Field(1, ge=1, le=64)  # listener processes sharing the port (SO_REUSEPORT; Linux)
+    # bind with SO_REUSEPORT even when processes = 1: several `serve` processes on one host share the port
+    reuse_port: bool = False
     commit_max_batch: int = Field(64, ge=1)  # instances per group commit (one sync + one ledger transaction)
     commit_max_delay_ms: float = Field(0.0, ge=0, le=1000)  # wait this long for more instances (0 = never)
     tls: TLSSettings = Field(default_factory=TLSSettings)
@@ -300,6 +302,17 @@ class ApiSettings(_Section):
     docs: bool = False
 
 
+class DicomwebSettings(_Section):
+    """STOW-RS on the API (`{api}/dicomweb/studies`, README "DICOMweb (STOW-RS)")."""
+
+    enabled: bool = True
+    max_request_mb: float = Field(2048.0, gt=0)  # a larger body is refused (413) and nothing of it stored
+    # the calling AE title recorded for instances stored over STOW-RS (routes can match CallingAE on it)
+    calling_ae: str = "STOW"
+
+    _ae = field_validator("calling_ae")(classmethod(lambda cls, v: _check_ae(v)))
+
+
 class MetricsSettings(_Section):
     """Per-process Prometheus endpoints (what only that process knows); 0 = off.
 
@@ -337,6 +350,7 @@ class Settings(BaseSettings):
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    dicomweb: DicomwebSettings = Field(default_factory=DicomwebSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod

@@ -137,6 +137,7 @@ def explain(
         raise typer.Exit(1)
     for plan in decision.plans:  # one job per matching route (several when routes say `continue`)
         release = f", release {plan.release}" if plan.release else ""
+        release += f", priority {plan.priority}" if plan.priority != "normal" else ""
         out.print(f"[bold]→ job on route {escape(plan.route)}[/bold]: model {escape(plan.model)}, "
                   f"{len(plan.series_uids)} series{escape(release)}")
     if len(decision.plans) > 1:

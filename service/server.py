@@ -20,7 +20,7 @@ from dicom_fusion.service.config import Settings
 from dicom_fusion.service.ingest.listener import Listener
 from dicom_fusion.service.jobs.completion import Completion, PeriodicThread
 from dicom_fusion.service.routing.reload import STATUS_FILE, LiveRouter, remove_pid_file, write_pid_file
-from dicom_fusion.service.jobs.queues import enqueue, make_celery
+from dicom_fusion.service.jobs.queues import consume_order, enqueue, make_celery
 from dicom_fusion.service.jobs.reaper import reap, release_dead_worker, release_left_by_earlier_workers
 from dicom_fusion.service.storage.engine import is_sqlite
 from dicom_fusion.service.storage.ledger import Ledger
@@ -133,6 +133,9 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     stop = stop or threading.Event()
     spool = Spool(settings.spool_dir, fsync=settings.spool.fsync, sync_mode=settings.spool.sync_mode)
     spool.ensure()
+    # listener.json, serve.pid and routes-status.json live here; with the spool elsewhere (shared) and a
+    # PostgreSQL ledger nothing else creates it
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(settings.ledger_url)
     # RouteError: refuse to start, file/route/field named. Reloaded on SIGHUP (`dicom-fusion routes reload`)
     # and when the route file changes; an invalid new table never replaces this one.
@@ -148,7 +151,8 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     completion = Completion(ledger, enq, quiet_seconds=settings.completion.quiet_seconds, route=router,
                             refresh=router.refresh)
     extra = settings.listener.processes - 1
-    listener = Listener(settings.listener, spool, ledger, reuse_port=extra > 0,
+    listener = Listener(settings.listener, spool, ledger,
+                        reuse_port=extra > 0 or settings.listener.reuse_port,
                         on_release=completion.release if settings.completion.on_release else None,
                         min_free_mb=settings.spool.min_free_mb)
     host, port = listener.start()
@@ -266,7 +270,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, concurren
 
     install_worker_metrics(settings, pool=pool or settings.worker.pool)
     worker.register_tasks(app, worker.get)
-    qs = ",".join(queues or settings.worker.queues)
+    # every priority of each queue, urgent first, in the order the worker takes them (jobs/queues.py)
+    qs = ",".join(consume_order(queues or settings.worker.queues))
     argv = ["worker", "-Q", qs, "-c", str(concurrency or settings.worker.concurrency),
             "-P", pool or settings.worker.pool, "-n", f"dfusion-{os.getpid()}@%h",
             "--without-mingle", "-l", settings.log_level.upper()]

@@ -54,7 +54,7 @@ def _password(from_stdin: bool) -> str:
 
 @users_app.command()
 def add(username: UserArg,
-        role: Annotated[Role, typer.Option(help="viewer, reviewer, operator or admin.")],
+        role: Annotated[Role, typer.Option(help="viewer, reviewer, operator, admin or sender (STOW-RS only).")],
         name: Annotated[str, typer.Option("--name", help="Display name, as approved SRs and reports carry it.")],
         organization: Annotated[str, typer.Option(help="The user's organisation (verified SRs).")] = "",
         password_stdin: StdinOpt = False, config: ConfigOpt = None) -> None:

@@ -61,6 +61,42 @@ def redis_server(tmp_path: Path) -> Iterator[components.RedisServer]:
     server.stop()
 
 
+def _psycopg_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("psycopg") is not None
+
+
+@pytest.fixture
+def postgres_server(tmp_path: Path) -> Iterator[components.PostgresServer]:
+    """A private PostgreSQL cluster (initdb, postmaster on a free loopback port; as root it runs as the
+    `postgres` OS user) with an empty database `dfusion`; stopped by PID and removed afterwards."""
+    require(components.postgres_bindir() is not None, "PostgreSQL (Debian package postgresql)")
+    require(_psycopg_installed(), "psycopg (pip extra [dev] or [postgres])")
+    server = components.start_postgres(tmp_path / "postgres")
+    yield server
+    server.destroy()
+
+
+def migrate_ledger(url: str) -> None:
+    """`dicom-fusion db upgrade` against `url`, as an operator runs it before starting the processes."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_FUSION_")}
+    env["DICOM_FUSION_LEDGER__URL"] = url
+    res = subprocess.run([sys.executable, "-m", "dicom_fusion.service.cli", "db", "upgrade"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"db upgrade failed: {res.stdout}{res.stderr}"
+
+
+@pytest.fixture
+def postgres_ledger(postgres_server: components.PostgresServer) -> str:
+    """The SQLAlchemy URL of a PostgreSQL ledger migrated to this release's schema."""
+    migrate_ledger(postgres_server.url)
+    return postgres_server.url
+
+
 @pytest.fixture
 def storescu() -> str:
     """DCMTK's storescu by absolute path: the venv's pynetdicom `storescu` shadows it on PATH."""
@@ -123,10 +159,13 @@ class Figures:
     settle_s: float | None = None
     rss_mb: int | None = None
     phi_hits: int | None = None
+    # restarts in the production topology (test_topology_restarts.py): the longest time, over the rounds,
+    # from the kill -9 until every study of the round had its SR and report
+    recover_s: float | None = None
 
 
 _TABLE: list[Figures] = []
-_EXTRA = ("outcome", "settle_s", "rss_mb", "phi_hits")  # columns printed only when some row has them
+_EXTRA = ("outcome", "settle_s", "rss_mb", "phi_hits", "recover_s")  # printed only when some row has them
 
 
 @pytest.fixture

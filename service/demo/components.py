@@ -1,5 +1,5 @@
 """Real peer components on loopback, for the demo and the tests: a FHIR R4 server (sekmet-fhir),
-a PACS (Orthanc, or a pynetdicom storage SCP when Orthanc is not installed) and Redis.
+a PACS (Orthanc, or a pynetdicom storage SCP when Orthanc is not installed), Redis and PostgreSQL.
 
 Each binds 127.0.0.1 on a free port, lives in its own folder, and is stopped by its PID.
 """
@@ -265,6 +265,186 @@ def start_redis(workdir: Path, timeout: float = 30.0) -> RedisServer:
         _wait_tcp(port, timeout, proc, log)
     except BaseException:
         server.stop()
+        raise
+    return server
+
+
+def postgres_bindir() -> Path | None:
+    """The folder of PostgreSQL's server programs (initdb, postgres, pg_isready, createdb): the one of
+    `initdb` on PATH, else Debian's /usr/lib/postgresql/<version>/bin (newest version)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                    key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return debian[-1].parent if debian else None
+
+
+def _postgres_user() -> tuple[int, int] | None:
+    """(uid, gid) to run PostgreSQL as: None when we are not root (run as ourselves); as root the
+    `postgres` OS user the Debian package creates, since initdb and postgres refuse to run as root."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        raise FileNotFoundError("running as root, PostgreSQL needs the `postgres` OS user (Debian package "
+                                "postgresql creates it)") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _process_children(pid: int) -> list[int]:
+    """PIDs of the live children of `pid` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class PostgresServer(Component):
+    """A private PostgreSQL cluster: the postmaster is our child process (started the way pg_ctl
+    starts it, without pg_ctl in between, so its PID is ``proc.pid``); trust authentication on
+    127.0.0.1 only; the socket directory is the cluster's own folder."""
+
+    port: int = 0
+    data_dir: Path = Path()
+    database: str = "dfusion"
+    owner: tuple[int, int] | None = None  # (uid, gid) the server runs as; None = this process's user
+
+    @property
+    def url(self) -> str:
+        """The ledger's SQLAlchemy URL (psycopg 3)."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    @property
+    def ready_port(self) -> int:
+        return self.port
+
+    def _as_owner(self) -> dict[str, object]:
+        return {} if self.owner is None else {"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
+
+    def _spawn(self) -> None:
+        bindir = postgres_bindir()
+        assert bindir is not None
+        cmd = [str(bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+               "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.data_dir.parent}",
+               "-c", "max_connections=200"]
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen(cmd, cwd=self.data_dir.parent, stdout=fh, stderr=subprocess.STDOUT,
+                                         **self._as_owner())  # type: ignore[call-overload]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the server accepts connections (`pg_isready`; after a crash that includes its recovery)."""
+        bindir = postgres_bindir()
+        assert bindir is not None and self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.log}")
+            ok = subprocess.run([str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                                check=False).returncode == 0
+            if ok:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"PostgreSQL on port {self.port} not ready after {timeout:.0f}s; see {self.log}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT: sessions are cut, the cluster is left clean), SIGKILL after `timeout`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """kill -9 of the postmaster and its server processes at once, as when the database host dies;
+        the next start runs crash recovery from the WAL."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        kids = _process_children(self.proc.pid)
+        os.kill(self.proc.pid, signal.SIGKILL)
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10  # a server process still attached to the shared memory blocks a start
+        while any(_running(pid) for pid in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        self.stop()
+        self._spawn()
+        self.wait_ready(timeout)
+
+    def start_again(self, timeout: float = 60.0) -> None:
+        """Start the stopped or killed cluster again on the same port and data."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("PostgreSQL is still running")
+        self._spawn()
+        self.wait_ready(timeout)
+
+    def destroy(self) -> None:
+        """Stop the server and remove its cluster folder."""
+        self.stop()
+        shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+
+
+def start_postgres(workdir: Path, database: str = "dfusion", timeout: float = 60.0) -> PostgresServer:
+    """initdb a cluster, start it on a free loopback port and create `database` (empty: the caller
+    migrates it with `dicom-fusion db upgrade`). Its log is ``workdir/postgres.log``.
+
+    As root the cluster is owned by and runs as the `postgres` OS user, in a folder of its own under
+    the system temporary folder (pytest's folders are private to root); otherwise under `workdir`.
+    """
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise FileNotFoundError("PostgreSQL is not installed; run scripts/install-system-deps.sh")
+    owner = _postgres_user()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if owner is None:
+        root = workdir / "cluster"
+        root.mkdir()
+    else:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="dfusion-pg-"))
+        os.chown(root, *owner)
+    data = root / "data"
+    log = workdir / "postgres.log"
+    as_owner: dict[str, object] = {} if owner is None else {"user": owner[0], "group": owner[1], "extra_groups": []}
+    with log.open("wb") as fh:
+        subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                        "--locale=C", "--no-sync"], cwd=root, stdout=fh, stderr=subprocess.STDOUT, check=True,
+                       **as_owner)  # type: ignore[call-overload]
+    server = PostgresServer("postgres", None, workdir, log, port=free_port(), data_dir=data, database=database,
+                            owner=owner)
+    try:
+        server._spawn()
+        server.wait_ready(timeout)
+        with log.open("ab") as fh:
+            subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres",
+                            database], stdout=fh, stderr=subprocess.STDOUT, check=True)
+    except BaseException:
+        server.destroy()
         raise
     return server
 

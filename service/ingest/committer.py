@@ -130,6 +130,12 @@ class GroupCommitter:
         """
         staged = self.spool.stage(key.study_uid, key.series_uid, key.sop_uid, data,
                                   sync_data=self.sync_mode == "file")
+        return self.wait(self.submit(key, staged, calling_ae=calling_ae))
+
+    def submit(self, key: FilingHeader, staged: StagedFile, *, calling_ae: str) -> _Pending:
+        """Hand over a file already staged (its data fdatasync'ed in ``file`` sync mode) without waiting:
+        STOW-RS (:mod:`.stow`) submits every part of a request, then :meth:`wait` for each. Raises
+        :class:`CommitError` (the staged file discarded) when the committer is not running."""
         record = InstanceRecord.of(key, path=staged.final, sha256=staged.sha256, size=staged.size,
                                    calling_ae=calling_ae)
         item = _Pending(record=record, staged=staged)
@@ -139,7 +145,11 @@ class GroupCommitter:
                 self._queue.put(item)
         if not accepted:
             self.spool.discard(staged)
-            raise CommitError("the listener is not running (shutting down); send again")
+            raise CommitError("the committer is not running (shutting down); send again")
+        return item
+
+    def wait(self, item: _Pending) -> RecordOutcome:
+        """Block until ``item``'s batch is durable; its outcome, or :class:`CommitError` (→ 0xA700)."""
         if not item.done.wait(self.wait_timeout):
             # The row may still land later; the sender then resends and gets a duplicate's success.
             raise CommitError(f"no durable commit within {self.wait_timeout:.0f} s (disk or ledger stalled)")

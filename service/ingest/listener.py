@@ -25,6 +25,7 @@ transaction) before any of its waiters answers 0x0000.
 from __future__ import annotations
 
 import logging
+import mmap
 import socket
 import ssl
 import threading
@@ -58,10 +59,14 @@ _FILING_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "
 _HEADER_TAGS = [Tag(k) for k in _FILING_KEYWORDS]
 
 
-def parse_header(data: bytes) -> FilingHeader:
-    """Read the filing UIDs from encoded bytes (file meta + dataset) without touching pixel data."""
+def parse_header(data: bytes | mmap.mmap) -> FilingHeader:
+    """Read the filing UIDs from encoded bytes (file meta + dataset) without touching pixel data. A memory
+    map (STOW-RS: a part streamed to a file) is read in place, never copied."""
+    if isinstance(data, mmap.mmap):
+        data.seek(0)
     try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        ds = dcmread(data if isinstance(data, mmap.mmap) else BytesIO(data), stop_before_pixels=True,
+                     specific_tags=_HEADER_TAGS)
         ts = str(ds.file_meta.TransferSyntaxUID)
         values = {k: ds.get(k) for k in _FILING_KEYWORDS}
     except Exception as exc:  # pydicom raises many types on corrupt input; all mean "cannot parse"
@@ -76,7 +81,7 @@ def parse_header(data: bytes) -> FilingHeader:
     )
 
 
-def check_received(data: bytes) -> FilingHeader:
+def check_received(data: bytes | mmap.mmap) -> FilingHeader:
     """What the handler checks before it stores: the whole data set is well-formed for its declared
     transfer syntax (:func:`~.wellformed.check_part10`, every element header walked to the end), then
     the filing UIDs are read. Raises :class:`MalformedInstanceError` (→ 0xC000 + quarantine)."""

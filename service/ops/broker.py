@@ -15,6 +15,7 @@ from celery import Celery
 
 from dicom_fusion.service.config import Settings
 from dicom_fusion.service.errors import BrokerError
+from dicom_fusion.service.jobs.queues import priority_queues
 
 QUEUES = ("cpu", "gpu", "io")
 _PRIORITY_SEP = "\x06\x16"
@@ -47,11 +48,12 @@ def _filesystem_depths(folder: Path) -> dict[str, BrokerQueue]:
     try:
         for q in QUEUES:
             ages = []
-            for f in folder.glob(f"*.{q}.msg"):
-                try:
-                    ages.append(now - f.stat().st_mtime)
-                except FileNotFoundError:  # taken by a worker while we looked
-                    continue
+            for name in priority_queues(q):  # cpu.urgent, cpu, cpu.background: one depth per stage queue
+                for f in folder.glob(f"*.{name}.msg"):
+                    try:
+                        ages.append(now - f.stat().st_mtime)
+                    except FileNotFoundError:  # taken by a worker while we looked
+                        continue
             out[q] = BrokerQueue(q, len(ages), max(ages) if ages else None)
     except OSError as exc:
         raise BrokerError(f"cannot read the embedded broker folder {folder}: {exc.strerror}") from exc
@@ -68,16 +70,17 @@ def _redis_depths(url: str, timeout: float) -> dict[str, BrokerQueue]:
     try:
         pipe = client.pipeline(transaction=False)
         for q in QUEUES:
-            pipe.llen(q)
-            for p in _PRIORITY_STEPS:
-                pipe.llen(f"{q}{_PRIORITY_SEP}{p}")
+            for name in priority_queues(q):  # the urgent, normal and background queue of each stage queue
+                pipe.llen(name)
+                for p in _PRIORITY_STEPS:
+                    pipe.llen(f"{name}{_PRIORITY_SEP}{p}")
         counts = pipe.execute()
     except redis.RedisError as exc:
         raise BrokerError(f"Redis broker unreachable ({type(exc).__name__}: {exc}); check broker.url "
                           "and that Redis is running") from exc
     finally:
         client.close()
-    step = 1 + len(_PRIORITY_STEPS)
+    step = len(priority_queues(QUEUES[0])) * (1 + len(_PRIORITY_STEPS))
     return {q: BrokerQueue(q, int(sum(counts[i * step:(i + 1) * step])), None) for i, q in enumerate(QUEUES)}
 
 

@@ -40,6 +40,7 @@ class ReviewItem:
     image_only: bool | None
     awaiting_seconds: float
     overdue: bool  # waiting longer than release.review_timeout_hours
+    priority: str = "normal"  # the route's priority: urgent results are listed first
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,12 @@ class ReviewResult:
     message: str
 
 
+_URGENCY = {"urgent": 0, "normal": 1, "background": 2}
+
+
 def worklist(ledger: Ledger, settings: Settings, *, now: datetime | None = None) -> list[ReviewItem]:
-    """Results awaiting review, oldest first; `overdue` past `release.review_timeout_hours`."""
+    """Results awaiting review, most urgent first (the route's priority), then oldest first; `overdue` past
+    `release.review_timeout_hours`."""
     now = now or utcnow()
     limit = timedelta(hours=settings.release.review_timeout_hours)
     with ledger.session() as s:
@@ -62,8 +67,9 @@ def worklist(ledger: Ledger, settings: Settings, *, now: datetime | None = None)
     for job, study_uid in rows:
         waited = now - (job.awaiting_since or job.updated_at)
         items.append(ReviewItem(job.id, study_uid, job.version, job.route, job.model, job.finding, job.probability,
-                                job.image_only, max(waited.total_seconds(), 0.0), waited > limit))
-    return items
+                                job.image_only, max(waited.total_seconds(), 0.0), waited > limit,
+                                job.priority or "normal"))
+    return sorted(items, key=lambda i: (_URGENCY.get(i.priority, 1), -i.awaiting_seconds))
 
 
 def model_classes(settings: Settings, job_id: int) -> list[str]:
@@ -176,6 +182,7 @@ class ReviewDetail:
     overdue: bool
     reviewer: str | None
     review: str | None
+    priority: str = "normal"
 
 
 _MAX_TIMELINE_BYTES = 50_000_000  # a bigger timeline.json is not parsed for the plot (the page stays fast)
@@ -279,7 +286,7 @@ def review_detail(ledger: Ledger, settings: Settings, job_id: int, *, now: datet
         drivers=drivers, lesion=lesion_text, has_overlay=(d / "saliency.png").exists(), card=card,
         labs=_labs(d, str(facts.get("study_time", "")), features),
         awaiting_seconds=max(waited.total_seconds(), 0.0), overdue=job.state == JobState.AWAITING_REVIEW and waited > limit,
-        reviewer=job.reviewer, review=job.review)
+        reviewer=job.reviewer, review=job.review, priority=job.priority or "normal")
 
 
 def overlay_path(settings: Settings, job_id: int) -> Any:

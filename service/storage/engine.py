@@ -3,7 +3,7 @@
 SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL``, a 30 s busy timeout and
 foreign keys on; SQLAlchemy emits BEGIN itself, and connections with the execution option
 ``ledger_write=True`` (:data:`WRITE`) begin with ``BEGIN IMMEDIATE``. Any other SQLAlchemy URL
-(PostgreSQL) is used as it is.
+(PostgreSQL) is used as it is, its pooled connections pinged before use (they survive a server restart).
 """
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ def ledger_engine(url: str) -> Engine:
         if path and path != ":memory:" and not path.startswith("file:"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        # A server restart (or failover) leaves every pooled connection dead: without a ping each one
+        # fails one transaction after the database is back (a listener batch answered 0xA700, a stage
+        # failed). The ping costs one round trip per checkout.
+        kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)  # type: ignore[arg-type]
     if is_sqlite(url):
         event.listen(engine, "connect", _sqlite_pragmas)

@@ -201,6 +201,7 @@ class Role(enum.StrEnum):
     REVIEWER = "reviewer"  # read + approve / reject results awaiting review
     OPERATOR = "operator"  # read + retry, replay, redeliver (the service token `api.token` is one)
     ADMIN = "admin"  # read + operate + manage users
+    SENDER = "sender"  # store instances over STOW-RS, nothing else (a cloud archive, a viewer that pushes)
 
 
 class User(Base):

@@ -196,6 +196,7 @@ class Spool:
         self.studies_dir = self.root / "studies"
         self.quarantine_dir = self.root / "quarantine"
         self.jobs_dir = self.root / "jobs"
+        self.incoming_dir = self.root / "incoming"  # STOW-RS parts while they stream in (same filesystem)
 
     def ensure(self) -> None:
         """Create the layout and prove the spool is writable (fails at start-up, not on first C-STORE)."""
@@ -229,6 +230,18 @@ class Spool:
             raise self._error(exc) from exc
         return StagedFile(tmp=tmp, final=final, sha256=digest, size=len(data),
                           data_synced=sync_data and self.fsync)
+
+    def adopt(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str, *, sha256: str, size: int,
+              data_synced: bool) -> StagedFile:
+        """Stage a temp file written elsewhere in the spool (STOW-RS streams each part into
+        :attr:`incoming_dir`, on the same filesystem, before its UIDs are known): its final directory is
+        created durably and :meth:`publish` links it there. Raises :class:`SpoolError` (→ 0xA700)."""
+        final = self.instance_path(study_uid, series_uid, sop_uid, sha256)
+        try:
+            _makedirs_durable(final.parent, fsync=self.fsync)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        return StagedFile(tmp=tmp, final=final, sha256=sha256, size=size, data_synced=data_synced and self.fsync)
 
     def publish(self, staged: StagedFile) -> bool:
         """Link a staged file (its data already durable) to its final name and drop the temp name.

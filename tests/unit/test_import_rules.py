@@ -30,7 +30,9 @@ SERVICE_RULES: dict[str, set[str]] = {
     "outputs": {"config", "errors"},
     "routing": {"config", "errors", "storage", "outputs", "inference.card"},
     "jobs": {"config", "errors", "telemetry", "peers", "storage", "outputs", "fhir", "inference"},
-    "ops": {"config", "errors", "cliopts", "telemetry", "peers", "storage", "outputs", "routing", "jobs.queues"},
+    # ops/api's STOW-RS route hands request bodies to ingest/stow.py (and nothing else of ingest/)
+    "ops": {"config", "errors", "cliopts", "telemetry", "peers", "storage", "outputs", "routing", "jobs.queues",
+            "ingest.stow"},
     "demo": {"*"},
     "cli": {"*"},
     "server": {"*"},
@@ -106,6 +108,8 @@ def _service_target(name: str) -> str | None:
         return None
     if parts[2] == "jobs" and len(parts) > 3 and parts[3] == "queues":
         return "jobs.queues"
+    if parts[2] == "ingest" and len(parts) > 3 and parts[3] == "stow":
+        return "ingest.stow"
     return parts[2]
 
 
@@ -152,7 +156,8 @@ def _violations() -> list[str]:
                     continue
                 dst = _service_target(name)
                 allowed = SERVICE_RULES[src]
-                if dst is None or dst == src or (dst == "jobs.queues" and src == "jobs") or "*" in allowed:
+                if dst is None or dst == src or (dst, src) in {("jobs.queues", "jobs"), ("ingest.stow", "ingest")} \
+                        or "*" in allowed:
                     continue
                 if not _allowed(dst, name, allowed):
                     bad.append(f"{where}:{line}: imports {name} (service/{src} may import only "
@@ -176,11 +181,16 @@ def test_the_checker_catches_a_forbidden_import(tmp_path: Path, monkeypatch: pyt
     (fake / "inference" / "card").mkdir()
     (fake / "inference" / "card" / "bad.py").write_text("from dicom_fusion.inference.serve.predict import X\n")
     (fake / "fhir" / "bad.py").write_text("import dicom_fusion.service.config\n")
+    (fake / "service" / "ops").mkdir()  # ops may import ingest/stow.py only, not the rest of ingest/
+    (fake / "service" / "ops" / "bad.py").write_text("from dicom_fusion.service.ingest.committer import GroupCommitter\n"
+                                                     "from dicom_fusion.service.ingest.stow import StowIngest\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     bad = _violations()
     assert any("service/storage/bad.py:2: imports dicom_fusion.service.jobs.stages" in b for b in bad), bad
     assert any("inference/card/bad.py:1" in b for b in bad), bad
     assert any("fhir/bad.py:1" in b for b in bad), bad
+    assert any("service/ops/bad.py:1: imports dicom_fusion.service.ingest.committer" in b for b in bad), bad
+    assert not any("service/ops/bad.py:2" in b for b in bad), bad
 
 
 def test_no_import_cycle_even_through_deferred_imports() -> None:
@@ -240,6 +250,7 @@ def test_the_listener_stays_torch_free() -> None:
     """The ingest hot path (listener, committer, ledger, spool), routing and the `serve` process start without
     torch, MONAI or highdicom: the model loads in the worker, never where instances are acknowledged."""
     code = ("import sys; import dicom_fusion.service.ingest.listener, dicom_fusion.service.ingest.committer; "
+            "import dicom_fusion.service.ingest.stow; "
             "import dicom_fusion.service.server, dicom_fusion.service.cli, dicom_fusion.service.routing.router; "
             "print(sorted(m for m in ('torch', 'monai', 'highdicom') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

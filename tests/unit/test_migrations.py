@@ -49,8 +49,8 @@ def _rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
 
 #: Columns later revisions add to the first release's tables, with the value old rows get.
 # 0002: route, card_path, model, series_uids; 0003: release, awaiting_since, review, reviewer,
-# reviewer_organization, review_comment, reviewed_finding, reviewed_at
-ADDED = {"jobs": ("", "", "", "", "auto", None, None, None, None, None, None, None)}
+# reviewer_organization, review_comment, reviewed_finding, reviewed_at; 0006: priority
+ADDED = {"jobs": ("", "", "", "", "auto", None, None, None, None, None, None, None, "normal")}
 
 
 def _upgraded(rows: dict[str, list[tuple[object, ...]]]) -> dict[str, list[tuple[object, ...]]]:

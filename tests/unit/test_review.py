@@ -270,3 +270,18 @@ def test_the_lesion_outline_is_drawn_on_the_source_grid(tmp_path: Path) -> None:
     red = np.all(img == OUTLINE, axis=-1)
     assert red.shape == mask.shape and red[20, 35] and red[39, 35] and red[30, 30] and red[30, 49]
     assert not red[30, 40] and not red[10, 10] and red.sum() == 2 * 20 + 2 * 18
+
+
+def test_the_worklist_lists_urgent_results_first_then_the_oldest(ledger: Ledger, settings: Settings) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from dicom_fusion.service.storage.models import Job
+
+    old, urgent, new = (awaiting(ledger, settings, uid) for uid in ("2.1", "2.2", "2.3"))
+    with ledger.transaction() as s:
+        for job, hours, priority in ((old, 5, "normal"), (urgent, 1, "urgent"), (new, 2, "normal")):
+            s.execute(update(Job).where(Job.id == job).values(awaiting_since=utcnow() - timedelta(hours=hours),
+                                                               priority=priority))
+    assert [i.job_id for i in review.worklist(ledger, settings)] == [urgent, old, new]

@@ -82,12 +82,14 @@ ContextDep = Annotated[ApiContext, Depends(get_context)]
 _bearer = HTTPBearer(auto_error=False, description="a user's API token (dfu_…), or api.token (the service token)")
 
 #: What each role may do (README "Users and roles"). `read`: every GET; `review`: approve / reject;
-#: `operate`: retry, replay, redeliver; `users`: manage users.
+#: `operate`: retry, replay, redeliver; `users`: manage users; `store`: STOW-RS (`/dicomweb/studies`).
+#: Operators and admins may store too (the service token is an operator: automation pushes studies).
 PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.VIEWER: frozenset({"read"}),
     Role.REVIEWER: frozenset({"read", "review"}),
-    Role.OPERATOR: frozenset({"read", "operate"}),
-    Role.ADMIN: frozenset({"read", "operate", "users"}),
+    Role.OPERATOR: frozenset({"read", "operate", "store"}),
+    Role.ADMIN: frozenset({"read", "operate", "users", "store"}),
+    Role.SENDER: frozenset({"store"}),
 }
 #: The service token `api.token`: automation (scripts, Prometheus), an operator.
 SERVICE = Principal("service", "service token (api.token)", Role.OPERATOR)
@@ -182,10 +184,14 @@ def dashboard_user(request: Request, ctx: ContextDep) -> Principal | None:
     if not ctx.settings.api.auth:
         return ANONYMOUS
     signed_in = session_of(request, ctx)
-    return signed_in[0] if signed_in else proxy_user(request, ctx)
+    who = signed_in[0] if signed_in else proxy_user(request, ctx)
+    if who is not None and "read" not in PERMISSIONS[who.role]:  # a sender stores over STOW-RS, reads nothing
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"{who.username} is a {who.role}: no dashboard")
+    return who
 
 
 Authorized = require("read")
+StorePermission = require("store")
 Operate = require("operate")
 ReviewPermission = require("review")
 DashboardUser = Annotated[Principal | None, Depends(dashboard_user)]

@@ -14,6 +14,7 @@ from dicom_fusion.service.ops.api.deps import ApiContext
 from dicom_fusion.service.ops.api.docs import install_docs
 from dicom_fusion.service.ops.api.routes import (
     dashboard,
+    dicomweb,
     health,
     me,
     metrics,
@@ -35,7 +36,7 @@ from dicom_fusion.service.storage.schema import check_schema
 DESCRIPTION = """Operate dicom-fusion: queues, studies, job history, retries, replays, dead letters, metrics.
 
 Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`: a named user's API
-token (`dicom-fusion users token`; the user's role — viewer, reviewer, operator, admin — decides what it
+token (`dicom-fusion users token`; the user's role — viewer, reviewer, operator, admin, sender — decides what it
 may do) or the service token `api.token` (`DICOM_FUSION_API__TOKEN`), an operator for automation. Responses carry UIDs, states, counts and reasons: never patient data.
 """
 
@@ -63,21 +64,28 @@ def create_app(settings: Settings) -> FastAPI:
     ctx = ApiContext(settings=settings, ledger=ledger, celery=make_celery(settings),
                      registry=api_registry(ledger, settings))
 
+    stow = dicomweb.make_ingest(settings, ledger) if settings.dicomweb.enabled else None  # STOW-RS
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        if stow is not None:
+            stow.stop()  # commits what is waiting
         ledger.close()
 
     # no CDN-loaded docs pages, /openapi.json behind the token unless api.docs (service/ops/api/docs.py)
     app = FastAPI(title="dicom-fusion", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    app.state.stow = stow
     app.state.readiness = CachedReadiness(ledger, settings, ttl=settings.api.readiness_cache_seconds)
     docs_policies = install_docs(app, settings)
     app.add_middleware(SecurityHeaders, csp=content_security_policy(inline_hashes()), overrides=docs_policies)
     install_error_handler(app)
     for module in (health, studies, queues, review, me, routing, metrics, session, dashboard, review_pages):
         app.include_router(module.router)
+    if stow is not None:
+        app.include_router(dicomweb.router)
     return app
 
 

@@ -141,10 +141,11 @@ async def _study(request: Request, ctx: ContextDep) -> StudyHeader | None:
 @router.post("/explain", response_model=ExplainOut, responses={
     404: {"description": "unknown study"}, 413: {"description": "upload too large"},
     415: {"description": "neither JSON nor DICOM"}, 422: {"description": "unreadable request"}},
-    openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": ExplainIn.model_json_schema()},
-        "application/dicom": {"schema": {"type": "string", "format": "binary"}}}}},
-    summary="What would happen to a study: exclusions, every route's verdict and why, the jobs it would get")
+    # the JSON body is documented; the same route takes one DICOM instance as `application/dicom` (README)
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": ExplainIn.model_json_schema()}}}},
+    summary="What would happen to a study: exclusions, every route's verdict and why, the jobs it would get",
+    description="Body: JSON (a study in the ledger, or a described study), or one DICOM instance sent as "
+                "`Content-Type: application/dicom` (its header is read; at most 64 MB).")
 async def explain(request: Request, ctx: ContextDep) -> ExplainOut:
     try:
         table = load_routes(ctx.settings)
