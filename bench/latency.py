@@ -13,19 +13,18 @@ UID) every 50 ms. Prints p50/p95 of the latency, the ratio p95 / target (target 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from stack import BenchStack  # bench/ is on sys.path when a bench runs as a script
 
 STORESCU = "/usr/bin/storescu"
 TARGET_MARGIN = 3.0  # seconds allowed after the quiet period
@@ -190,31 +189,15 @@ def main() -> int:
         print(f"{STORESCU} missing: run `make sysdeps`", file=sys.stderr)
         return 2
 
-    from dicom_fusion.fhir.client import FhirClient
     from dicom_fusion.inference.synth.generate import generate_cohort
-    from dicom_fusion.service.demo.components import free_port, start_fhir_server, start_orthanc, start_redis
+    from dicom_fusion.service.demo.components import free_port, start_redis
     from dicom_fusion.service.server import wait_for_port
 
-    tmpdir = None
-    if args.keep is not None:
-        work = args.keep.resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmpdir = tempfile.TemporaryDirectory(prefix="bench-latency-")
-        work = Path(tmpdir.name)
-    started: list[object] = []
-    serve: subprocess.Popen[bytes] | None = None
-    try:
+    with BenchStack(args.keep, "bench-latency-") as stack:
+        work = stack.work
         cohort = generate_cohort(args.studies + 1, work / "cohort", args.seed, progress=False)
-        fhir = start_fhir_server(work / "fhir")
-        started.append(fhir)
-        with FhirClient(fhir.base_url) as client:
-            for p in cohort:
-                client.transaction(json.loads(Path(p.bundle_path).read_text()))
-        pacs = start_orthanc(work / "pacs")
-        started.append(pacs)
-        redis = start_redis(work / "redis")
-        started.append(redis)
+        fhir, pacs = stack.peers(cohort)
+        redis = stack.add(start_redis(work / "redis"))
         port = free_port()
         env = dict(os.environ, DICOM_FUSION_DATA_DIR=str(work / "var"), DICOM_FUSION_LISTENER__PORT=str(port),
                    DICOM_FUSION_PACS__AE_TITLE=pacs.ae_title, DICOM_FUSION_PACS__PORT=str(pacs.dicom_port),
@@ -227,6 +210,7 @@ def main() -> int:
         log = (work / "serve.log").open("wb")
         serve = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "serve"], env=env,
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stack.serve = serve  # stopped (process group) when the stack closes
         wait_for_port("127.0.0.1", port, timeout=60)
         ledger_url = f"sqlite:///{work / 'var' / 'ledger.sqlite'}"
         watcher = Watcher(ledger_url, pacs, fhir.base_url)
@@ -291,17 +275,6 @@ def main() -> int:
               f"slot(s) serve at most ≈ {args.concurrency / service:.2f} studies/s if the CPU keeps up; offered "
               f"load {1 / args.interval:.2f} studies/s")
         return 0 if not failed else 1
-    finally:
-        if serve is not None and serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGTERM)
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(serve.pid, signal.SIGKILL)
-        for c in reversed(started):
-            c.stop()  # type: ignore[attr-defined]
-        if tmpdir is not None:
-            tmpdir.cleanup()
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stack import BenchStack  # noqa: E402
 from latency import STORESCU, Sent, breakdown, send_study  # noqa: E402
 
 ROUTES = """
@@ -124,27 +124,12 @@ def main() -> int:
     if not Path(STORESCU).exists():
         print(f"{STORESCU} missing: run `make sysdeps`", file=sys.stderr)
         return 2
-    from dicom_fusion.fhir.client import FhirClient
     from dicom_fusion.inference.synth.generate import generate_cohort
-    from dicom_fusion.service.demo.components import start_fhir_server, start_orthanc
 
-    tmpdir = None
-    if args.keep is not None:
-        work = args.keep.resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmpdir = tempfile.TemporaryDirectory(prefix="bench-model-cache-")
-        work = Path(tmpdir.name)
-    started: list[object] = []
-    try:
+    with BenchStack(args.keep, "bench-model-cache-") as stack:
+        work = stack.work
         cohort = generate_cohort(2 * args.studies, work / "cohort", args.seed, progress=False)
-        fhir = start_fhir_server(work / "fhir")
-        started.append(fhir)
-        with FhirClient(fhir.base_url) as client:
-            for p in cohort:
-                client.transaction(json.loads(Path(p.bundle_path).read_text()))
-        pacs = start_orthanc(work / "pacs")
-        started.append(pacs)
+        fhir, pacs = stack.peers(cohort)
         results = {}
         for i, max_loaded in enumerate((4, 1)):
             studies = cohort[i * args.studies:(i + 1) * args.studies]
@@ -163,11 +148,6 @@ def main() -> int:
             print(f"  model loads in the worker (classifier or segmenter): {len(loaded)}, "
                   f"{sum(loaded):.2f} s in all (each {', '.join(f'{x:.2f}' for x in loaded)})")
         return 0
-    finally:
-        for c in reversed(started):
-            c.stop()  # type: ignore[attr-defined]
-        if tmpdir is not None:
-            tmpdir.cleanup()
 
 
 if __name__ == "__main__":

@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stack import BenchStack  # noqa: E402
 from latency import STORESCU, Sent, Watcher  # noqa: E402  (the same loopback stack and result watcher)
 
 URGENT_AE = "ED_MODALITY"
@@ -49,29 +48,14 @@ def main() -> int:
         print(f"{STORESCU} missing: run `make sysdeps`", file=sys.stderr)
         return 2
 
-    from dicom_fusion.fhir.client import FhirClient
     from dicom_fusion.inference.synth.generate import generate_cohort
-    from dicom_fusion.service.demo.components import free_port, start_fhir_server, start_orthanc, start_redis
+    from dicom_fusion.service.demo.components import free_port, start_redis
     from dicom_fusion.service.server import wait_for_port
 
-    tmpdir = None
-    if args.keep is not None:
-        work = args.keep.resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmpdir = tempfile.TemporaryDirectory(prefix="bench-priority-")
-        work = Path(tmpdir.name)
-    started: list[object] = []
-    serve: subprocess.Popen[bytes] | None = None
-    try:
+    with BenchStack(args.keep, "bench-priority-") as stack:
+        work = stack.work
         cohort = generate_cohort(args.normal + 2, work / "cohort", args.seed, progress=False)
-        fhir = start_fhir_server(work / "fhir")
-        started.append(fhir)
-        with FhirClient(fhir.base_url) as client:
-            for p in cohort:
-                client.transaction(json.loads(Path(p.bundle_path).read_text()))
-        pacs = start_orthanc(work / "pacs")
-        started.append(pacs)
+        fhir, pacs = stack.peers(cohort)
         port = free_port()
         env = dict(os.environ, DICOM_FUSION_DATA_DIR=str(work / "var"), DICOM_FUSION_LISTENER__PORT=str(port),
                    DICOM_FUSION_PACS__AE_TITLE=pacs.ae_title, DICOM_FUSION_PACS__PORT=str(pacs.dicom_port),
@@ -79,8 +63,7 @@ def main() -> int:
                    DICOM_FUSION_COMPLETION__QUIET_SECONDS="600", DICOM_FUSION_LOG_LEVEL="WARNING",
                    DICOM_FUSION_ROUTING__PRIORITY_BY_CALLING_AE=json.dumps({URGENT_AE: "urgent"}))
         if args.broker == "redis":
-            redis = start_redis(work / "redis")
-            started.append(redis)
+            redis = stack.add(start_redis(work / "redis"))
             env["DICOM_FUSION_BROKER__URL"] = redis.url
         else:
             env.pop("DICOM_FUSION_BROKER__URL", None)
@@ -88,6 +71,7 @@ def main() -> int:
         log = (work / "serve.log").open("wb")
         serve = subprocess.Popen([sys.executable, "-m", "dicom_fusion.service.cli", "serve"], env=env,
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stack.serve = serve  # stopped (process group) when the stack closes
         wait_for_port("127.0.0.1", port, timeout=60)
         ledger_url = f"sqlite:///{work / 'var' / 'ledger.sqlite'}"
         watcher = Watcher(ledger_url, pacs, fhir.base_url)
@@ -158,17 +142,6 @@ def main() -> int:
                   f"5th {normal_times[min(4, len(normal_times) - 1)]:.2f} s, median {statistics.median(normal_times):.2f} s, "
                   f"last {normal_times[-1]:.2f} s ({len(normal_times)}/{len(normals)} done)")
         return 0 if before < TARGET_BEFORE and len(normal_times) == len(normals) else 1
-    finally:
-        if serve is not None and serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGTERM)
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(serve.pid, signal.SIGKILL)
-        for c in reversed(started):
-            c.stop()  # type: ignore[attr-defined]
-        if tmpdir is not None:
-            tmpdir.cleanup()
 
 
 if __name__ == "__main__":
