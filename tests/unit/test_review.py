@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from opshelpers import OWNER, add_study, advance_to, complete
-from test_operations import messages
+from test_operations import enqueue, ledger, messages, settings  # noqa: F401 - the same real-ledger fixtures
 
 from dicom_fusion.service.config import Settings, load_settings
 from dicom_fusion.service.errors import ActionRefusedError, StudyNotFoundError
@@ -23,21 +23,6 @@ CLASSES = [{"name": "benign", "code": "1", "system": "http://snomed.info/sct", "
             "probability": 0.3},
            {"name": "malignant", "code": "2", "system": "http://snomed.info/sct", "display": "Malignant",
             "probability": 0.7}]
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return load_settings(data_dir=tmp_path / "var")
-
-
-@pytest.fixture
-def ledger(settings: Settings) -> Ledger:
-    return Ledger(settings.ledger_url)
-
-
-@pytest.fixture
-def enqueue(ledger: Ledger, settings: Settings) -> operations.Enqueue:
-    return operations.make_enqueue(ledger, settings)
 
 
 def awaiting(ledger: Ledger, settings: Settings, uid: str, *, preliminary: bool = False) -> int:
