@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Request, status
@@ -131,9 +132,16 @@ def proxy_user(request: Request, ctx: ApiContext) -> Principal | None:
     return Users(ctx.ledger).active_user(name) if name else None
 
 
-def _same_origin(request: Request) -> bool:
+def same_origin(request: Request) -> bool:
+    """The request's Origin is this site (or absent: not a browser, or a same-origin navigation). An opaque
+    origin (`null`: a sandboxed frame, a file, a privacy redirect) is not this site."""
     origin = request.headers.get("origin")
-    return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+    if origin is None:
+        return True
+    o, here = urlsplit(origin), request.url
+    default = {"https": 443, "http": 80}
+    return origin != "null" and (o.scheme, o.hostname, o.port or default.get(o.scheme)) == (
+        here.scheme, here.hostname, here.port or default.get(here.scheme))
 
 
 def current_principal(request: Request, ctx: ContextDep,
@@ -153,7 +161,7 @@ def current_principal(request: Request, ctx: ContextDep,
         via_proxy = proxy_user(request, ctx)
         if via_proxy is None:
             raise _unauthorized()
-        if request.method not in _SAFE_METHODS and not _same_origin(request):  # the proxy's SSO cookie rides along
+        if request.method not in _SAFE_METHODS and not same_origin(request):  # the proxy's SSO cookie rides along
             raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-site request refused")
         return via_proxy
     who, csrf = signed_in

@@ -8,25 +8,15 @@ itself is protected against cross-site posting by SameSite and an Origin check.
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from dicom_fusion.service.ops.api.deps import SESSION_COOKIE, ContextDep, PrincipalDep, session_of
+from dicom_fusion.service.ops.api.deps import SESSION_COOKIE, ContextDep, PrincipalDep, same_origin, session_of
 from dicom_fusion.service.ops.api.templating import templates
 from dicom_fusion.service.storage.users import SignInError, Users
 
 router = APIRouter(tags=["session"], include_in_schema=False)
-
-
-def _same_origin(request: Request) -> bool:
-    origin = request.headers.get("origin")
-    if not origin or origin == "null":
-        return origin is None  # a form posted from an opaque origin ("null") is refused
-    o, here = urlsplit(origin), request.url
-    return (o.scheme, o.hostname, o.port or (443 if o.scheme == "https" else 80)) == (
-        here.scheme, here.hostname, here.port or (443 if here.scheme == "https" else 80))
 
 
 def _safe_next(target: str | None) -> str:
@@ -48,7 +38,7 @@ def login_form(request: Request, ctx: ContextDep, next: str | None = None) -> Re
 def login(request: Request, ctx: ContextDep, username: Annotated[str, Form(max_length=64)],
           password: Annotated[str, Form(max_length=1024)],
           next: Annotated[str, Form(max_length=512)] = "/dashboard") -> Response:  # noqa: A002
-    if not _same_origin(request):
+    if not same_origin(request):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "sign-in form posted from another site")
     users = Users(ctx.ledger)
     try:
