@@ -61,9 +61,11 @@ def _review(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, cwd=stack.data_dir.parent)
 
 
-def _reports(fhir: FhirServer, patient: SyntheticPatient) -> list[dict[str, object]]:
+def _reports(fhir: FhirServer, job: Job) -> list[dict[str, object]]:
+    """The job's DiagnosticReports, by their identifier (the job's SR UID). Not by patient: the synthetic
+    cohorts of different seeds reuse patient ids, and the module's FHIR server keeps every test's reports."""
     with FhirClient(fhir.base_url) as client:
-        return list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))
+        return list(client.search("DiagnosticReport", {"identifier": f"urn:dicom:uid|urn:oid:{job.sr_uid}"}))
 
 
 def test_nothing_leaves_before_review_then_approve_and_reject(tmp_path: Path, orthanc: Pacs, fhir_server: FhirServer,
@@ -77,7 +79,7 @@ def test_nothing_leaves_before_review_then_approve_and_reject(tmp_path: Path, or
                 for p in patients}
         assert {j.state for j in jobs.values()} == {JobState.AWAITING_REVIEW}, [j.error for j in jobs.values()]
         for p in patients:  # a preliminary report in the EHR, nothing in the PACS
-            [report] = _reports(fhir_server, p)
+            [report] = _reports(fhir_server, jobs[p.study_instance_uid])
             assert report["status"] == "preliminary" and "not reviewed by a clinician" in str(report["conclusion"])
             assert _sr_instances(orthanc, p.study_instance_uid) == []
 
@@ -104,7 +106,7 @@ def test_nothing_leaves_before_review_then_approve_and_reject(tmp_path: Path, or
         res = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True)
         assert [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")] == [], res.stderr
 
-        [report] = _reports(fhir_server, approved)  # the same resource, now final: version 2
+        [report] = _reports(fhir_server, final)  # the same resource, now final: version 2
         assert report["status"] == "final" and report["meta"]["versionId"] == "2"  # type: ignore[index]
         assert report["resultsInterpreter"] == [{"display": "Jane Smith"}]
 
@@ -118,7 +120,7 @@ def test_nothing_leaves_before_review_then_approve_and_reject(tmp_path: Path, or
         assert no.returncode == 0 and "entered-in-error" in no.stdout, no.stderr
         gone = _wait(stack, rejected.study_instance_uid, (JobState.REJECTED, JobState.DEAD))
         assert gone.state == JobState.REJECTED, gone.error
-        [report] = _reports(fhir_server, rejected)
+        [report] = _reports(fhir_server, gone)
         assert report["status"] == "entered-in-error" and "motion artefact" in str(report["conclusion"])
         time.sleep(1)
         assert _sr_instances(orthanc, rejected.study_instance_uid) == []
@@ -213,7 +215,7 @@ def test_a_reviewer_approves_and_rejects_in_the_browser(tmp_path: Path, orthanc:
             assert sr.VerificationFlag == "VERIFIED"
             assert str(sr.VerifyingObserverSequence[0].VerifyingObserverName) == "Smith^Jane"
             assert sr.VerifyingObserverSequence[0].VerifyingOrganization == "Test General Hospital"
-            [report] = _reports(fhir_server, found[0])
+            [report] = _reports(fhir_server, approved)
             assert (report["status"], report["meta"]["versionId"]) == ("final", "2")  # type: ignore[index]
 
             # the second with the keyboard: r rejects
@@ -223,7 +225,7 @@ def test_a_reviewer_approves_and_rejects_in_the_browser(tmp_path: Path, orthanc:
             assert "rejected" in rev.wait_for("document.getElementById('outcome').textContent")
             rejected = _wait(stack, found[1].study_instance_uid, (JobState.REJECTED, JobState.DEAD))
             assert rejected.state == JobState.REJECTED
-            [report] = _reports(fhir_server, found[1])
+            [report] = _reports(fhir_server, rejected)
             assert report["status"] == "entered-in-error"
             assert _sr_instances(orthanc, found[1].study_instance_uid) == []
 
@@ -288,5 +290,5 @@ def test_an_approval_after_a_preliminary_sr_references_it(tmp_path: Path, orthan
         verified.save_as(sr_file, enforce_file_format=True)
         res = subprocess.run([dciodvfy, str(sr_file)], capture_output=True, text=True)
         assert [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")] == [], res.stderr
-        [report] = _reports(fhir_server, patient)
+        [report] = _reports(fhir_server, final)
         assert report["status"] == "final"
