@@ -98,7 +98,7 @@ def test_worker_kill9(broker: str, stage: Stage, tmp_path: Path, patients: list[
         assert "requeued" in events, events
         srs = orthanc.instance_count(str(job.sr_uid))
         with FhirClient(fhir_server.base_url) as client:
-            reports = list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))
+            reports = list(client.search("DiagnosticReport", {"identifier": f"urn:dicom:uid|urn:oid:{job.sr_uid}"}))
         figures.acknowledged = figures.stored = len(files)
         figures.duplicates = max(srs - 1, 0) + max(len(reports) - 1, 0)
         figures.lost = int(srs == 0) + int(not reports)
@@ -193,7 +193,8 @@ def test_worker_kill_recovery(tmp_path: Path, recovery_patients: list[SyntheticP
             after_ready.append(done - ready)
             srs = orthanc.instance_count(str(job.sr_uid))
             with FhirClient(fhir_server.base_url) as client:
-                reports = list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))
+                # by the report's identifier (the SR UID), not by patient: the module's cohorts reuse patient ids
+                reports = list(client.search("DiagnosticReport", {"identifier": f"urn:dicom:uid|urn:oid:{job.sr_uid}"}))
             figures.rounds += 1
             figures.acknowledged += len(files)
             figures.stored += len(files)
