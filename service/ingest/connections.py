@@ -98,12 +98,14 @@ class ConnectionGate:
         self._lock = threading.Lock()
         self._per_peer: dict[str, int] = {}
         self._pending = 0
+        self.seen = 0  # connections the accept loop has handed to the gate so far (admitted or refused)
 
     # ---- counts (the accept loop admits, the connection's thread releases) ----------------------
 
     def admit(self, sock: socket.socket, peer: str, *, tls: bool) -> bool:
         """Called in the accept loop: take a connection slot of `peer`, or refuse at once."""
         with self._lock:
+            self.seen += 1
             if self._per_peer.get(peer, 0) >= self.per_peer_limit:
                 reason = f"{self.per_peer_limit} connections from this address already open " \
                          "(listener.max_associations_per_peer)"
