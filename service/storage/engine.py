@@ -7,6 +7,8 @@ foreign keys on; SQLAlchemy emits BEGIN itself, and connections with the executi
 """
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
@@ -19,11 +21,26 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def _wal(cur) -> None:  # type: ignore[no-untyped-def]
+    """Switch to WAL. Several processes opening one brand-new file race for this switch, and SQLite may
+    answer "database is locked" at once instead of waiting for the busy timeout (seen with 4 threads
+    creating one ledger): retry for up to the busy timeout's 30 s."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
     # SQLAlchemy emits BEGIN itself (`_sqlite_begin`), so that writers can take the lock up front.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    _wal(cur)
     cur.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, not just kill -9
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
