@@ -28,7 +28,7 @@ from dicom_fusion.service.jobs.study_context import (
     verification,
 )
 from dicom_fusion.service.outputs.identity import derive_sr_uids, derive_verified_sr_uid
-from dicom_fusion.service.outputs.sr.build import SrVerification, source_header
+from dicom_fusion.service.outputs.sr.build import SrVerification, rejection_lines, source_header
 from dicom_fusion.service.storage.models import (
     DeliveryKind,
     DeliveryState,
@@ -446,10 +446,8 @@ def _deliver_report(rt: Any, d: Path, result: Any, facts: StudyFacts, version: i
     content = report_content(result, facts, sr_uid=sr_uid, patient_id=patient_id, system=system, status=status,
                              verified=verified)
     if rejected is not None:
-        lines = ["Clinical review: rejected the AI result"]
-        if rejected.comment.strip():
-            lines.append(f"Reviewer comment: {rejected.comment.strip()}")
-        content = dataclasses.replace(content, interpreter=rejected.reviewer, review=tuple(lines))
+        content = dataclasses.replace(content, interpreter=rejected.reviewer,
+                                      review=tuple(rejection_lines(rejected.comment)))
     with rt.fhir_client() as client:
         outcome = post_report(client, content)
     name = "report.json" if status != "preliminary" else "preliminary-report.json"

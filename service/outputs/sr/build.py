@@ -63,6 +63,7 @@ __all__ = [
     "SrVerification",
     "build_sr",
     "person_name",
+    "rejection_lines",
     "review_lines",
     "check_sr",
     "read_sr",
@@ -292,9 +293,16 @@ def review_lines(verification: SrVerification, result: object) -> list[str]:
         p = getattr(model, "probability", None)
         lines = [f"{concepts.REVIEW_DECISION_PREFIX}: changed the finding to {shown}; the model's output was "
                  f"{was}" + (f" (probability {float(p):.2f})" if isinstance(p, (int, float)) else "")]
-    if verification.comment.strip():
-        lines.append(f"{concepts.REVIEW_COMMENT_PREFIX}: {verification.comment.strip()}")
-    return lines
+    return lines + _comment_line(verification.comment)
+
+
+def rejection_lines(comment: str) -> list[str]:
+    """A rejection in the words of :func:`review_lines` (the retracted report's conclusion says it)."""
+    return [f"{concepts.REVIEW_DECISION_PREFIX}: rejected the AI result", *_comment_line(comment)]
+
+
+def _comment_line(comment: str) -> list[str]:
+    return [f"{concepts.REVIEW_COMMENT_PREFIX}: {comment.strip()}"] if comment.strip() else []
 
 
 def source_header(source: Dataset) -> Dataset:
