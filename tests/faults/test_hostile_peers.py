@@ -466,6 +466,31 @@ def test_fhir(service: Service, scenario: str, figures: Figures) -> None:
     assert phi == 0
 
 
+def test_a_study_behind_a_hostile_ehr_waits_at_most_the_deadline(service: Service, figures: Figures,
+                                                                  request: pytest.FixtureRequest) -> None:
+    """A healthy study sent right after one whose EHR trickles 1 byte/s settles at most the timeline
+    deadline (5 s here) later than the same healthy study sent alone: the broken EHR costs the study
+    behind it the deadline, never the trickle's length (before issue 18: 900 s and counting)."""
+    deadline = 5.0
+    service.settle(service.send_study("ok", 39), 180)  # the model loaded, as for every study after the first
+    alone_job, alone, _ = service.settle(service.send_study("ok", 40), 120)
+    assert alone_job.state == JobState.DONE, alone_job.error
+    hostile = service.send_study("trickle", 41)
+    behind_study = service.send_study("ok", 42)
+    behind_job, behind, rss = service.settle(behind_study, 120)
+    hostile_job, _, _ = service.settle(hostile, 120)
+    assert behind_job.state == JobState.DONE, behind_job.error
+    assert service.timeline(hostile_job)["status"] == "limited", service.timeline(hostile_job)
+    delay = behind - alone
+    _record(figures, f"{behind_job.state}: +{delay:.1f} s behind trickle", behind, rss,
+            service.phi_hits("ok", behind_job) + service.phi_hits("trickle", hostile_job))
+    report_measure(request.config, "hostile_peers study behind a trickling EHR",
+                   f"healthy study alone {alone:.1f} s, behind the trickle {behind:.1f} s "
+                   f"(+{delay:.1f} s; deadline {deadline:.0f} s)")
+    assert delay <= deadline + 3.0, f"the study behind the trickle waited {delay:.1f} s more than alone"
+    assert figures.phi_hits == 0
+
+
 PACS_SCENARIOS = {  # mode: (seconds it may take at most, what the job's error must say)
     "reject": (30, "retries exhausted"),
     "fail": (30, "0xC000"),
