@@ -196,14 +196,22 @@ class _Heartbeat:
     renewing the lease is exactly what keeps the reaper away. So at `hard_limit` seconds it stops renewing
     and calls `on_overrun` once (which records the overrun in the ledger); the lease then runs out and the
     reaper re-enqueues the job for a free worker.
+
+    With `exit_after` (the solo pool) it then gives the stage that many more seconds and, if it is still
+    running, ends the process: a solo worker runs its one task in its main thread, so a stage stuck there
+    would keep the worker from taking any other job for ever. Its supervisor (`serve` for the embedded
+    worker, systemd / Kubernetes for a standalone one) starts a fresh one, as Celery's prefork pool does
+    with a child past its hard limit. The threads pool cannot do this without killing its other tasks.
     """
 
     def __init__(self, ledger: Ledger, job_id: int, owner: str, lease: float, *,
                  hard_limit: float | None = None, on_overrun: Callable[[], None] | None = None,
+                 exit_after: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._stop = threading.Event()
         self._hard_limit = hard_limit
         self._on_overrun = on_overrun
+        self._exit_after = exit_after
         self._clock = clock
         self.overran = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ledger, job_id, owner, lease), daemon=True)
@@ -225,6 +233,12 @@ class _Heartbeat:
                         self._on_overrun()
                     except Exception as exc:
                         log.warning("job %s: recording the overrun failed: %s", job_id, exc)
+                if self._exit_after is not None and not self._stop.wait(self._exit_after):
+                    log.critical("job %s: stage still running %.0f s after its hard time limit; ending this "
+                                 "worker process (exit %d) so that its supervisor starts a fresh one",
+                                 job_id, self._exit_after, OVERRUN_EXIT_CODE)
+                    logging.shutdown()
+                    os._exit(OVERRUN_EXIT_CODE)
                 return
             try:
                 ledger.renew(job_id, owner=owner, lease_seconds=lease)
@@ -314,9 +328,11 @@ def run_stage(task: Task, runtime: Any, job_id: int, stage: Stage,
             ledger.fail(job_id, owner=owner, reason=reason, retry_in=backoff_seconds(settings, job.attempts + 1),
                         lease_seconds=0)
 
-    heartbeat = _Heartbeat(ledger, job_id, owner, lease, hard_limit=hard, on_overrun=overrun)
+    solo = getattr(runtime, "pool", "solo") == "solo"
+    heartbeat = _Heartbeat(ledger, job_id, owner, lease, hard_limit=hard, on_overrun=overrun,
+                           exit_after=_KILL_AFTER_OVERRUN if solo else None)
     try:
-        with heartbeat, _soft_limit_alarm(soft, enabled=getattr(runtime, "pool", "solo") == "solo"):
+        with heartbeat, _soft_limit_alarm(soft, enabled=solo):
             if os.environ.get(FAULT_PAUSE_ENV):
                 _fault_pause(stage, runtime.spool.job_dir(job_id))
             next_stage = body(runtime, job)
@@ -390,8 +406,11 @@ def _succeeded(runtime: Any, job_id: int, owner: str, next_stage: Stage,
     return str(next_stage)
 
 
-#: Seconds between the heartbeat giving up a stage past its hard limit and the prefork pool killing it.
+#: Seconds between the heartbeat giving up a stage past its hard limit and the process running it being
+#: ended (by Celery in the prefork pool, by the heartbeat itself in the solo pool).
 _KILL_AFTER_OVERRUN = 5.0
+#: Exit status of a solo worker that ended itself because a stage was stuck past its hard limit (EX_SOFTWARE).
+OVERRUN_EXIT_CODE = 70
 
 
 def register_tasks(app: Celery, runtime_factory: Callable[[], Any], settings: Settings | None = None) -> None:

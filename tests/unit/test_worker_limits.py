@@ -3,6 +3,8 @@ hard limit stops the lease renewal so the reaper can act — in the solo pool (S
 and the threads pool (heartbeat only), where Celery's own limits do not apply."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -16,7 +18,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from dicom_fusion.service.config import load_settings
 from dicom_fusion.service.jobs.queues import TASK_NAMES
-from dicom_fusion.service.jobs.worker import register_tasks, run_stage
+from dicom_fusion.service.jobs.worker import OVERRUN_EXIT_CODE, register_tasks, run_stage
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import InstanceRecord, JobState, Stage, utcnow
 
@@ -123,6 +125,48 @@ def test_stage_past_its_hard_limit_stops_renewing_and_the_reaper_sees_it(tmp_pat
     while job not in [j for j, _ in rt.ledger.expired_jobs()]:
         assert time.monotonic() < deadline, "the reaper never saw the overrun job"
         time.sleep(0.05)
+
+
+_STUCK_SOLO_WORKER = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from celery.exceptions import SoftTimeLimitExceeded
+sys.path.insert(0, sys.argv[2])
+from test_worker_limits import _job, _runtime, _task
+from dicom_fusion.service.jobs.worker import run_stage
+from dicom_fusion.service.storage.models import Stage
+
+def stuck(_rt, _job):
+    while True:  # deaf to the soft limit, as a call stuck in C code would be
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            pass
+
+rt = _runtime(Path(sys.argv[1]), pool="solo")
+job = _job(rt.ledger)
+print(job, flush=True)
+run_stage(_task(), rt, job, Stage.PREPARE, stuck)
+print("returned", flush=True)
+"""
+
+
+def test_solo_worker_stuck_past_its_hard_limit_ends_its_process(tmp_path: Path) -> None:
+    """Solo pool, a stage deaf to the soft limit: the overrun is recorded, and 5 s (`_KILL_AFTER_OVERRUN`)
+    after the hard limit the process ends with OVERRUN_EXIT_CODE, so its supervisor starts a fresh
+    worker instead of keeping one that can never take another job (as Celery's prefork pool does)."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _STUCK_SOLO_WORKER, str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert proc.returncode == OVERRUN_EXIT_CODE, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "returned" not in proc.stdout
+    assert "ending this worker process" in proc.stderr
+    assert took < 20, f"took {took:.1f} s"  # hard limit 0.8 s + 5 s, plus the interpreter's start
+    job = int(proc.stdout.split()[0])
+    row = Ledger(f"sqlite:///{tmp_path / 'l.sqlite'}").job(job)
+    assert row.state == JobState.FAILED and "hard time limit of 0.8 s" in (row.error or "")
 
 
 def test_threads_pool_has_no_soft_interrupt_but_the_hard_limit_frees_the_job(tmp_path: Path) -> None:
