@@ -197,7 +197,8 @@ def save_overlay(
     title: str | None = None,
     mark: tuple[float, float, float] | None = None,
 ) -> Path:
-    """PNG of the (first channel / middle slice of the) image with the saliency map as a heat overlay.
+    """PNG of the image's first channel with the saliency map as a heat overlay; a volume is shown at the
+    slice that holds the map's peak (where the model looked), named in the title.
 
     `mark` = (row, column, radius) as fractions of the image draws a circle, e.g. a known lesion.
     """
@@ -208,8 +209,10 @@ def save_overlay(
 
     base = np.asarray(image)[0]
     heat = np.asarray(saliency)
-    while base.ndim > 2:  # 3D: middle slice
-        base, heat = base[base.shape[0] // 2], heat[heat.shape[0] // 2]
+    if base.ndim == 3 and heat.shape == base.shape:  # 3D: the slice of the saliency peak
+        k = int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])
+        base, heat = base[k], heat[k]
+        title = f"{title} | slice {k + 1}/{np.asarray(saliency).shape[0]}" if title else f"slice {k + 1}"
     fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4), dpi=110)
     axes[0].imshow(base, cmap="gray")
     axes[0].set_title("input")

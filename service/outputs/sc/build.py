@@ -1,7 +1,9 @@
 """Grad-CAM overlay as a DICOM Secondary Capture, so the radiologist sees in the PACS where the model looked.
 
-The overlay is drawn on what the model read: its prepared input (128² for the default card; the middle
-slice of a volume), upscaled to at least `DISPLAY_SIZE` pixels so a viewer shows it at a useful size,
+The overlay is drawn on what the model read: its prepared input (128² for the default card; for a
+volume, the slice that holds the saliency map's peak, so the SC shows where the model looked rather
+than an arbitrary slice that may miss the finding), upscaled to at least `DISPLAY_SIZE` pixels so a
+viewer shows it at a useful size,
 with the saliency map as a jet colour overlay whose opacity follows the saliency (low saliency stays
 transparent, the anatomy shows through). Drawing on the prepared input rather than the original pixels
 keeps the map and the image registered by construction: the model's resize is the only geometry between
@@ -25,22 +27,27 @@ OPACITY = 0.65
 SERIES_NUMBER = 998  # next to the SR's 999
 
 
-def _middle_2d(array: np.ndarray) -> np.ndarray:
-    out = np.asarray(array, dtype=np.float32)
-    while out.ndim > 2:
-        out = out[out.shape[0] // 2]
-    return out
+def peak_slice(saliency: np.ndarray) -> int | None:
+    """Index (first axis) of the slice holding the saliency map's maximum; None for a 2D map."""
+    heat = np.asarray(saliency)
+    if heat.ndim < 3:
+        return None
+    return int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])
 
 
 def render_overlay(image: np.ndarray, saliency: np.ndarray, display_size: int = DISPLAY_SIZE) -> np.ndarray:
     """RGB uint8 [H, W, 3]: the first channel of the prepared `image` [C, *size] (values in [0, 1]) with
-    `saliency` [*size] (in [0, 1]) as a heat overlay, upscaled by an integer factor to >= display_size."""
+    `saliency` [*size] (in [0, 1]) as a heat overlay, upscaled by an integer factor to >= display_size.
+    A volume [slices, rows, cols] is shown at its `peak_slice`."""
     from matplotlib import colormaps
 
-    base = _middle_2d(np.asarray(image)[0])
-    heat = _middle_2d(saliency)
-    if base.shape != heat.shape:
+    base = np.asarray(np.asarray(image)[0], dtype=np.float32)
+    heat = np.asarray(saliency, dtype=np.float32)
+    if base.shape != heat.shape or base.ndim not in (2, 3):
         raise ValueError(f"saliency {heat.shape} does not match the image {base.shape}")
+    k = peak_slice(heat)
+    if k is not None:
+        base, heat = base[k], heat[k]
     base, heat = np.clip(base, 0.0, 1.0), np.clip(heat, 0.0, 1.0)
     colour = colormaps["jet"](heat)[..., :3]
     alpha = (OPACITY * heat)[..., None]
@@ -67,9 +74,11 @@ def build_saliency_sc(
     model_name: str,
     model_version: str,
     content_datetime: datetime,
+    slice_note: str = "",
 ) -> Dataset:
     """Secondary Capture (RGB) of `overlay` in the study, patient and frame of `source` (a header of an
-    image the model read). `content_datetime` pins every date/time so the same inputs give the same bytes."""
+    image the model read). `content_datetime` pins every date/time so the same inputs give the same bytes.
+    `slice_note` (e.g. "slice 12 of 32") says which slice of a volume input the overlay shows."""
     if overlay.ndim != 3 or overlay.shape[2] != 3 or overlay.dtype != np.uint8:
         raise ValueError(f"overlay must be RGB uint8 [H, W, 3], got {overlay.dtype} {overlay.shape}")
     series_uid, sop_uid = derive_saliency_uids(sr_instance_uid)
@@ -91,7 +100,8 @@ def build_saliency_sc(
         software_versions=model_version[:64],
     )
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.DerivationDescription = f"Grad-CAM saliency of {model_name} {model_version} on its input image"[:1024]
+    on = f"{slice_note} of its input volume" if slice_note else "its input image"
+    sc.DerivationDescription = f"Grad-CAM saliency of {model_name} {model_version} on {on}"[:1024]
     sc.BurnedInAnnotation = "NO"
     if "Laterality" not in sc:  # type 2C in General Series: dciodvfy wants it present, empty = unknown
         sc.Laterality = source.get("Laterality", "")
@@ -105,4 +115,4 @@ def build_saliency_sc(
     return sc
 
 
-__all__ = ["build_saliency_sc", "derive_saliency_uids", "render_overlay"]
+__all__ = ["build_saliency_sc", "derive_saliency_uids", "peak_slice", "render_overlay"]
