@@ -34,6 +34,9 @@ REPORT_CODE: Final = ("18748-4", "Diagnostic imaging study")
 #: Code of the Observation that carries the model's finding as valueCodeableConcept (same concept the SR
 #: uses for its finding in TID 1500).
 FINDING_OBSERVATION_CODE: Final = ("121071", "Finding")
+#: The finding when the model's calibrated probability lies in its card's indeterminate band (SNOMED CT
+#: 82334004 |Indeterminate (qualifier value)|; the model card and the SR, outputs/concepts.py, use the same).
+INDETERMINATE_FINDING: Final = ("82334004", "Indeterminate")
 #: Identifier.type for the accession number (HL7 v2 table 0203 "ACSN").
 ACCESSION_TYPE: Final = ("ACSN", "Accession ID")
 #: UCUM unity: probabilities are reported as a fraction 0..1.

@@ -76,6 +76,12 @@ class ReportContent:
     status: str = "final"
     interpreter: str | None = None  # the reviewer's name (DiagnosticReport.resultsInterpreter)
     review: tuple[str, ...] = ()  # the review decision and comment, one line each
+    calibration: str = ""  # how the probabilities were calibrated (the model card's method); "" = not
+
+    @property
+    def indeterminate(self) -> bool:
+        """True when the finding is "indeterminate" (SNOMED CT 82334004): the model decided no class."""
+        return (self.finding.system, self.finding.code) == (codes.SNOMED_CT, codes.INDETERMINATE_FINDING[0])
 
     def __post_init__(self) -> None:
         if self.status not in REPORT_STATUSES:
@@ -247,8 +253,9 @@ def _diagnostic_report(content: ReportContent, issued: datetime, results: list[s
                             "value": content.accession_number})
     f = content.finding
     reason = content.image_only_reason or "EHR timeline not used"
-    conclusion = (f"{f.display} (probability {f.probability:.2f}); model {content.model_name} "
-                  f"{content.model_version}")
+    conclusion = (f"{_finding_text(content)}; model {content.model_name} {content.model_version}")
+    if content.calibration:
+        conclusion += f"; probabilities calibrated: {content.calibration}"
     if content.image_only:
         conclusion += f"; image-only: {reason}"
     elif content.drivers:
@@ -297,11 +304,12 @@ def _observation_common(content: ReportContent, issued: datetime) -> dict[str, A
 
 def summary_lines(content: ReportContent) -> list[str]:
     """The short human-readable summary (presentedForm here, NTE segments in the HL7 v2 ORU)."""
-    f = content.finding
-    lines = [f"Finding: {f.display} (probability {f.probability:.2f})",
+    lines = [f"Finding: {_finding_text(content)}",
              "Class probabilities: "
              + ", ".join(f"{p.display} {p.probability:.2f}" for p in content.probabilities),
              f"Model: {content.model_name} {content.model_version}"]
+    if content.calibration:
+        lines.append(f"Calibration: {content.calibration}")
     if content.image_only:
         lines.append(f"Image-only: {content.image_only_reason or 'EHR timeline not used'}")
     lines += [f"EHR timeline driver: {d}" for d in content.drivers]
@@ -311,6 +319,15 @@ def summary_lines(content: ReportContent) -> list[str]:
     if content.interpreter:
         lines.append(f"Reviewed by: {content.interpreter}")
     return lines
+
+
+def _finding_text(content: ReportContent) -> str:
+    """The finding as the conclusion and the summary say it; an indeterminate one says why."""
+    f = content.finding
+    if content.indeterminate:
+        return (f"{f.display} (calibrated probability {f.probability:.2f} lies in the model's indeterminate "
+                "band around its decision threshold; no class decided, a clinician decides)")
+    return f"{f.display} (probability {f.probability:.2f})"
 
 
 def _summary(content: ReportContent) -> str:

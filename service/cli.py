@@ -108,6 +108,23 @@ def model_init(out: Annotated[Path, typer.Option(help="Folder for card.toml + we
     console.print(f"model {card.name} {card.version} written to {card.path} (sha256 {card.sha256[:12]}…)")
 
 
+@model_app.command("card")
+def model_card(path: Annotated[Optional[Path], typer.Argument(
+        help="A model card (card.toml); default: the packaged one.")] = None) -> None:
+    """Print a model card as a readable document: intended use, training data, metrics with confidence
+    intervals, calibration, threshold, indeterminate band, limitations."""
+    from dicom_fusion.inference.card.document import card_document
+    from dicom_fusion.inference.card.model import default_card_path, load_card
+    from dicom_fusion.inference.errors import ModelCardError
+
+    try:
+        card = load_card(path if path is not None else default_card_path())
+    except ModelCardError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    typer.echo(card_document(card))
+
+
 TrainConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="Training TOML; keys are the fields of TrainConfig (folds, max_epochs, patience, "
     "seed, ...; see README 'Model').")]

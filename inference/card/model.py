@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, dataclass_transform, get_args
 
+import numpy as np
 import pydantic.dataclasses
 import tomlkit
 from annotated_types import Gt
@@ -181,6 +182,129 @@ def explain(exc: ValidationError, cls: type, top: str = "the top level") -> str:
         messages.append(f"unknown key(s) in {_key_path(parent) or top}: {', '.join(sorted(keys))} "
                         f"(allowed: {_allowed(cls, parent)})")
     return "; ".join(messages)
+
+
+# --------------------------------------------------------------------------- calibration
+
+CalibrationMethod = Literal["identity", "temperature", "platt", "isotonic"]
+CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
+_EPS = 1e-7
+_PARAMETERS = {
+    "identity": (),
+    "temperature": ("temperature",),
+    "platt": ("slope", "intercept"),
+    "isotonic": ("x", "y"),
+}
+"""The keys each calibration method needs; the others must be absent (a stray key is a mistake)."""
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, _EPS, 1.0 - _EPS)
+    return np.asarray(np.log(q) - np.log1p(-q))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * z)))  # overflow-free logistic
+
+
+@card_value
+class Calibrator:
+    """A monotone map from the network's positive-class probability to a calibrated probability.
+
+    identity: unchanged. temperature: sigmoid(logit(p) / temperature), one parameter that only softens
+    (T > 1) or sharpens the scores, so the ranking and ROC-AUC are exactly kept. platt: sigmoid(slope *
+    logit(p) + intercept), also shifts the scores (slope > 0 keeps the ranking). isotonic: piecewise-linear
+    through the points (x, y), x strictly and y weakly increasing; it can fix any monotone miscalibration
+    but flat steps tie scores, which can cost a little ROC-AUC. Fitted on out-of-fold predictions by
+    `train/calibrate.py`; numpy only, so the card stays loadable without torch.
+    """
+
+    method: CalibrationMethod = "identity"
+    temperature: Finite | None = None
+    slope: Finite | None = None
+    intercept: Finite | None = None
+    x: tuple[Finite, ...] | None = None
+    y: tuple[Finite, ...] | None = None
+
+    @model_validator(mode="after")
+    def _parameters(self) -> Calibrator:
+        needed = _PARAMETERS[self.method]
+        given = {k for k in ("temperature", "slope", "intercept", "x", "y") if getattr(self, k) is not None}
+        if missing := [k for k in needed if k not in given]:
+            raise ModelCardError(f"calibration method {self.method!r} needs {', '.join(needed)}; "
+                                 f"missing: {', '.join(missing)}")
+        if extra := sorted(given - set(needed)):
+            raise ModelCardError(f"calibration method {self.method!r} takes no {', '.join(extra)} "
+                                 f"(it uses {', '.join(needed) or 'no parameter'}); remove the key(s)")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ModelCardError(f"calibration temperature must be > 0, got {self.temperature}")
+        if self.slope is not None and self.slope <= 0:
+            raise ModelCardError(f"calibration slope must be > 0 (a negative slope inverts the ranking), "
+                                 f"got {self.slope}")
+        if self.x is not None and self.y is not None:
+            x, y = np.asarray(self.x), np.asarray(self.y)
+            if x.size != y.size or x.size < 2:
+                raise ModelCardError(f"isotonic calibration needs x and y of one length >= 2, got {x.size} "
+                                     f"and {y.size}")
+            if np.any(np.diff(x) <= 0) or np.any(np.diff(y) < 0):
+                raise ModelCardError("isotonic calibration x must be strictly increasing and y never "
+                                     "decreasing (a calibrator must keep the ranking)")
+            if x.min() < 0 or x.max() > 1 or y.min() < 0 or y.max() > 1:
+                raise ModelCardError("isotonic calibration x and y must be probabilities in [0, 1]")
+        return self
+
+    def apply(self, prob: Any) -> np.ndarray:
+        """Calibrated probabilities of the positive class, same shape as `prob`."""
+        p = np.asarray(prob, dtype=np.float64)
+        if self.method == "temperature":
+            return _sigmoid(_logit(p) / float(self.temperature))  # type: ignore[arg-type]
+        if self.method == "platt":
+            return _sigmoid(float(self.slope) * _logit(p) + float(self.intercept))  # type: ignore[arg-type]
+        if self.method == "isotonic":
+            return np.asarray(np.interp(p, self.x, self.y))  # type: ignore[arg-type]
+        return p.copy()
+
+    def describe(self) -> str:
+        """One line for the SR, the reports and `dicom-fusion model card`, e.g. "temperature (T = 1.42)"."""
+        if self.method == "temperature":
+            return f"temperature scaling (T = {self.temperature:.3f})"
+        if self.method == "platt":
+            return f"Platt scaling (slope {self.slope:.3f}, intercept {self.intercept:+.3f})"
+        if self.method == "isotonic":
+            return f"isotonic regression ({len(self.x or ())} knots)"
+        return "none (identity)"
+
+
+@card_value
+class CalibrationSpec(Calibrator):
+    """The `[calibration]` table: the calibrator of the full model (method + its parameters, flat), the
+    one of its image-only path (`[calibration.no_ehr]`, the same network without a timeline, scores
+    differently), how the threshold was chosen and the indeterminate band.
+
+    `indeterminate` = [low, high] around the threshold: a calibrated probability inside it (inclusive)
+    makes the finding "indeterminate" instead of a class (serve/predict.choose_finding). A card without
+    this table is uncalibrated (identity) with no band, as before.
+    """
+
+    no_ehr: Calibrator | None = None
+    target_sensitivity: Finite | None = None
+    """The sensitivity on the calibrated out-of-fold predictions the threshold was chosen for; None = fixed."""
+    indeterminate: tuple[Finite, Finite] | None = None
+
+    @model_validator(mode="after")
+    def _band(self) -> CalibrationSpec:
+        if self.target_sensitivity is not None and not 0 < self.target_sensitivity < 1:
+            raise ModelCardError(f"calibration.target_sensitivity must be in (0, 1), got {self.target_sensitivity}")
+        if self.indeterminate is not None:
+            low, high = self.indeterminate
+            if not 0 <= low < high <= 1:
+                raise ModelCardError(f"calibration.indeterminate must be [low, high] with 0 <= low < high <= 1, "
+                                     f"got [{low}, {high}]")
+        return self
+
+    def for_path(self, image_only: bool) -> Calibrator:
+        """The calibrator of a prediction made with (False) or without (True) the EHR timeline."""
+        return self.no_ehr if image_only and self.no_ehr is not None else self
 
 
 # --------------------------------------------------------------------------- the card
@@ -368,6 +492,11 @@ class ModelCard:
     segmenter: Path | None = None
     """Segmentation card (`card/segmenter.py`) that runs with this model; absolute here, relative to the card
     in the file; None = no lesion segmentation."""
+    intended_use: Text | None = None
+    """Free text: what the model is for and not for (`dicom-fusion model card`, the review page)."""
+    calibration: CalibrationSpec | None = None
+    """How raw probabilities become calibrated ones, the threshold's origin, the indeterminate band; None =
+    identity, no band (cards written before calibration existed)."""
 
     @field_validator("threshold")
     @classmethod
@@ -390,6 +519,10 @@ class ModelCard:
             raise ModelCardError(f"class names must be unique, got {names}")
         if self.positive_class not in names:
             raise ModelCardError(f"positive_class {self.positive_class!r} is not one of the classes {names}")
+        band = self.calibration.indeterminate if self.calibration is not None else None
+        if band is not None and not band[0] <= self.threshold <= band[1]:
+            raise ModelCardError(f"calibration.indeterminate [{band[0]}, {band[1]}] must contain the threshold "
+                                 f"{self.threshold}: the band is the doubt around the decision")
         return self
 
     @property
@@ -399,6 +532,17 @@ class ModelCard:
     @property
     def positive_index(self) -> int:
         return self.class_names.index(self.positive_class)
+
+    def calibrated(self, prob: Any, *, image_only: bool = False) -> np.ndarray:
+        """Calibrated positive-class probabilities for raw ones (identity without a `[calibration]` table)."""
+        if self.calibration is None:
+            return np.asarray(prob, dtype=np.float64).copy()
+        return self.calibration.for_path(image_only).apply(prob)
+
+    def is_indeterminate(self, calibrated_prob: float) -> bool:
+        """True when a calibrated positive-class probability lies in the card's indeterminate band."""
+        band = self.calibration.indeterminate if self.calibration is not None else None
+        return band is not None and band[0] <= calibrated_prob <= band[1]
 
 
 # --------------------------------------------------------------------------- weights integrity
@@ -539,6 +683,14 @@ DEFAULT_CLASSES = (
     ClassSpec(name="malignant", code="363346000", display="Malignant neoplastic disease"),
 )
 DEFAULT_POSITIVE_CLASS = "malignant"
+DEFAULT_INTENDED_USE = (
+    "Demonstration model of the dicom-fusion pipeline, trained on synthetic data only (dicom-fusion synth): "
+    "not for clinical use. It shows how an image and an EHR timeline are fused into a benign/malignant "
+    "probability; its figures describe synthetic patients, not people."
+)
+INDETERMINATE = ClassSpec(name="indeterminate", code="82334004", display="Indeterminate")
+"""The finding when the calibrated probability lies in the card's indeterminate band (SNOMED CT 82334004
+|Indeterminate (qualifier value)|; the service's outputs/concepts.py and fhir/codes.py name the same code)."""
 DEFAULT_INPUT = InputSelection(modalities=("DX", "CR"))  # the synthetic radiographs the default model learns from
 DEFAULT_IMAGE = ImageSpec(spatial_dims=2, size=(128, 128), channels=1, window=None, encoder="smallcnn")
 DEFAULT_TIMELINE = TimelineSpec(
@@ -575,6 +727,7 @@ def default_card(
         threshold=0.5,
         metrics=dict(metrics or {}),
         path=path,
+        intended_use=DEFAULT_INTENDED_USE,
     )
 
 
@@ -585,7 +738,10 @@ def default_card_path() -> Path:
 
 __all__ = [
     "ANY",
+    "CALIBRATION_METHODS",
     "CARD_FORMAT",
+    "DEFAULT_INTENDED_USE",
+    "INDETERMINATE",
     "DEFAULT_CLASSES",
     "DEFAULT_IMAGE",
     "DEFAULT_INPUT",
@@ -595,6 +751,8 @@ __all__ = [
     "LOINC",
     "SERIES_RULES",
     "SNOMED",
+    "CalibrationSpec",
+    "Calibrator",
     "ClassSpec",
     "ImageSpec",
     "InputSelection",

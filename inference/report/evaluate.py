@@ -50,6 +50,12 @@ from dicom_fusion.inference.report.plots import (
     roc_curves,
 )
 from dicom_fusion.inference.serve.explain import explain, save_overlay
+from dicom_fusion.inference.train.calibrate import (
+    AUC_TOLERANCE,
+    CALIBRATED,
+    CVCalibration,
+    calibrate_cv,
+)
 from dicom_fusion.inference.train.config import TrainConfig, base_card
 from dicom_fusion.inference.train.crossval import (
     NO_EHR,
@@ -61,6 +67,7 @@ from dicom_fusion.inference.train.crossval import (
 from dicom_fusion.inference.train.fitloop import MODES
 from dicom_fusion.inference.train.scores import (
     METRIC_NAMES,
+    bootstrap_auc_ci,
     confusion,
     expected_calibration_error,
     format_mean_sd,
@@ -76,6 +83,10 @@ LABELS = {
     "gradient_boosting": "Gradient boosting (tabular)",
     "logistic_regression" + WITH_LESION_AREA: "Logistic regression (tabular + segmenter lesion area)",
     "gradient_boosting" + WITH_LESION_AREA: "Gradient boosting (tabular + segmenter lesion area)",
+    "fusion" + CALIBRATED: "Fusion CNN+LSTM, calibrated (shipped decision)",
+    NO_EHR + CALIBRATED: "same fusion model, EHR withheld, calibrated",
+    "image" + CALIBRATED: "Image-only CNN, calibrated",
+    "timeline" + CALIBRATED: "Timeline-only LSTM, calibrated",
 }
 LESION_MARGIN = 1.5
 """The lesion region for Grad-CAM mass is a disc of this many mean radii (the border is irregular)."""
@@ -136,8 +147,15 @@ def read_lesions(cohort_dir: Path | None) -> dict[str, tuple[float, float, float
 
 
 def lesion_mass(saliency: np.ndarray, lesion: tuple[float, float, float]) -> tuple[float, float, bool]:
-    """(share of saliency inside the lesion region, share of image area it covers, peak inside?)."""
+    """(share of saliency inside the lesion region, share of image area it covers, peak inside?).
+
+    A volume's map [slices, rows, cols] is summed over its slices first and its peak taken in 3D: the
+    cohort records the lesion's row, column and radius only, so the region is the disc's column through
+    every slice (in-plane localisation).
+    """
     rows, cols = saliency.shape[-2:]
+    peak = np.unravel_index(int(np.argmax(saliency)), saliency.shape)[-2:]
+    saliency = np.asarray(saliency).reshape(-1, rows, cols).sum(axis=0)
     yy, xx = np.mgrid[0:rows, 0:cols]
     centre_r, centre_c, radius = (
         lesion[0] * (rows - 1),
@@ -147,7 +165,6 @@ def lesion_mass(saliency: np.ndarray, lesion: tuple[float, float, float]) -> tup
     inside = (yy - centre_r) ** 2 + (xx - centre_c) ** 2 <= radius**2
     total = float(saliency.sum())
     share = float(saliency[inside].sum() / total) if total > 0 else math.nan
-    peak = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
     return share, float(inside.mean()), bool(inside[peak])
 
 
@@ -218,6 +235,54 @@ def _paired_gap(cv: CVResult, a: str, b: str) -> tuple[float, float]:
     return mean_sd(per_fold)
 
 
+def _ci(pair: tuple[float, float]) -> str:
+    return "n/a" if math.isnan(pair[0]) else f"{pair[0]:.3f}–{pair[1]:.3f}"
+
+
+def _calibration_blocks(cal: CVCalibration, figures: dict[str, str]) -> list[Block]:
+    """The "Calibration" section: the choice per variant, before/after, the threshold, the band."""
+    fusion = cal.choices["fusion"]
+    rows = tuple(
+        (
+            LABELS.get(v, v), c.calibrator.method,
+            f"{c.raw.ece:.3f} → {c.chosen.ece:.3f}", f"{c.raw.brier:.3f} → {c.chosen.brier:.3f}",
+            f"{c.raw.roc_auc:.3f} → {c.chosen.roc_auc:.3f}",
+        )
+        for v, c in cal.choices.items()
+    )
+    spec = cal.spec
+    target = (f"the highest calibrated probability that keeps sensitivity ≥ {spec.target_sensitivity:.0%} on "
+              "the out-of-fold predictions" if spec.target_sensitivity is not None else "fixed")
+    band = (f"Indeterminate band [{spec.indeterminate[0]:.3f}, {spec.indeterminate[1]:.3f}] around it: "
+            f"{cal.band_share:.1%} of the out-of-fold patients fall in it and are reported \"indeterminate\"."
+            if spec.indeterminate is not None and cal.band_share is not None else "No indeterminate band.")
+    return [
+        Heading(2, "Calibration"),
+        Paragraph(
+            "Post-hoc calibration of each network's positive-class probability, fitted on the out-of-fold "
+            "predictions of the cross-validation (train/calibrate.py). Candidates: identity, temperature "
+            "scaling, Platt scaling, isotonic regression. Selection by cross-validated ECE with the CV folds "
+            "as the split of the out-of-fold set: each fold's predictions are calibrated by a calibrator "
+            "fitted on the other folds' predictions, and the lowest pooled ECE wins among methods that keep "
+            f"the mean per-fold ROC-AUC within {AUC_TOLERANCE}; the winner is refitted on every out-of-fold "
+            "prediction for the card. Before → after below: ECE and Brier score pooled over all held-out "
+            "patients, ROC-AUC the mean over folds; the after figures are cross-fitted (patients the "
+            "calibrator did not see); ECE on 10 equal-width bins."
+        ),
+        Table(("model", "method", "ECE", "Brier score", "ROC-AUC"), rows),
+        Paragraph("Fusion model, every candidate (cross-fitted, pooled):"),
+        Table(("method", "ECE", "Brier score", "ROC-AUC"),
+              tuple((m.method, f"{m.ece:.3f}", f"{m.brier:.3f}", f"{m.roc_auc:.3f}") for m in fusion.scores)),
+        Paragraph(
+            f"Shipped calibrator: {spec.describe()} for the fusion model; "
+            f"{(spec.no_ehr or spec).describe()} for its image-only path (EHR withheld). Decision threshold "
+            f"{cal.threshold:.4f} on the calibrated probability, chosen as {target}: sensitivity "
+            f"{cal.sensitivity:.1%}, specificity {cal.specificity:.1%} there. {band}"
+        ),
+        *(Image(path, alt) for alt, path in figures.items()),
+    ]
+
+
 def _blocks(
     cohort: Cohort,
     cv: CVResult,
@@ -225,6 +290,8 @@ def _blocks(
     exp: ExplanationSummary,
     figures: dict[str, str],
     source: str,
+    cis: dict[str, tuple[float, float]],
+    calibration_figures: dict[str, str],
 ) -> list[Block]:
     k = len(cv.folds)
     c = cv.config
@@ -241,15 +308,21 @@ def _blocks(
         Paragraph(
             f"Cohort {source}: {len(cohort)} patients, {int(cohort.labels.sum())} positive "
             f"({cohort.labels.mean():.0%}). Stratified {k}-fold cross-validation by patient, seed {c.seed}; "
-            f"every number is a held-out fold, mean ± sd over the {k} folds. Threshold {cv.card.threshold}."
+            f"every number is a held-out fold, mean ± sd over the {k} folds; the 95 % CI of the ROC-AUC is a "
+            "percentile bootstrap (2000 resamples of patients) of the pooled held-out predictions. "
+            f"Threshold {cv.card.threshold} for the uncalibrated rows, "
+            + (f"{cv.calibration.threshold:.4f} (chosen, see Calibration) for the calibrated ones."
+               if cv.calibration is not None else "no calibrated rows.")
         ),
         Heading(2, "Comparison"),
         Table(
-            ("model", "ROC-AUC", "accuracy", "precision", "recall", "F1", "ECE"),
+            ("model", "ROC-AUC", "ROC-AUC 95 % CI", "accuracy", "precision", "recall", "F1", "ECE", "Brier"),
             tuple(
                 (
                     LABELS.get(v, v),
-                    *(format_mean_sd(summary[v][m]) for m in ("roc_auc", *METRIC_NAMES[:4], "ece")),
+                    format_mean_sd(summary[v]["roc_auc"]),
+                    _ci(cis[v]),
+                    *(format_mean_sd(summary[v][m]) for m in (*METRIC_NAMES[:4], "ece", "brier")),
                 )
                 for v in summary
             ),
@@ -258,7 +331,7 @@ def _blocks(
     gaps = [
         f"fusion − {display_name(o)}: {format_mean_sd(_paired_gap(cv, 'fusion', o))}"
         for o in summary
-        if o != "fusion" and "fusion" in summary
+        if o != "fusion" and "fusion" in summary and not o.endswith(CALIBRATED)
     ]
     if gaps:
         blocks += [Paragraph("ROC-AUC gain of fusion, paired by fold:"), Bullets(tuple(gaps))]
@@ -273,14 +346,19 @@ def _blocks(
         ),
         Heading(2, "Figures"),
         *(Image(path, alt) for alt, path in figures.items()),
+    ]
+    if isinstance(cv.calibration, CVCalibration):
+        blocks += _calibration_blocks(cv.calibration, calibration_figures)
+    blocks += [
         Heading(2, "Explanations"),
     ]
     if exp.lesion_mass is not None:
+        region = "disc" if cv.card.image.spatial_dims == 2 else "column through every slice of a disc"
         blocks.append(
             Paragraph(
                 f"Grad-CAM of the fold-1 fusion model on its {exp.n_patients} held-out patients: "
                 f"{format_mean_sd(exp.lesion_mass)} of the saliency mass lies inside the planted "
-                f"lesion (disc of {LESION_MARGIN}× its mean radius), which covers {exp.lesion_area:.1%} "
+                f"lesion ({region} of {LESION_MARGIN}× its mean radius), which covers {exp.lesion_area:.1%} "
                 f"of the image on average (chance level); the saliency peak is inside it for "
                 f"{exp.peak_inside:.0%} of patients."
             )
@@ -335,18 +413,24 @@ def _blocks(
 
 
 def evaluate_cv(
-    cohort: Cohort, cv: CVResult, out_dir: Path, *, cohort_dir: Path | None = None
+    cohort: Cohort, cv: CVResult, out_dir: Path, *, cohort_dir: Path | None = None,
+    config: TrainConfig | None = None,
 ) -> EvaluationResult:
-    """Add baselines to `cv`, compute metrics, draw figures, explain fold 1, write the report files."""
+    """Add baselines to `cv`, calibrate it (unless `train` did; `config` default: the run's), compute
+    metrics, draw figures, explain fold 1, write the report files."""
     started = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     add_baselines(cohort, cv)
+    calibration = calibrate_cv(cv, config if config is not None else cv.config)
     baselines = (*BASELINES, *(b + WITH_LESION_AREA for b in BASELINES))
-    order = [v for v in ("fusion", NO_EHR, "image", "timeline", *baselines) if v in cv.variants]
+    networks = ("fusion", "fusion" + CALIBRATED, NO_EHR, NO_EHR + CALIBRATED, "image", "image" + CALIBRATED,
+                "timeline", "timeline" + CALIBRATED)
+    order = [v for v in (*networks, *baselines) if v in cv.variants]
     per_fold = {v: cv.fold_metrics(v) for v in order}
     summary = {v: {m: mean_sd([f[m] for f in per_fold[v]]) for m in METRIC_NAMES} for v in order}
     pooled = {v: cv.pooled(v) for v in order}
+    cis = {v: bootstrap_auc_ci(*pooled[v], seed=cv.config.seed) for v in order}
     names = list(cv.card.class_names)
     if cv.card.positive_index == 0:
         names = names[::-1]  # rows/columns of `confusion` are (negative, positive)
@@ -362,7 +446,7 @@ def evaluate_cv(
             out_dir / "confusion.png",
             title=f"{LABELS.get(order[0], order[0])}: pooled held-out, threshold {cv.card.threshold}",
         ),
-        "Reliability diagram": reliability_diagram(
+        "Reliability diagram (uncalibrated)": reliability_diagram(
             {v: pooled[v] for v in order if v in ("fusion", "image", "timeline", "logistic_regression")},
             {v: expected_calibration_error(*pooled[v]) for v in order},
             out_dir / "calibration.png",
@@ -381,8 +465,21 @@ def evaluate_cv(
             out_dir / "timeline_attributions.png",
             title="Timeline attributions (integrated gradients), fold 1",
         )
+    ece = {v: expected_calibration_error(*pooled[v]) for v in order}
+    calibration_figures = {
+        f"Reliability diagram, {display_name(model)}: before and after calibration": reliability_diagram(
+            {v: pooled[v] for v in variants if v in pooled}, ece, out_dir / f"calibration_{model}.png",
+            title=f"{display_name(model)}: before / after calibration (pooled held-out)",
+        )
+        for model, variants in (
+            ("fusion", ("fusion", "fusion" + CALIBRATED)),
+            ("image", ("image", "image" + CALIBRATED, NO_EHR, NO_EHR + CALIBRATED)),
+        )
+        if model in pooled
+    }
     rel = {alt: p.name for alt, p in figures.items()}
-    blocks = _blocks(cohort, cv, summary, explanation, rel, str(cohort_dir or "(in memory)"))
+    blocks = _blocks(cohort, cv, summary, explanation, rel, str(cohort_dir or "(in memory)"), cis,
+                     {alt: p.name for alt, p in calibration_figures.items()})
     report = out_dir / "report.md"
     report.write_text(to_markdown(blocks), encoding="utf-8")
     (out_dir / "report.html").write_text(to_html(blocks, "dicom-fusion evaluation report"), encoding="utf-8")
@@ -392,6 +489,21 @@ def evaluate_cv(
         "explanations": {
             **dataclasses.asdict(explanation),
             "examples": [p.name for p in explanation.examples],
+        },
+        "roc_auc_ci95": {v: list(ci) for v, ci in cis.items()},
+        "calibration": {
+            "threshold": calibration.threshold,
+            "target_sensitivity": calibration.spec.target_sensitivity,
+            "indeterminate": list(calibration.spec.indeterminate) if calibration.spec.indeterminate else None,
+            "indeterminate_share": calibration.band_share,
+            "sensitivity": calibration.sensitivity,
+            "specificity": calibration.specificity,
+            "variants": {
+                v: {"chosen": c.calibrator.method, "calibrator": c.calibrator.describe(),
+                    "before": dataclasses.asdict(c.raw), "after": dataclasses.asdict(c.chosen),
+                    "candidates": [dataclasses.asdict(m) for m in c.scores]}
+                for v, c in calibration.choices.items()
+            },
         },
         "cv_seconds": cv.seconds,
     }

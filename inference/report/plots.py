@@ -29,6 +29,10 @@ COLOURS = {
     "timeline": "#2ca02c",
     "logistic_regression": "#7f7f7f",
     "gradient_boosting": "#9467bd",
+    "fusion+calibrated": "#d62728",
+    "fusion_no_ehr+calibrated": "#8c564b",
+    "image+calibrated": "#e377c2",
+    "timeline+calibrated": "#bcbd22",
 }
 
 
@@ -41,6 +45,10 @@ NAMES = {
     "gradient_boosting": "gradient boosting",
     "logistic_regression+lesion_area": "logistic regression + lesion area",
     "gradient_boosting+lesion_area": "gradient boosting + lesion area",
+    "fusion+calibrated": "fusion, calibrated",
+    "fusion_no_ehr+calibrated": "fusion, EHR withheld, calibrated",
+    "image+calibrated": "image-only CNN, calibrated",
+    "timeline+calibrated": "timeline-only LSTM, calibrated",
 }
 """Short display names of the model variants, for legends and table headers."""
 
@@ -142,6 +150,8 @@ def reliability_diagram(
     ece: Mapping[str, float],
     path: Path,
     n_bins: int = 10,
+    *,
+    title: str = "Reliability diagram (pooled held-out predictions)",
 ) -> Path:
     """Observed positive rate against mean predicted probability per bin; histogram of predictions below."""
     fig, (ax, hist) = plt.subplots(
@@ -163,7 +173,7 @@ def reliability_diagram(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed positive rate")
-    ax.set_title("Reliability diagram (pooled held-out predictions)", fontsize=10)
+    ax.set_title(textwrap.fill(title, 56), fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     hist.set_xlabel("predicted probability of the positive class")
     hist.set_ylabel("cases")

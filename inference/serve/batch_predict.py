@@ -25,9 +25,10 @@ from dicom_fusion.inference.data.timeline_tensor import TimelineTensor
 from dicom_fusion.inference.nets.hybrid import collate_timelines
 from dicom_fusion.inference.serve.predict import (
     NO_TIMELINE,
-    ClassProbability,
     InferenceResult,
     Predictor,
+    calibrated_probabilities,
+    calibration_label,
     choose_finding,
 )
 
@@ -107,11 +108,8 @@ def predict_batch(
              if "positive_class" in {f.name for f in fields(InferenceResult)} else {})
     results = []
     for row, timeline, reason in zip(probs, timelines, reasons, strict=True):
-        probabilities = tuple(
-            ClassProbability(name=c.name, code=c.code, system=c.system, display=c.display, probability=float(p))
-            for c, p in zip(card.classes, row, strict=True)
-        )
         image_only = timeline is None
+        probabilities = calibrated_probabilities(card, row.tolist(), image_only=image_only)
         results.append(InferenceResult(
             model_name=card.name,
             model_version=card.version,
@@ -119,6 +117,7 @@ def predict_batch(
             finding=choose_finding(card, probabilities),
             image_only=image_only,
             image_only_reason=(reason or NO_TIMELINE) if image_only else None,
+            calibration=calibration_label(card, image_only),
             **extra,
         ))
     return results

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dicom_fusion.inference.card.model import REGENERATE_HINT, ModelCard, load_card, verify_weights
+from dicom_fusion.inference.card.model import (
+    INDETERMINATE,
+    REGENERATE_HINT,
+    ModelCard,
+    load_card,
+    verify_weights,
+)
 from dicom_fusion.inference.data.images import PreparedImage
 from dicom_fusion.inference.data.timeline_tensor import TimelineTensor
 from dicom_fusion.inference.errors import InferenceError, WeightsMismatchError
@@ -79,6 +85,13 @@ class InferenceResult:
     image_only_reason: str | None
     drivers: tuple[Driver, ...] = ()
     positive_class: str = ""
+    calibration: str = ""
+    """How the probabilities were calibrated (`Calibrator.describe()`), "" = not calibrated (older cards)."""
+
+    @property
+    def indeterminate(self) -> bool:
+        """True when the calibrated probability fell in the card's indeterminate band (no class decided)."""
+        return self.finding.name == INDETERMINATE.name
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +103,7 @@ class InferenceResult:
             "image_only_reason": self.image_only_reason,
             "drivers": [asdict(d) for d in self.drivers],
             "positive_class": self.positive_class,
+            "calibration": self.calibration,
         }
 
     def driver_lines(self) -> tuple[str, ...]:
@@ -110,6 +124,7 @@ class InferenceResult:
                 Driver(name=str(d["name"]), attribution=float(d["attribution"])) for d in data.get("drivers", ())
             ),
             positive_class=str(data.get("positive_class", "")),
+            calibration=str(data.get("calibration", "")),
         )
 
 
@@ -126,13 +141,45 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def calibrated_probabilities(
+    card: ModelCard, raw: Sequence[float], *, image_only: bool
+) -> tuple[ClassProbability, ...]:
+    """The card's classes with calibrated probabilities: the positive class's through the card's
+    calibrator (its no-EHR one for an image-only prediction), the other classes scaled to share the rest
+    in their raw proportions. Without a `[calibration]` table the raw probabilities, unchanged."""
+    values = [float(v) for v in raw]
+    if card.calibration is not None:
+        k = card.positive_index
+        positive = float(card.calibrated(values[k], image_only=image_only))
+        rest = 1.0 - values[k]
+        others = len(values) - 1
+        values = [positive if i == k else ((v / rest) * (1.0 - positive) if rest > 0 else (1.0 - positive) / others)
+                  for i, v in enumerate(values)]
+    return tuple(
+        ClassProbability(name=c.name, code=c.code, system=c.system, display=c.display, probability=p)
+        for c, p in zip(card.classes, values, strict=True)
+    )
+
+
 def choose_finding(card: ModelCard, probabilities: tuple[ClassProbability, ...]) -> ClassProbability:
-    """The positive class if its probability reaches the card's threshold, else the likeliest other class."""
+    """"indeterminate" (SNOMED CT 82334004) when the positive class's probability lies in the card's
+    indeterminate band, else the positive class if it reaches the card's threshold, else the likeliest
+    other class. The indeterminate finding carries the positive class's probability."""
     positive = probabilities[card.positive_index]
+    if card.is_indeterminate(positive.probability):
+        return ClassProbability(name=INDETERMINATE.name, code=INDETERMINATE.code, system=INDETERMINATE.system,
+                                display=INDETERMINATE.display, probability=positive.probability)
     if positive.probability >= card.threshold:
         return positive
     others = [p for i, p in enumerate(probabilities) if i != card.positive_index]
     return max(others, key=lambda p: p.probability)  # max keeps the first of equals: deterministic
+
+
+def calibration_label(card: ModelCard, image_only: bool) -> str:
+    """The calibration the result's probabilities went through, as the SR and reports name it."""
+    if card.calibration is None:
+        return ""
+    return card.calibration.for_path(image_only).describe()
 
 
 class Predictor:
@@ -214,13 +261,8 @@ class Predictor:
                 f"from this study's {'image and timeline' if timeline is not None else 'image'}; check the "
                 "input values (plausible min/max on the model card's timeline features drop absurd ones)"
             )
-        probabilities = tuple(
-            ClassProbability(
-                name=c.name, code=c.code, system=c.system, display=c.display, probability=float(p)
-            )
-            for c, p in zip(self.card.classes, probs, strict=True)
-        )
         image_only = timeline is None
+        probabilities = calibrated_probabilities(self.card, probs, image_only=image_only)
         return InferenceResult(
             model_name=self.card.name,
             model_version=self.card.version,
@@ -229,6 +271,7 @@ class Predictor:
             image_only=image_only,
             image_only_reason=(image_only_reason or NO_TIMELINE) if image_only else None,
             positive_class=self.card.classes[self.card.positive_index].name,
+            calibration=calibration_label(self.card, image_only),
         )
 
     def explain(self, image: PreparedImage | np.ndarray, timeline: TimelineTensor | None) -> Explanation:
@@ -250,6 +293,8 @@ __all__ = [
     "Driver",
     "InferenceResult",
     "Predictor",
+    "calibrated_probabilities",
+    "calibration_label",
     "choose_finding",
     "resolve_device",
 ]

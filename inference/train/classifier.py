@@ -45,17 +45,41 @@ from dicom_fusion.inference.train.crossval import (
     progress_bar,
 )
 from dicom_fusion.inference.train.fitloop import EpochStats, fit
-from dicom_fusion.inference.train.scores import summarise
+from dicom_fusion.inference.train.calibrate import CALIBRATED, CVCalibration, calibrate_cv
+from dicom_fusion.inference.train.scores import bootstrap_auc_ci, summarise
 
 
 def card_metrics(cv: CVResult, final_epochs: int) -> dict[str, float]:
-    """`cv_<metric>_mean` / `_sd` of the fusion model (and its no-EHR path) plus cohort facts."""
+    """`cv_<metric>_mean` / `_sd` of the fusion model (and its no-EHR path), uncalibrated at 0.5 and
+    (`cv_calibrated_*`) calibrated at the card's threshold, the pooled before/after calibration figures
+    (`oof_*`, with the bootstrap 95 % interval of the ROC-AUC) and cohort facts."""
     out: dict[str, float] = {}
-    for variant, prefix in (("fusion", "cv"), (NO_EHR, "cv_no_ehr")):
+    pairs = [("fusion", "cv"), (NO_EHR, "cv_no_ehr"),
+             ("fusion" + CALIBRATED, "cv_calibrated"), (NO_EHR + CALIBRATED, "cv_no_ehr_calibrated")]
+    for variant, prefix in pairs:
         if variant in cv.variants:
             for name, (mean, sd) in summarise(cv.fold_metrics(variant)).items():
                 if math.isfinite(mean):
                     out[f"{prefix}_{name}_mean"], out[f"{prefix}_{name}_sd"] = round(mean, 4), round(sd, 4)
+    calibration = cv.calibration
+    if isinstance(calibration, CVCalibration):
+        y, p = cv.pooled("fusion")
+        low, high = bootstrap_auc_ci(y, p, seed=cv.config.seed)
+        for variant, prefix in (("fusion", "oof"), (NO_EHR, "oof_no_ehr")):
+            if variant in calibration.choices:
+                choice = calibration.choices[variant]
+                out.update({
+                    f"{prefix}_ece_before": round(choice.raw.ece, 4),
+                    f"{prefix}_ece_after": round(choice.chosen.ece, 4),
+                    f"{prefix}_brier_before": round(choice.raw.brier, 4),
+                    f"{prefix}_brier_after": round(choice.chosen.brier, 4),
+                    f"{prefix}_roc_auc": round(choice.raw.roc_auc, 4),
+                })
+        out.update(oof_roc_auc_ci_low=round(low, 4), oof_roc_auc_ci_high=round(high, 4),
+                   oof_sensitivity=round(calibration.sensitivity, 4),
+                   oof_specificity=round(calibration.specificity, 4))
+        if calibration.band_share is not None:
+            out["oof_indeterminate_share"] = round(calibration.band_share, 4)
     out.update(
         cv_folds=float(cv.config.folds),
         n_patients=float(cv.labels.size),
@@ -116,9 +140,11 @@ def train_model(
     cohort = load_cohort(cohort_dir, card, read_events=read_events, progress=progress)
     modes = ("fusion", *[m for m in modes if m != "fusion"])
     cv = cross_validate(cohort, card, config, modes, progress=progress)
+    calibration = calibrate_cv(cv, config)
     epochs = max(1, int(np.median([f.best_epochs["fusion"] for f in cv.folds])))
     spec = fit_timeline_scaler(cohort.events, cohort.study_times, card.timeline)
-    final_card = dataclasses.replace(card, timeline=spec)
+    final_card = dataclasses.replace(card, timeline=spec, calibration=calibration.spec,
+                                     threshold=calibration.threshold)
     data = fit_data(cohort, final_card, spec, cv.images)
     seed = derive_seed(config.seed, 0)
     with progress_bar(progress) as bar, deterministic(seed):
@@ -146,11 +172,17 @@ def train_model(
             {
                 "fold": f.fold,
                 "best_epochs": f.best_epochs,
-                "metrics": {v: f.metrics(cv.labels, v, card.threshold) for v in cv.variants},
+                "metrics": {v: f.metrics(cv.labels, v, cv.thresholds.get(v, card.threshold))
+                            for v in cv.variants},
             }
             for f in cv.folds
         ],
         "final_history": [dataclasses.asdict(s) for s in outcome.history],
+        "calibration": {
+            variant: {"chosen": choice.calibrator.method, "cross_fitted": [dataclasses.asdict(m) for m in choice.scores]}
+            for variant, choice in calibration.choices.items()
+        },
+        "threshold": calibration.threshold,
     }
     (saved.path.parent / "training.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return TrainResult(saved, cv, cohort, outcome.history, seconds)

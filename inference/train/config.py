@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_fusion.inference.card.model import DEFAULT_NAME, DEFAULT_VERSION, ENCODERS, ModelCard, default_card
+from dicom_fusion.inference.card.model import (
+    CALIBRATION_METHODS,
+    DEFAULT_IMAGE,
+    DEFAULT_INPUT,
+    DEFAULT_NAME,
+    DEFAULT_VERSION,
+    ENCODERS,
+    ImageSpec,
+    InputSelection,
+    ModelCard,
+    default_card,
+)
 from dicom_fusion.inference.card.segmenter import default_segmenter_path
 from dicom_fusion.inference.nets.hybrid import CARD_NAME, WEIGHTS_NAME
 from dicom_fusion.inference.serve.lesion_channel import load_guide
@@ -43,6 +54,24 @@ class TrainConfig:
     `lesion_channel` = the shipped default segmenter."""
     name: str = DEFAULT_NAME
     version: str = DEFAULT_VERSION
+    calibration: str = "auto"
+    """Post-hoc calibration fitted on the out-of-fold predictions (train/calibrate.py): "auto" = the method
+    with the lowest cross-validated ECE, or one of identity, temperature, platt, isotonic."""
+    target_sensitivity: float | None = 0.85
+    """The threshold is the highest calibrated probability that keeps this sensitivity on the out-of-fold
+    predictions; None = the fixed 0.5."""
+    indeterminate_half_width: float = 0.0
+    """Calibrated probabilities within threshold ± this are reported "indeterminate"; 0 = no band."""
+    modalities: tuple[str, ...] = DEFAULT_INPUT.modalities
+    """DICOM Modality values the card accepts (its `[input]`); the cohort's studies must have one."""
+    series_rule: str = DEFAULT_INPUT.series_rule
+    spatial_dims: int = DEFAULT_IMAGE.spatial_dims
+    """2: one slice or radiograph; 3: the whole series as a volume (CT)."""
+    size: tuple[int, ...] | None = None
+    """Network input size, (rows, columns) or (slices, rows, columns); None = 128 x 128 for 2D, and
+    required for 3D (a volume has no size that suits every scanner)."""
+    window: tuple[float, float] | None = None
+    """(low, high) in modality units (Hounsfield units for CT) mapped to [0, 1]; None = percentiles."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -57,14 +86,49 @@ class TrainConfig:
             (0 <= self.modality_dropout < 1, "modality_dropout must be in [0, 1)"),
             (self.encoder in ENCODERS, f"encoder must be one of {', '.join(ENCODERS)}"),
             (bool(self.name.strip()) and bool(self.version.strip()), "name and version must not be empty"),
+            (self.calibration in ("auto", *CALIBRATION_METHODS),
+             f"calibration must be auto or one of {', '.join(CALIBRATION_METHODS)}"),
+            (self.target_sensitivity is None or 0 < self.target_sensitivity < 1,
+             "target_sensitivity must be in (0, 1)"),
+            (0 <= self.indeterminate_half_width < 0.5, "indeterminate_half_width must be in [0, 0.5)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"training config: {message}")
+        if self.size is None and self.spatial_dims == 3:
+            raise ValueError("training config: spatial_dims = 3 needs size = [slices, rows, columns]")
+        # TOML gives lists; the card's own validation (ModelCardError, a ValueError) checks the values,
+        # so a bad modality list, size or window fails here, before any image is decoded.
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+        if self.size is not None:
+            object.__setattr__(self, "size", tuple(self.size))
+        if self.window is not None:
+            object.__setattr__(self, "window", tuple(self.window))
+        try:
+            self.input_selection, self.image_spec  # noqa: B018 - built for their validation
+        except ValueError as exc:
+            raise ValueError(f"training config: {exc}") from exc
         if self.encoder_weights is not None:
             object.__setattr__(self, "encoder_weights", Path(self.encoder_weights))
         if self.segmenter is not None:
             object.__setattr__(self, "segmenter", Path(self.segmenter).resolve())
+
+    @property
+    def input_selection(self) -> InputSelection:
+        """The card's `[input]` table: which series of a study the model reads."""
+        return InputSelection(modalities=self.modalities, series_rule=self.series_rule)  # type: ignore[arg-type]
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        """The card's `[image]` table: how the chosen series becomes the network input."""
+        return ImageSpec(
+            spatial_dims=self.spatial_dims,  # type: ignore[arg-type]
+            size=self.size if self.size is not None else DEFAULT_IMAGE.size,
+            channels=DEFAULT_IMAGE.channels,
+            window=self.window,
+            encoder=self.encoder,  # type: ignore[arg-type]
+            lesion_channel=self.lesion_channel,
+        )
 
     @property
     def fit_settings(self) -> FitSettings:
@@ -107,18 +171,22 @@ def load_train_config(path: Path | None, **overrides: Any) -> TrainConfig:
 
 
 def base_card(config: TrainConfig, out_dir: Path) -> ModelCard:
-    """The default card with the config's name, version, encoder and segmenter; weights not written yet.
+    """The default card with the config's name, version, input, image and segmenter; weights not written yet.
 
     A lesion channel is checked against its segmenter here, before any training time is spent.
     """
     out_dir = Path(out_dir).resolve()
     card = default_card(weights=out_dir / WEIGHTS_NAME, sha256="0" * 64, path=out_dir / CARD_NAME)
-    image = dataclasses.replace(card.image, encoder=config.encoder, lesion_channel=config.lesion_channel)
     segmenter = config.segmenter
     if segmenter is None and config.lesion_channel:
         segmenter = default_segmenter_path()
     card = dataclasses.replace(
-        card, name=config.name, version=config.version, image=image, segmenter=segmenter
+        card,
+        name=config.name,
+        version=config.version,
+        input=config.input_selection,
+        image=config.image_spec,
+        segmenter=segmenter,
     )
     load_guide(card)
     return card

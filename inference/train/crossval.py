@@ -213,13 +213,18 @@ class CVResult:
     seconds: float
     images: np.ndarray
     """Network input of every patient (`network_images`), shared by the folds, the final fit and the report."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Decision threshold per variant where it is not the card's (calibrated variants: train/calibrate.py)."""
+    calibration: Any = None
+    """The run's `train/calibrate.CVCalibration` once `calibrate_cv` ran (Any: calibrate imports this module)."""
 
     @property
     def variants(self) -> tuple[str, ...]:
         return tuple(self.folds[0].probs) if self.folds else ()
 
     def fold_metrics(self, variant: str) -> list[dict[str, float]]:
-        return [f.metrics(self.labels, variant, self.card.threshold) for f in self.folds]
+        threshold = self.thresholds.get(variant, self.card.threshold)
+        return [f.metrics(self.labels, variant, threshold) for f in self.folds]
 
     def pooled(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """(truth, probability) over every held-out patient, for pooled ROC / calibration plots."""

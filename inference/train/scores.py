@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -21,7 +22,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc", "ece")
+METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc", "ece", "brier")
 """Order of the columns in the report and of the `cv_*` keys in the model card."""
 
 
@@ -76,6 +77,35 @@ def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int
     return float(np.sum(curve.counts[used] / total * gaps))
 
 
+def brier_score(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Mean squared difference between the probability and the 0/1 outcome: calibration and sharpness in
+    one proper score (0 = perfect; 0.25 = always saying 0.5)."""
+    y, p = _check(y_true, prob)
+    return float(np.mean((p - y) ** 2)) if y.size else math.nan
+
+
+def bootstrap_auc_ci(
+    y_true: np.ndarray, prob: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the ROC-AUC (cases resampled with replacement; a
+    resample with one class only is skipped). (NaN, NaN) when the AUC is undefined."""
+    y, p = _check(y_true, prob)
+    if len(np.unique(y)) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, y.size, (n_boot, y.size))
+    yb, pb = y[pick], p[pick]
+    n1 = yb.sum(axis=1)
+    n0 = y.size - n1
+    both = (n1 > 0) & (n0 > 0)
+    # Mann-Whitney form of the AUC (average ranks for ties), every resample at once
+    ranks = rankdata(pb[both], axis=1)
+    values = ((ranks * yb[both]).sum(axis=1) - n1[both] * (n1[both] + 1) / 2) / (n1[both] * n0[both])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def confusion(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """2x2 counts [[TN, FP], [FN, TP]]: rows = truth (negative, positive), columns = prediction."""
     y, p = _check(y_true, prob)
@@ -98,6 +128,7 @@ def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5)
         "f1": float(f1_score(y, pred, zero_division=0)),
         "roc_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else math.nan,
         "ece": expected_calibration_error(y, p),
+        "brier": brier_score(y, p),
     }
 
 
@@ -124,6 +155,8 @@ __all__ = [
     "METRIC_NAMES",
     "ReliabilityCurve",
     "binary_metrics",
+    "bootstrap_auc_ci",
+    "brier_score",
     "confusion",
     "expected_calibration_error",
     "format_mean_sd",

@@ -247,17 +247,22 @@ def _explain(rt: Any, job: JobRef, d: Path, predictor: Any, image: np.ndarray, t
 
     from dicom_fusion.inference.serve.explain import save_overlay
     from dicom_fusion.inference.serve.predict import Driver
-    from dicom_fusion.service.outputs.sc.build import build_saliency_sc, render_overlay
+    from dicom_fusion.service.outputs.sc.build import build_saliency_sc, peak_slice, render_overlay
 
     explanation = predictor.explain(image, tensor)
     n = rt.settings.model.explain_drivers
     drivers = tuple(Driver(a.name, a.attribution) for a in explanation.top_features(n)) if tensor is not None else ()
     save_overlay(image, explanation.saliency, d / "saliency.png", title=f"{result.finding.display}")
     prepared = _read_json(d / "prepared.json")
-    source = source_header(dcmread(prepared["source_files"][0], stop_before_pixels=True))
+    # A volume's overlay shows the slice of the saliency peak (render_overlay); the SC then takes the
+    # header of the source slice there (source_files are in slice order), so its position is that slice's.
+    files, k = prepared["source_files"], peak_slice(explanation.saliency)
+    index = 0 if k is None else min(len(files) - 1, k * len(files) // explanation.saliency.shape[0])
+    source = source_header(dcmread(files[index], stop_before_pixels=True))
+    note = "" if k is None else f"slice {k + 1} of {explanation.saliency.shape[0]}"
     sc = build_saliency_sc(source, render_overlay(image, explanation.saliency), sr_instance_uid=sr_uid,
                            model_name=result.model_name, model_version=result.model_version,
-                           content_datetime=job.created_at)
+                           content_datetime=job.created_at, slice_note=note)
     buf = io.BytesIO()
     sc.save_as(buf, enforce_file_format=True)
     write_durable(d / "saliency.dcm", buf.getvalue(), fsync=rt.spool.fsync, replace=True)

@@ -123,4 +123,5 @@ def report_content(result: InferenceResult, facts: StudyFacts, *, sr_uid: str, p
         status=status,
         interpreter=verified.observer_name if verified else None,
         review=tuple(review_lines(verified, result)) if verified else (),
+        calibration=getattr(result, "calibration", ""),
     )

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from dicom_fusion.service.config import Settings
 from dicom_fusion.service.errors import ActionRefusedError, StudyNotFoundError
 from dicom_fusion.service.ops.operations import Enqueue
+from dicom_fusion.service.outputs.concepts import INDETERMINATE_NAME
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.spool import Spool
 from dicom_fusion.service.storage.models import Job, JobState, Review, ReviewVerdict, Stage, Study, utcnow
@@ -42,6 +43,11 @@ class ReviewItem:
     overdue: bool  # waiting longer than release.review_timeout_hours
     priority: str = "normal"  # the route's priority: urgent results are listed first
 
+    @property
+    def indeterminate(self) -> bool:
+        """The model decided no class (calibrated probability in its indeterminate band): listed first."""
+        return self.finding == INDETERMINATE_NAME
+
 
 @dataclass(frozen=True)
 class ReviewResult:
@@ -55,8 +61,8 @@ _URGENCY = {"urgent": 0, "normal": 1, "background": 2}
 
 
 def worklist(ledger: Ledger, settings: Settings, *, now: datetime | None = None) -> list[ReviewItem]:
-    """Results awaiting review, most urgent first (the route's priority), then oldest first; `overdue` past
-    `release.review_timeout_hours`."""
+    """Results awaiting review: indeterminate findings first (the model left the decision to the reviewer),
+    then most urgent (the route's priority), then oldest; `overdue` past `release.review_timeout_hours`."""
     now = now or utcnow()
     limit = timedelta(hours=settings.release.review_timeout_hours)
     with ledger.session() as s:
@@ -69,7 +75,7 @@ def worklist(ledger: Ledger, settings: Settings, *, now: datetime | None = None)
         items.append(ReviewItem(job.id, study_uid, job.version, job.route, job.model, job.finding, job.probability,
                                 job.image_only, max(waited.total_seconds(), 0.0), waited > limit,
                                 job.priority or "normal"))
-    return sorted(items, key=lambda i: (_URGENCY.get(i.priority, 1), -i.awaiting_seconds))
+    return sorted(items, key=lambda i: (not i.indeterminate, _URGENCY.get(i.priority, 1), -i.awaiting_seconds))
 
 
 def model_classes(settings: Settings, job_id: int) -> list[str]:
@@ -216,6 +222,13 @@ def _card_summary(settings: Settings, card_path: str) -> tuple[dict[str, str], l
                                  f"ECE {metrics.get('cv_ece_mean', float('nan')):.3f} "
                                  f"({int(metrics.get('cv_folds', 0))}-fold CV, {int(metrics.get('n_patients', 0))} "
                                  "patients)")
+    calibration = card.get("calibration") or {}
+    if calibration:
+        band = calibration.get("indeterminate")
+        summary["calibration"] = (f"{calibration.get('method', 'identity')}; threshold {card.get('threshold', 0.5)}"
+                                  + (f"; indeterminate band [{band[0]}, {band[1]}]" if band else "")
+                                  + (f"; ECE {metrics['oof_ece_before']:.3f} → {metrics['oof_ece_after']:.3f}"
+                                     if "oof_ece_after" in metrics and "oof_ece_before" in metrics else ""))
     return summary, list(card.get("timeline", {}).get("features", []))
 
 

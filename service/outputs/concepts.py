@@ -19,6 +19,12 @@ from pydicom.sr.coding import Code
 __all__ = [
     "ALGORITHM_GROUP_TRACKING_IDENTIFIER",
     "AREA_UNIT",
+    "CALIBRATION_COMMENT",
+    "CALIBRATION_PREFIX",
+    "INDETERMINATE_COMMENT",
+    "INDETERMINATE_FINDING",
+    "INDETERMINATE_NAME",
+    "INDETERMINATE_PREFIX",
     "LESION_AREA",
     "LESION_CENTER",
     "LESION_CENTROID_COMMENT",
@@ -86,6 +92,22 @@ REVIEW_DECISION_PREFIX = "Clinical review"
 
 #: The reviewer's comment TEXT value starts with this.
 REVIEW_COMMENT_PREFIX = "Reviewer comment"
+
+#: The finding when the model's calibrated probability lies in its card's indeterminate band: no class is
+#: decided (SNOMED CT 82334004 |Indeterminate (qualifier value)|; the model card's INDETERMINATE and
+#: fhir/codes.py name the same code). It is the SR's finding type and evaluation instead of a class.
+INDETERMINATE_FINDING: Code = Code("82334004", "SCT", "Indeterminate")
+#: The finding's name in a result, the ledger and the API (the model card's INDETERMINATE class name).
+INDETERMINATE_NAME = "indeterminate"
+
+#: Concept name of the TEXT item saying why the finding is indeterminate (its value starts with the prefix).
+INDETERMINATE_COMMENT: Code = codes.DCM.Comment
+INDETERMINATE_PREFIX = "Indeterminate"
+
+#: Concept name of the TEXT item naming how the class probabilities were calibrated (the model card's
+#: `[calibration]`), placed next to the algorithm name and version; its value starts with the prefix.
+CALIBRATION_COMMENT: Code = codes.DCM.Comment
+CALIBRATION_PREFIX = "Probability calibration"
 
 #: Concept name of the IMAGE item that references the Grad-CAM Secondary Capture (DCM 130404).
 SALIENCY_IMAGE: Code = Code("130404", "DCM", "Saliency")

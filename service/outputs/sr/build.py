@@ -140,7 +140,7 @@ def build_sr(
     Raises:
         TypeError: if an argument has the wrong type.
         ValueError: if the sources or the result are unusable (no sources, several studies, not
-            images, a probability outside [0, 1], a finding that is not one of the classes...).
+            images, a probability outside [0, 1], a finding neither a class nor indeterminate...).
     """
     headers = _evidence_headers(sources)
     _check_uid("sr_instance_uid", sr_instance_uid)
@@ -189,6 +189,18 @@ def build_sr(
             )
         )
     content = group[0].ContentSequence
+    calibration = getattr(result, "calibration", "")
+    if isinstance(calibration, str) and calibration.strip():
+        content.insert(_after_algorithm(content),
+                       _text_item(concepts.CALIBRATION_COMMENT, f"{concepts.CALIBRATION_PREFIX}: {calibration}"))
+    if _is_indeterminate(finding):
+        positive = getattr(result, "positive_class", "") or "the positive class"
+        p = float(getattr(result.finding, "probability", math.nan))
+        content.append(_text_item(
+            concepts.INDETERMINATE_COMMENT,
+            f"{concepts.INDETERMINATE_PREFIX}: the calibrated probability of {positive} ({p:.2f}) lies in the "
+            "model's indeterminate band around its decision threshold; no class is reported, a clinician decides",
+        ))
     for line in getattr(result, "driver_lines", lambda: ())():
         content.append(
             hd.sr.TextContentItem(
@@ -417,11 +429,34 @@ def _classes(result: object) -> tuple[list[tuple[hd.sr.CodedConcept, float]], hd
             )
         measured.append((concept, value))
     finding = _concept(getattr(result, "finding", None), "Finding")
-    if not any(c == finding for c, _ in measured):
+    if not any(c == finding for c, _ in measured) and not _is_indeterminate(finding):
         raise ValueError(
             f"Finding ({finding.value}, {finding.scheme_designator}) is not one of the result's classes."
         )
     return measured, finding
+
+
+def _is_indeterminate(concept: hd.sr.CodedConcept) -> bool:
+    """True for the indeterminate finding (the calibrated probability fell in the card's band)."""
+    code = concepts.INDETERMINATE_FINDING
+    return (concept.value, concept.scheme_designator) == (code.value, code.scheme_designator)
+
+
+def _text_item(name: object, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name=name, value=value[:1024],
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def _after_algorithm(content: Sequence[Dataset]) -> int:
+    """Index just after the algorithm name/version items (TID 4019) of a measurement group's content, so
+    the calibration TEXT stands next to the model it qualifies (end of the content if there are none)."""
+    names = {dcm_codes.DCM.AlgorithmName.value, dcm_codes.DCM.AlgorithmVersion.value}
+    last = -1
+    for index, item in enumerate(content):
+        seq = item.get("ConceptNameCodeSequence")
+        if seq and seq[0].CodeValue in names:
+            last = index
+    return last + 1 if last >= 0 else len(content)
 
 
 def _concept(item: object, label: str) -> hd.sr.CodedConcept:

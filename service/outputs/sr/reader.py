@@ -73,6 +73,8 @@ class ReportedResult:
     verified: bool = False  # VerificationFlag VERIFIED: a clinician approved it (README "Review")
     reviewer: str | None = None  # the Verifying Observer Name of a verified SR
     review: tuple[str, ...] = ()  # the review decision and comment TEXT items, in order
+    calibration: str | None = None  # how the probabilities were calibrated (model card `[calibration]`)
+    indeterminate: bool = False  # the finding is "indeterminate" (probability in the card's band), not a class
 
 
 def read_sr(ds: Dataset) -> ReportedResult:
@@ -134,6 +136,10 @@ def read_sr(ds: Dataset) -> ReportedResult:
         (p for p in probabilities if (p.code, p.scheme_designator) == (found.value, found.scheme_designator)),
         None,
     )
+    indeterminate = (found.value, found.scheme_designator) == (
+        concepts.INDETERMINATE_FINDING.value, concepts.INDETERMINATE_FINDING.scheme_designator)
+    if finding is None and indeterminate:  # no class decided: the finding has no probability of its own
+        finding = ReportedClass(found.value, found.scheme_designator, found.meaning, math.nan)
     if finding is None:
         raise SRValidationError(
             f'Finding ({found.value}, {found.scheme_designator}, "{found.meaning}") is not one of '
@@ -158,6 +164,13 @@ def read_sr(ds: Dataset) -> ReportedResult:
     if flags:
         reason = flags[0][len(concepts.IMAGE_ONLY_PREFIX):].removeprefix(": ") or None
 
+    calibrations = [
+        item.value[len(concepts.CALIBRATION_PREFIX):].removeprefix(": ")
+        for item in find_content_items(group[0], name=concepts.CALIBRATION_COMMENT, value_type=hd.sr.ValueTypeValues.TEXT)
+        if item.value.startswith(concepts.CALIBRATION_PREFIX)
+    ]
+    if len(calibrations) > 1:
+        raise SRValidationError(f'Found {len(calibrations)} "{concepts.CALIBRATION_PREFIX}" items; expected at most 1.')
     drivers = tuple(
         item.value[len(concepts.TIMELINE_DRIVER_PREFIX):].removeprefix(": ")
         for item in find_content_items(
@@ -211,6 +224,8 @@ def read_sr(ds: Dataset) -> ReportedResult:
         verified=verified,
         reviewer=reviewer,
         review=review,
+        calibration=calibrations[0] if calibrations else None,
+        indeterminate=indeterminate,
     )
 
 
@@ -252,6 +267,9 @@ def check_sr(ds: Dataset, expected: InferenceResult | None = None, *,
         raise SRValidationError(
             f"Image-only flag is {reading.image_only} in the SR, {bool(expected.image_only)} expected."
         )
+    want_calibration = getattr(expected, "calibration", "") or None
+    if reading.calibration != want_calibration:
+        raise SRValidationError(f"Calibration is {reading.calibration!r} in the SR, {want_calibration!r} expected.")
     want_drivers = tuple(getattr(expected, "driver_lines", lambda: ())())
     if reading.drivers != want_drivers:
         raise SRValidationError(f"Timeline drivers are {reading.drivers} in the SR, {want_drivers} expected.")
@@ -288,6 +306,8 @@ def _compare_class(label: str, got: ReportedClass, want: object) -> None:
             f'{label} meaning is "{got.meaning}" in the SR, "{concept.meaning}" expected.'
         )
     probability = float(want.probability)  # type: ignore[attr-defined]
+    if math.isnan(got.probability) and got.code == concepts.INDETERMINATE_FINDING.value:
+        return  # an indeterminate finding carries no probability in the SR (the classes' NUMs do)
     if abs(got.probability - probability) > _PROBABILITY_TOLERANCE:
         raise SRValidationError(
             f"{label} ({got.code}) probability is {got.probability} in the SR, {probability} expected."

@@ -19,7 +19,7 @@ from dicom_fusion.service.storage.users import Principal
 
 router = APIRouter(prefix="/api/review", tags=["review"])
 JobId = Annotated[int, Path(ge=1, le=2**62, description="job id (from the worklist)")]
-ReviewItemOut = schema_of(review.ReviewItem, "ReviewItemOut")
+ReviewItemOut = schema_of(review.ReviewItem, "ReviewItemOut", properties=("indeterminate",))
 ReviewOut = schema_of(review.ReviewResult, "ReviewOut")
 
 
