@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -190,10 +198,47 @@ class SpoolSettings(_Section):
     min_free_mb: float = Field(2048.0, ge=0)
 
 
+CompletionMode = Literal["quiet", "pacs", "release"]
+
+
 class CompletionSettings(_Section):
+    """When a receiving study is complete (README "Completeness"): after `quiet_seconds` without a new
+    instance (`quiet`); as soon as the ledger holds the instance counts the `[pacs]` node reports over
+    C-FIND, `settle_seconds` after the last one (`pacs`; the quiet period when the PACS does not answer);
+    or when the association that sent it is released (`release`, the quiet period as a backstop)."""
+
+    mode: CompletionMode = "quiet"
     quiet_seconds: float = Field(10.0, ge=0)
-    on_release: bool = False
+    on_release: bool = False  # deprecated spelling of mode = "release"
     poll_seconds: float = Field(0.5, gt=0)
+    settle_seconds: float = Field(2.0, ge=0)  # pacs: quiet time after the counts match
+    max_wait_seconds: float = Field(600.0, gt=0)  # pacs: counts never match -> proceed with what is there
+    requery_seconds: float = Field(30.0, gt=0)  # pacs: ask again while the counts do not match
+    query_timeout_seconds: float = Field(5.0, gt=0)  # pacs: each C-FIND step; then the quiet period
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_release_alias(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "on_release" not in data:
+            return data
+        try:
+            on_release = TypeAdapter(bool).validate_python(data["on_release"])
+        except ValidationError:
+            return data  # the field's own validation reports it
+        if not on_release:
+            return data
+        mode = data.get("mode", "release")
+        if mode != "release":
+            raise ValueError(f"completion.on_release = true contradicts completion.mode = {mode!r}: on_release "
+                             'is the deprecated spelling of mode = "release"; remove it')
+        return {**data, "mode": "release"}
+
+    @model_validator(mode="after")
+    def _max_wait_covers_settle(self) -> CompletionSettings:
+        if self.max_wait_seconds < self.settle_seconds:
+            raise ValueError(f"completion.max_wait_seconds ({self.max_wait_seconds:g}) must be at least "
+                             f"completion.settle_seconds ({self.settle_seconds:g})")
+        return self
 
 
 class ModelSettings(_Section):

@@ -66,6 +66,11 @@ class DeliveryError(ServiceError):
         return (type(self), (self.message, self.retryable))
 
 
+class PacsQueryError(ServiceError):
+    """The PACS could not be asked what it holds of a study (C-FIND refused, rejected, timed out or
+    failed); completion in `pacs` mode then falls back to the quiet period for that study."""
+
+
 class SRValidationError(ServiceError):
     """A DICOM SR does not hold what the service writes (structure, codes, values), or it does not
     match the inference result it was built from; the message names the first offending item."""

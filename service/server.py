@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dicom_fusion.service.config import Settings
 from dicom_fusion.service.ingest.listener import Listener
-from dicom_fusion.service.jobs.completion import Completion, PeriodicThread
+from dicom_fusion.service.jobs.completion import Completion, PacsTimers, PeriodicThread, pacs_query
 from dicom_fusion.service.routing.reload import STATUS_FILE, LiveRouter, remove_pid_file, write_pid_file
 from dicom_fusion.service.jobs.queues import consume_order, enqueue, make_celery
 from dicom_fusion.service.jobs.reaper import reap, release_dead_worker, release_left_by_earlier_workers
@@ -145,15 +145,17 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
     def enq(job_id: int, stage: Stage) -> None:
         enqueue(app, ledger, settings, job_id, stage)
 
-    def requeue(job_id: int, stage: Stage) -> None:
-        enqueue(app, ledger, settings, job_id, stage, requeue=True)
+    def requeue(job_id: int, stage: Stage) -> bool:  # the reaper's: only a lease still expired (two serves)
+        return enqueue(app, ledger, settings, job_id, stage, requeue=True, expired_only=True)
 
     completion = Completion(ledger, enq, quiet_seconds=settings.completion.quiet_seconds, route=router,
-                            refresh=router.refresh)
+                            refresh=router.refresh, ask_pacs=pacs_query(settings),
+                            timers=PacsTimers.of(settings.completion),
+                            requery_seconds=settings.completion.requery_seconds)
     extra = settings.listener.processes - 1
     listener = Listener(settings.listener, spool, ledger,
                         reuse_port=extra > 0 or settings.listener.reuse_port,
-                        on_release=completion.release if settings.completion.on_release else None,
+                        on_release=completion.release if settings.completion.mode == "release" else None,
                         min_free_mb=settings.spool.min_free_mb)
     host, port = listener.start()
     children: list[_ChildSupervisor] = []
@@ -203,6 +205,7 @@ def serve(settings: Settings, *, config: Path | None = None, worker: bool | None
         listener.stop()
         for t in threads:
             t.stop()
+        completion.close()
         for child in children:
             child.terminate()
         ledger.close()
@@ -216,7 +219,7 @@ def listen(settings: Settings, *, stop: threading.Event | None = None) -> None:
     ledger = Ledger(settings.ledger_url)
     on_release = None
     router: LiveRouter | None = None
-    if settings.completion.on_release:
+    if settings.completion.mode == "release":
         app = make_celery(settings)
         router = LiveRouter(settings, ledger)  # reloads like serve's (serve forwards its SIGHUP here)
         completion = Completion(ledger, lambda job_id, stage: enqueue(app, ledger, settings, job_id, stage),
@@ -265,7 +268,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, concurren
     # Leases left on this host by earlier worker processes that no longer run (serve or the container
     # restarted after kill -9): released and re-enqueued now, not after worker.lease_seconds.
     release_left_by_earlier_workers(
-        runtime.ledger, lambda job_id, stage: enqueue(app, runtime.ledger, settings, job_id, stage, requeue=True))
+        runtime.ledger, lambda job_id, stage: enqueue(app, runtime.ledger, settings, job_id, stage, requeue=True,
+                                                      expired_only=True))
     from dicom_fusion.service.telemetry import install_worker_metrics
 
     install_worker_metrics(settings, pool=pool or settings.worker.pool)

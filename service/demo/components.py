@@ -193,6 +193,7 @@ def start_orthanc(workdir: Path, ae_title: str = "ORTHANC", timeout: float = 60.
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowFind": True,  # completion.mode = "pacs" asks the PACS for its counts (C-FIND)
         "Plugins": [],
         "HttpServerEnabled": True,
         "DicomServerEnabled": True,

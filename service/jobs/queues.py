@@ -146,12 +146,17 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def enqueue(app: Celery, ledger: Ledger, settings: Settings, job_id: int, stage: Stage,
-            *, requeue: bool = False) -> None:
+            *, requeue: bool = False, expired_only: bool = False) -> bool:
     """Mark the job queued in the ledger *then* publish (to its priority's queue), so a fast worker never
-    races the mark."""
+    races the mark. ``expired_only`` (the reaper): only while the job's lease is still expired, so two
+    reapers (two `serve` processes) publish one message per expiry, not two (``Ledger.mark_enqueued``).
+    Returns whether a message was published."""
     priority = ledger.mark_enqueued(job_id, stage=stage, lease_seconds=settings.worker.queued_lease_seconds,
-                                    requeue=requeue)
-    publish(app, job_id, stage, priority or Priority.NORMAL)
+                                    requeue=requeue, expired_only=expired_only)
+    if priority is None:
+        return False
+    publish(app, job_id, stage, priority)
+    return True
 
 
 def publish(app: Celery, job_id: int, stage: Stage, priority: Priority | str = Priority.NORMAL) -> None:

@@ -24,11 +24,17 @@ log = logging.getLogger(__name__)
 
 
 def reap(ledger: Ledger, enqueue_again: Enqueue) -> int:
-    """Re-enqueue every job with an expired lease; returns how many were re-enqueued."""
+    """Re-enqueue every job with an expired lease; returns how many were re-enqueued.
+
+    The list is stale as soon as it is read (another `serve` process reaps the same ledger), so
+    ``enqueue_again`` must re-check each job in the ledger (``enqueue(..., expired_only=True)``); it
+    returns False for a job someone else re-enqueued or claimed since, which is skipped here."""
     n = 0
     for job_id, stage in ledger.expired_jobs():
         try:
-            enqueue_again(job_id, stage)
+            if enqueue_again(job_id, stage) is False:
+                log.info("job %s: stage %s already re-enqueued or claimed elsewhere; skipped", job_id, stage)
+                continue
             n += 1
             log.warning("job %s: lease expired at stage %s, re-enqueued", job_id, stage)
         except Exception as exc:

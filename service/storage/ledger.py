@@ -177,7 +177,7 @@ class Ledger:
 
     # ---- completion ---------------------------------------------------------------------------
     def complete_studies(self, *, quiet_before: datetime | None, study_uids: Sequence[str] = (),
-                         route: RouteStudy | None = None) -> list[int]:
+                         route: RouteStudy | None = None, note: str = "") -> list[int]:
         """Close receiving studies (quiet since ``quiet_before``, or named) and create their jobs.
 
         ``route`` decides each study's jobs before it is closed (routing reads the study's headers, outside
@@ -186,7 +186,8 @@ class Ledger:
         study's ``job_version`` grows by the number of jobs), so every job derives its own SR UIDs; the
         jobs of one completion share their ``created_at`` (docs/architecture.md "Job states"). Returns
         the ids of the jobs to run (ignored ones are not among them). The conditional UPDATE makes this
-        exactly-once even with several listeners polling.
+        exactly-once even with several listeners polling. ``note`` (which completion rule fired) goes into
+        the study's and each job's audit row.
         """
         created: list[int] = []
         with self.session() as s:
@@ -212,7 +213,7 @@ class Ledger:
                 assert study is not None
                 first, now = study.job_version - len(plans) + 1, utcnow()
                 for i, plan in enumerate(plans):
-                    job = self._new_job(s, study, plan, "complete", version=first + i, now=now)
+                    job = self._new_job(s, study, plan, "complete", note, version=first + i, now=now)
                     if job.state != JobState.IGNORED:
                         created.append(job.id)
         return created
@@ -249,11 +250,21 @@ class Ledger:
 
     # ---- job leases ---------------------------------------------------------------------------
     def mark_enqueued(self, job_id: int, *, stage: Stage, lease_seconds: float,
-                      requeue: bool = False) -> Priority:
+                      requeue: bool = False, expired_only: bool = False) -> Priority | None:
         """Record that a message for ``stage`` is in the broker; the lease bounds how long we trust it.
-        Returns the job's priority (which queues the message goes to)."""
+        Returns the job's priority (which queues the message goes to).
+
+        ``expired_only`` (the reaper): mark it only while the job still waits at ``stage`` with its lease
+        run out (or was never enqueued); otherwise None, and the caller must not publish. The reaper's
+        list of expired jobs is stale by the time it re-enqueues each: another `serve` process's reaper
+        may have re-enqueued the job and a worker claimed it since. Re-marking it then would take the
+        lease from that worker, and the second message would let another worker run the same stage at
+        the same time (two deliveries). The row is locked (SELECT … FOR UPDATE on PostgreSQL; SQLite
+        writers are serialised), so of two reapers exactly one re-enqueues an expiry."""
         with self.transaction() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)
+            if expired_only and (job is None or job.stage != stage or not self._awaits_requeue(s, job_id)):
+                return None
             if job is None or job.state in TERMINAL:
                 return Priority.NORMAL if job is None else Priority(job.priority or Priority.NORMAL)
             if job.state == JobState.COMPLETE:
@@ -263,6 +274,12 @@ class Ledger:
             job.updated_at = utcnow()
             self._audit(s, "job", job_id, "requeued" if requeue else "queued", f"stage={stage}")
             return Priority(job.priority or Priority.NORMAL)
+
+    @staticmethod
+    def _awaits_requeue(s: Session, job_id: int) -> bool:
+        """The reaper's condition (:meth:`expired_jobs`), evaluated in SQL on the locked row (timestamps
+        compare in the database, as in :meth:`claim`)."""
+        return s.scalar(select(Job.id).where(Job.id == job_id, *_requeue_due(utcnow()))) is not None
 
     def claim(self, job_id: int, *, stage: Stage, owner: str, lease_seconds: float) -> JobRef | None:
         """Take the job for ``stage``; None when another worker holds it or the stage is past."""
@@ -303,7 +320,7 @@ class Ledger:
     def advance(self, job_id: int, *, owner: str, next_stage: Stage, lease_seconds: float) -> bool:
         """Finish the current stage and hand the job to ``next_stage`` (message about to be sent)."""
         with self.transaction() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)  # checked, then changed: lock the row
             if job is None or job.lease_owner != owner:
                 return False
             now = utcnow()
@@ -320,7 +337,7 @@ class Ledger:
     def finish(self, job_id: int, *, owner: str) -> JobState | None:
         """The last stage is done: `done`, or `rejected` after a reviewer's rejection. None: not our lease."""
         with self.transaction() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)  # checked, then changed: lock the row
             if job is None or job.lease_owner != owner:
                 return None
             now = utcnow()
@@ -338,7 +355,7 @@ class Ledger:
              lease_seconds: float) -> JobState:
         """Record a failure: retrying (``retry_in`` seconds) or dead. Returns the new state."""
         with self.transaction() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)  # checked, then changed: lock the row
             if job is None:
                 return JobState.DEAD
             if job.lease_owner not in (owner, QUEUED_OWNER) and job.state in TERMINAL:
@@ -361,15 +378,8 @@ class Ledger:
 
     def expired_jobs(self) -> list[tuple[int, Stage]]:
         """Jobs whose lease ran out (worker killed, message lost) or never got enqueued."""
-        now = utcnow()
         with self.session() as s:
-            rows = s.execute(
-                select(Job.id, Job.stage, Job.state).where(
-                    Job.state.not_in([str(t) for t in TERMINAL]),
-                    or_(Job.lease_expires < now,
-                        (Job.state == JobState.COMPLETE) & (Job.created_at < now - timedelta(seconds=5))),
-                )
-            ).all()
+            rows = s.execute(select(Job.id, Job.stage, Job.state).where(*_requeue_due(utcnow()))).all()
         return [(r[0], Stage(r[1])) for r in rows]
 
     def release_leases(self, owner_prefix: str) -> list[int]:
@@ -401,7 +411,7 @@ class Ledger:
     def reset_for_redelivery(self, job_id: int) -> bool:
         """Operator action: a dead job goes back to its stage with a fresh retry budget."""
         with self.transaction() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)  # checked, then changed: lock the row
             if job is None or job.state != JobState.DEAD:
                 return False
             job.state = JobState.QUEUED
@@ -451,7 +461,7 @@ class Ledger:
         """The stage holding the job ends and the job parks in `awaiting_review`: no lease (the reaper leaves
         it alone), nothing enqueued, until :meth:`decide_review`."""
         with self.transaction() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)  # checked, then changed: lock the row
             if job is None or job.lease_owner != owner:
                 return False
             now = utcnow()
@@ -594,6 +604,14 @@ class Ledger:
         with self.session() as s:
             return list(s.scalars(select(AuditEvent).where(
                 AuditEvent.entity == entity, AuditEvent.entity_id == entity_id).order_by(AuditEvent.id)))
+
+
+def _requeue_due(now: datetime) -> tuple[Any, ...]:
+    """Where-clauses of a job the reaper must enqueue again: unfinished, and its lease ran out (worker
+    killed, message lost) or it was never enqueued (created over 5 s ago, still `complete`)."""
+    return (Job.state.not_in([str(t) for t in TERMINAL]),
+            or_(Job.lease_expires < now,
+                (Job.state == JobState.COMPLETE) & (Job.created_at < now - timedelta(seconds=5))))
 
 
 def _job_plans(decision: Sequence[JobRoute] | JobRoute | str | None) -> list[JobRoute | str | None]:
