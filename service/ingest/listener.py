@@ -83,10 +83,22 @@ def parse_header(data: bytes | mmap.mmap) -> FilingHeader:
 
 def check_received(data: bytes | mmap.mmap) -> FilingHeader:
     """What the handler checks before it stores: the whole data set is well-formed for its declared
-    transfer syntax (:func:`~.wellformed.check_part10`, every element header walked to the end), then
-    the filing UIDs are read. Raises :class:`MalformedInstanceError` (→ 0xC000 + quarantine)."""
-    check_part10(data)
-    return parse_header(data)
+    transfer syntax (:func:`~.wellformed.check_part10`, every element header walked to the end), and its
+    filing UIDs. Raises :class:`MalformedInstanceError` (→ 0xC000 + quarantine).
+
+    The UIDs come from the same walk (``Structure.filing``): one pass over the header per C-STORE. A
+    pydicom parse of them (:func:`parse_header`) cost 1.3-1.6 ms of CPU per instance, about a tenth of
+    the listener's whole cost, for values the walk had already passed over."""
+    structure = check_part10(data)
+    values = structure.filing
+    return FilingHeader(
+        study_uid=check_uid(values.get("StudyInstanceUID"), "StudyInstanceUID"),
+        series_uid=check_uid(values.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        sop_uid=check_uid(values.get("SOPInstanceUID"), "SOPInstanceUID"),
+        sop_class_uid=check_uid(values.get("SOPClassUID"), "SOPClassUID"),
+        modality=values.get("Modality", "").strip()[:16],
+        transfer_syntax=structure.transfer_syntax,
+    )
 
 
 class StoreHandler:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 from pydicom.datadict import DicomDictionary
@@ -46,6 +46,16 @@ ROWS = 0x00280010
 # Float / Double Float / Pixel Data, and MR Spectroscopy's Spectroscopy Data (it has Rows, no pixels)
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA, 0x56000020})
 TRANSFER_SYNTAX_TAG = 0x00020010
+#: the top-level text values the listener files an instance by (``listener.FilingHeader``), read during the
+#: walk so a C-STORE costs one pass over its header instead of a walk plus a pydicom parse
+FILING_TAGS = {
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00080018: "SOPInstanceUID",
+    SOP_CLASS_UID: "SOPClassUID",
+    0x00080060: "Modality",
+}
+_FILING_MAX = 256  # bytes of a filing value kept: a longer one is invalid anyway (UI <= 64, CS <= 16)
 PREAMBLE = 128
 MAX_DEPTH = 4096  # nesting levels (sequences + items); deeper is refused rather than held in memory
 
@@ -73,6 +83,9 @@ class Structure:
     top_level: int  # data elements of the top-level data set
     fragments: int  # encapsulated pixel data items, basic offset table included
     max_depth: int  # deepest nesting of sequences
+    filing: dict[str, str] = field(default_factory=dict)
+    """FILING_TAGS keyword -> value (ASCII, trailing NUL and spaces stripped) of those present at the top
+    level; pydicom decodes them the same way for these VRs (UI, CS), so the listener needs no second parse."""
 
 
 @cache
@@ -187,6 +200,7 @@ def _walk(buf: memoryview, ts: str, *, explicit: bool, little: bool, encapsulate
     pixel_encapsulated: bool | None = None
     has_rows = has_pixels = False
     sop_class = ""
+    filing: dict[str, str] = {}
     first = True
     unpack = struct.unpack_from
     while stack:
@@ -240,8 +254,11 @@ def _walk(buf: memoryview, ts: str, *, explicit: bool, little: bool, encapsulate
                     has_pixels = True
                 elif tag == ROWS:
                     has_rows = True
-                elif tag == SOP_CLASS_UID and length != UNDEFINED:
-                    sop_class = bytes(buf[pos:pos + min(length, 64)]).decode("ascii", "replace").rstrip("\x00 ")
+                elif tag in FILING_TAGS and length != UNDEFINED:
+                    value = bytes(buf[pos:pos + min(length, _FILING_MAX)]).decode("ascii", "replace").rstrip("\x00 ")
+                    filing[FILING_TAGS[tag]] = value
+                    if tag == SOP_CLASS_UID:
+                        sop_class = value[:64]
             if length == UNDEFINED:
                 if tag == PIXEL_DATA and depth == 1:
                     pixel_encapsulated = True
@@ -302,7 +319,7 @@ def _walk(buf: memoryview, ts: str, *, explicit: bool, little: bool, encapsulate
         raise _Refused(f"an image ({'Rows present' if has_rows else UID(sop_class).name}) without Pixel Data: "
                        "the data set ends before its pixels (truncated?)")
     return Structure(transfer_syntax=ts, elements=elements, top_level=top_level, fragments=fragments,
-                     max_depth=max_depth)
+                     max_depth=max_depth, filing=filing)
 
 
 @cache

@@ -62,6 +62,48 @@ def _part10(body: bytes, ts: str, sop_class: str = "1.2.840.10008.5.1.4.1.1.2",
 
 
 @pytest.mark.parametrize("name", INTACT)
+def test_the_walk_files_an_instance_as_pydicom_reads_it(name: str) -> None:
+    """check_received takes the filing values from the walk (one pass): they are pydicom's, in every
+    transfer syntax (implicit, big endian, deflated, encapsulated), whenever pydicom finds them all."""
+    from dicom_fusion.service.ingest.listener import parse_header
+
+    raw = _file(name).read_bytes()
+    try:
+        expected = parse_header(raw)
+    except MalformedInstanceError:  # a test file without Study/Series UID: the walk refuses it too
+        with pytest.raises(MalformedInstanceError):
+            check_received(raw)
+        return
+    assert check_received(raw) == expected
+
+
+def test_filing_values_are_checked_at_the_boundary() -> None:
+    """A missing or invalid UID in the walk's values is refused as before (0xC000), the reason naming
+    the attribute; Modality is optional and cut to 16 characters."""
+    raw = _file("CT_small.dcm").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(BytesIO(raw))
+    del ds.SeriesInstanceUID
+    fp = BytesIO()
+    ds.save_as(fp)
+    with pytest.raises(MalformedInstanceError, match="SeriesInstanceUID is missing"):
+        check_received(fp.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the invalid UI value it is asked to write
+        ds.SeriesInstanceUID = "1.2.3.abc"
+        fp = BytesIO()
+        ds.save_as(fp)
+    with pytest.raises(MalformedInstanceError, match="SeriesInstanceUID .* is not a valid DICOM UID"):
+        check_received(fp.getvalue())
+    ds.SeriesInstanceUID, ds.Modality = "1.2.3.4", "CT"
+    del ds.Modality
+    fp = BytesIO()
+    ds.save_as(fp)
+    assert check_received(fp.getvalue()).modality == ""
+
+
+@pytest.mark.parametrize("name", INTACT)
 def test_intact_files_are_accepted_with_pydicoms_element_count(name: str) -> None:
     raw = _file(name).read_bytes()
     with warnings.catch_warnings():
