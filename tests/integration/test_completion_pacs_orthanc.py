@@ -139,6 +139,8 @@ def test_pacs_mode_starts_the_job_once_the_counts_match(pacs_serve: Serve, ortha
     assert "completion: pacs counts 5/5" in pacs_serve.completion_note(job)
     assert job.instance_count == 5
     delay = pacs_serve.start_delay(job)
+    print(f"completeness: pacs mode, counts matched: job started {delay:.2f} s after the last instance "
+          f"(settle {SETTLE:g} s)")
     assert SETTLE <= delay <= SETTLE + 1.0, delay
 
 
@@ -180,6 +182,8 @@ def test_quiet_mode_splits_the_same_sends(tmp_path: Path, orthanc: Pacs, storesc
         serve.send(storescu, series[1])
         jobs = serve.wait_jobs(study, 2, timeout=20)
     assert [(j.version, j.instance_count) for j in jobs] == [(1, 3), (2, 5)]
+    print(f"completeness: quiet mode (2 s), second series 5 s later: {len(jobs)} jobs "
+          f"({', '.join(str(j.instance_count) for j in jobs)} instances)")
     assert "completion: quiet period" in serve.completion_note(jobs[0])
 
 
