@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from browser import Browser
-from conftest import require, require_tool
+from conftest import require, require_tool, stop_process
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_fusion.fhir.client import FhirClient
@@ -118,12 +117,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture
@@ -159,8 +152,8 @@ def ops(tmp_path: Path, orthanc: Pacs, fhir_server: FhirServer, redis: RedisServ
         yield Ops(serve, api, dicom_port, api_port, lm, wm, env, log, tmp_path)
     finally:
         if api is not None:
-            _stop(api)
-        _stop(serve)
+            stop_process(api)
+        stop_process(serve)
 
 
 def chromium(url: str, tmp: Path, *args: str) -> str:

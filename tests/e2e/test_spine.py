@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import stop_process
 from pydicom import dcmread
 
 from dicom_fusion.fhir.client import FhirClient
@@ -131,11 +131,7 @@ def running_serve(tmp_path: Path, pacs: Pacs, fhir: FhirServer | None,
         wait_for_port("127.0.0.1", port, timeout=60)
         yield Stack(proc, port, data, log, Ledger(f"sqlite:///{data / 'ledger.sqlite'}"), pacs, fhir)  # type: ignore[arg-type]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def _storescu(storescu: str, stack: Stack, files: list[Path]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import write_instance
+from conftest import stop_process, write_instance
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -107,11 +106,7 @@ def serve(tmp_path: Path, routes: Path) -> Iterator[Serve]:
         wait_for_port("127.0.0.1", port, timeout=60)
         yield Serve(proc, port, data, log, env, Ledger(f"sqlite:///{data / 'ledger.sqlite'}"))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def test_routes_reload_on_file_change_and_on_request_and_a_bad_table_never_replaces_a_good_one(
