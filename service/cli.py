@@ -125,6 +125,40 @@ def model_card(path: Annotated[Optional[Path], typer.Argument(
     typer.echo(card_document(card))
 
 
+@model_app.command("reference")
+def model_reference(
+        card_path: Annotated[Path, typer.Argument(metavar="CARD", help="The model card (card.toml) to write the "
+                                                  "reference into; its weights must be beside it.")],
+        cohort: Annotated[Path, typer.Option(help="The cohort the model was validated on: cohort.csv, "
+                                             "<patient>/study/*.dcm, <patient>/bundle.json (as `dicom-fusion "
+                                             "synth` writes it).")],
+        bins: Annotated[int, typer.Option(min=2, max=50, help="Bins per continuous item (quantile edges).")] = 10,
+        window: Annotated[int, typer.Option(min=10, help="Recent jobs the service compares with the reference.")]
+        = 200,
+        device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto") -> None:
+    """Run the card's model over a cohort and write the drift reference (README "Drift") into the card: the
+    distribution of image intensity, timeline coverage and values and the predicted probability, which the
+    service compares its recent jobs with."""
+    import dataclasses
+
+    from dicom_fusion.fhir.events import events_from_bundle
+    from dicom_fusion.inference.card.model import write_card
+    from dicom_fusion.inference.errors import InferenceError
+    from dicom_fusion.inference.serve.drift_items import reference_from_cohort
+    from dicom_fusion.inference.serve.predict import Predictor
+
+    try:
+        predictor = Predictor.load(card_path, device=device)
+        reference = reference_from_cohort(predictor, cohort, read_events=events_from_bundle, bins=bins,
+                                          window=window, progress=True)
+        write_card(dataclasses.replace(predictor.card, drift=reference), predictor.card.path)
+    except (InferenceError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"drift reference of {len(reference.items)} items from {reference.source} written to "
+                  f"{predictor.card.path} (window {reference.window} jobs)")
+
+
 TrainConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="Training TOML; keys are the fields of TrainConfig (folds, max_epochs, patience, "
     "seed, ...; see README 'Model').")]

@@ -112,6 +112,15 @@ def _band(card: ModelCard) -> list[str]:
     return [line + "."]
 
 
+def _drift(card: ModelCard) -> list[str]:
+    if card.drift is None:
+        return ["- No reference: the service cannot tell when its inputs move away from the validation cohort; "
+                "add one with `dicom-fusion model reference CARD --cohort DIR`."]
+    source = f" from {card.drift.source}" if card.drift.source else ""
+    return [f"- Reference{source}: {len(card.drift.items)} items ({', '.join(sorted(card.drift.items))}); the service "
+            f"compares its last {card.drift.window} jobs with it (PSI > 0.25 = drift)."]
+
+
 def _limitations(card: ModelCard) -> list[str]:
     lines = []
     text = (card.intended_use or "").lower()
@@ -158,6 +167,7 @@ def card_document(card: ModelCard) -> str:
         ("Calibration", _calibration(card)),
         ("Decision threshold", _threshold(card)),
         ("Indeterminate band", _band(card)),
+        ("Drift monitoring", _drift(card)),
         ("Limitations", _limitations(card)),
     ]
     out = [f"# Model card: {card.name} {card.version}", "",

@@ -44,6 +44,10 @@ class PreparedImage:
     array: np.ndarray  # float32, [C, *size]
     series_instance_uid: str
     sop_instance_uids: tuple[str, ...]
+    intensity_mean: float
+    """Mean of the decoded pixels in modality units, before normalisation (drift item `image.mean`)."""
+    intensity_std: float
+    """Their standard deviation (drift item `image.std`): normalisation hides a scanner whose scale changed."""
 
 
 @dataclass(frozen=True)
@@ -309,10 +313,13 @@ def load_study_image(files: Sequence[Path], card: ModelCard) -> PreparedImage:
         pixels, sop_uids = decode_series(instances, card.image)
     except ValueError as exc:
         raise ImageDecodeError(f"series {instances[0].series_instance_uid}: {exc}") from exc
+    raw = np.asarray(pixels, dtype=np.float64)
     return PreparedImage(
         array=prepare_array(pixels, card.image),
         series_instance_uid=instances[0].series_instance_uid,
         sop_instance_uids=sop_uids,
+        intensity_mean=float(raw.mean()),
+        intensity_std=float(raw.std()),
     )
 
 

@@ -84,7 +84,9 @@ def prepare(rt: Any, job: JobRef) -> Stage:
     write_durable(d / "image.npy", buf.getvalue(), fsync=rt.spool.fsync, replace=True)
     _write_json(d / "prepared.json", {"series_instance_uid": prepared.series_instance_uid,
                                       "sop_instance_uids": list(prepared.sop_instance_uids),
-                                      "source_files": used, "shape": list(prepared.array.shape)},
+                                      "source_files": used, "shape": list(prepared.array.shape),
+                                      "intensity_mean": prepared.intensity_mean,
+                                      "intensity_std": prepared.intensity_std},
                 rt.spool.fsync)
     _write_json(d / "study.json", facts.to_dict(), rt.spool.fsync)
     return Stage.TIMELINE
@@ -236,7 +238,23 @@ def infer(rt: Any, job: JobRef) -> Stage:
     _write_json(d / "result.json", result.to_dict(), rt.spool.fsync)
     rt.ledger.set_result(job.job_id, finding=result.finding.name, probability=result.finding.probability,
                          image_only=result.image_only, sr_uid=sr_uid)
+    _record_drift(rt, job, d, models.card, tensor, result)
     return Stage.DELIVER
+
+
+def _record_drift(rt: Any, job: JobRef, d: Path, card: Any, tensor: Any, result: Any) -> None:
+    """The job's drift items (README "Drift"; inference/serve/drift_items.py, the function the card's reference
+    was built with) into the ledger, once per job and model. A job prepared before drift monitoring has no
+    intensity statistics in prepared.json and records nothing."""
+    from dicom_fusion.inference.serve.drift_items import drift_items, positive_probability
+
+    prepared = _read_json(d / "prepared.json")
+    if "intensity_mean" not in prepared:
+        return
+    items = drift_items(card, intensity_mean=prepared["intensity_mean"], intensity_std=prepared["intensity_std"],
+                        timeline=tensor, probability=positive_probability(card, result))
+    rt.ledger.record_drift(job.job_id, model_name=result.model_name, model_version=result.model_version,
+                           items=items)
 
 
 def _explain(rt: Any, job: JobRef, d: Path, predictor: Any, image: np.ndarray, tensor: Any, result: Any,

@@ -5,8 +5,8 @@ scrape time: the same whichever process asks, and they survive restarts. What on
 worker process sees (DICOM responses, task durations, inference time, GPU memory) is in
 :mod:`dicom_fusion.service.telemetry`, served by that process.
 
-Label values are stage, queue, state, status and model names only — never a patient identifier
-(and not even a UID: those would make unbounded series).
+Label values are stage, queue, state, status, model names and versions and drift item names only — never
+a patient identifier (and not even a UID: those would make unbounded series).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, extract, func, select
 
 from dicom_fusion.service.config import Settings
+from dicom_fusion.service.ops.drift import model_drift
 from dicom_fusion.service.ops.monitoring import queue_overview
 from dicom_fusion.service.ops.review import worklist
 from dicom_fusion.service.storage.ledger import Ledger
@@ -63,6 +64,7 @@ class LedgerCollector(Collector):
         yield from self._queues()
         yield from self._latency()
         yield from self._deliveries()
+        yield from self._drift()
 
     def _ingest(self) -> Iterator[Metric]:
         with self.ledger.session() as s:
@@ -154,6 +156,23 @@ class LedgerCollector(Collector):
         for kind in DeliveryKind:
             c.add_metric([kind.value], float(attempts.get(kind.value, 0)))
         yield c
+
+    def _drift(self) -> Iterator[Metric]:
+        """PSI per model and drift item (README "Drift"), once the model's window of recent jobs is full."""
+        value = GaugeMetricFamily(f"{PREFIX}_model_drift_psi",
+                                  "Population stability index of a drift item over the model's last window of "
+                                  "jobs against its card's reference (> 0.25: drift)",
+                                  labels=["model", "version", "item"])
+        seen = GaugeMetricFamily(f"{PREFIX}_model_drift_observations",
+                                 "Jobs in the model's drift window (PSI is exported once it holds drift.window)",
+                                 labels=["model", "version"])
+        for m in model_drift(self.ledger, self.settings):
+            seen.add_metric([m.model, m.version], float(m.observations))
+            if m.full:
+                for item in m.items:
+                    if item.status is not None:
+                        value.add_metric([m.model, m.version, item.item], item.psi)
+        yield from (value, seen)
 
 
 def api_registry(ledger: Ledger, settings: Settings) -> CollectorRegistry:

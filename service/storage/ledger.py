@@ -38,6 +38,7 @@ from dicom_fusion.service.storage.models import (
     Delivery,
     DeliveryKind,
     DeliveryState,
+    DriftObservation,
     Instance,
     InstanceRecord,
     Job,
@@ -519,6 +520,21 @@ class Ledger:
             job = s.get(Job, job_id)
             if job is not None:
                 job.finding, job.probability, job.image_only, job.sr_uid = finding, probability, image_only, sr_uid
+
+    def record_drift(self, job_id: int, *, model_name: str, model_version: str,
+                     items: dict[str, float]) -> bool:
+        """Store the drift items of a job's study for its model (README "Drift"); False when the job already
+        has them (a redelivered infer stage, or two workers racing on PostgreSQL): the first one stays."""
+        try:
+            with self.transaction() as s:
+                if s.scalar(select(DriftObservation.id).where(DriftObservation.job_id == job_id,
+                                                              DriftObservation.model_name == model_name)):
+                    return False
+                s.add(DriftObservation(job_id=job_id, model_name=model_name, model_version=model_version,
+                                       created_at=utcnow(), items=json.dumps(items, sort_keys=True)))
+        except IntegrityError:
+            return False
+        return True
 
     def ensure_deliveries(self, job_id: int, *, targets: dict[DeliveryKind, str | None]) -> None:
         """Create the delivery pair; a target of None means the side is not owed (skipped)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 QUEUED_OWNER = "queued"
@@ -192,6 +192,23 @@ class AuditEvent(Base):
     entity_id: Mapped[int] = mapped_column(Integer, index=True)
     event: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class DriftObservation(Base):
+    """The drift items of one job's study for one model (inference/serve/drift_items.py), which ops/drift.py
+    compares with the model card's reference. `items` is a JSON object of item name -> number (intensity
+    statistics, timeline coverage and scaled values, the calibrated probability): values only, nothing that
+    names a patient. One row per job and model: a redelivered infer stage does not record twice."""
+
+    __tablename__ = "drift_observations"
+    __table_args__ = (UniqueConstraint("job_id", "model_name"),
+                      Index("ix_drift_observations_model", "model_name", "model_version", "created_at"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    items: Mapped[str] = mapped_column(Text)
 
 
 class Role(enum.StrEnum):

@@ -194,3 +194,33 @@ def test_leases_and_reaper_on_postgres(postgres_ledger: str) -> None:
         assert ledger.job(dead).state == JobState.PREPARING and ledger.job(dead).stage == Stage.TIMELINE
     finally:
         ledger.close()
+
+
+def test_drift_observation_is_recorded_once_per_job_and_model_under_concurrency(postgres_ledger: str) -> None:
+    """Migration 0007's table on PostgreSQL: eight redelivered infer stages of one job racing to record its drift
+    items store one row (the unique (job_id, model_name) decides the race), another model of the job its own."""
+    from dicom_fusion.service.storage.models import DriftObservation
+
+    ledger = Ledger(postgres_ledger)
+    ledger.record_instances([rec("3.1", "3.1.1", "3.1.1.1")])
+    [job_id] = ledger.complete_studies(quiet_before=None, study_uids=["3.1"])
+    barrier = threading.Barrier(8)
+    outcomes: list[bool] = []
+
+    def record() -> None:
+        other = Ledger(postgres_ledger)
+        barrier.wait()
+        outcomes.append(other.record_drift(job_id, model_name="m", model_version="1", items={"image.mean": 1.0}))
+        other.close()
+
+    threads = [threading.Thread(target=record) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == [False] * 7 + [True]
+    assert ledger.record_drift(job_id, model_name="other", model_version="2", items={"probability": 0.5})
+    with ledger.session() as s:
+        rows = [(o.model_name, o.items) for o in s.scalars(select(DriftObservation).order_by(DriftObservation.id))]
+    assert rows == [("m", '{"image.mean": 1.0}'), ("other", '{"probability": 0.5}')]
+    ledger.close()

@@ -18,6 +18,7 @@ from dicom_fusion.inference.card.drift import (
     psi,
     status,
 )
+from dicom_fusion.inference.card.document import card_document
 from dicom_fusion.inference.card.model import default_card, load_card, sha256_file, write_card
 from dicom_fusion.inference.errors import ModelCardError
 
@@ -96,6 +97,10 @@ def test_card_round_trip_with_drift_reference(card_path: Path) -> None:
     assert dataclasses.replace(load_card(card_path.parent / "again.toml"), path=card.path) == card
     # a card written before drift monitoring has no table: None
     assert load_card(_without_drift(card_path)).drift is None
+    document = card_document(card)
+    assert "## Drift monitoring" in document and "Reference from cohort x (300 patients): 3 items" in document
+    assert "last 120 jobs" in document
+    assert "No reference" in card_document(load_card(_without_drift(card_path)))
 
 
 def _without_drift(card_path: Path) -> Path:

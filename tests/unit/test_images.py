@@ -61,6 +61,24 @@ def test_transforms_synth_study(card: ModelCard, patients: list[SyntheticPatient
         assert image.sop_instance_uids == (first.SOPInstanceUID,)  # middle of 1 or 2 = InstanceNumber 1
 
 
+def test_transforms_intensity_statistics_are_in_modality_units(
+    card: ModelCard, patients: list[SyntheticPatient], tmp_path: Path
+) -> None:
+    """The drift items image.mean / image.std: the decoded pixels before normalisation, so a rescale slope
+    that triples them shows there although the network input does not change."""
+    files = _files(patients[0])
+    image = load_study_image(files, card)
+    ds = pydicom.dcmread(files[0])
+    pixels = ds.pixel_array.astype(np.float64)
+    assert image.intensity_mean == pytest.approx(pixels.mean()) and image.intensity_std == pytest.approx(pixels.std())
+    ds.RescaleSlope = "3"
+    ds.save_as(tmp_path / "scaled.dcm")
+    scaled = load_study_image([tmp_path / "scaled.dcm"], card)
+    assert scaled.intensity_mean == pytest.approx(3 * image.intensity_mean)
+    assert scaled.intensity_std == pytest.approx(3 * image.intensity_std)
+    np.testing.assert_allclose(scaled.array, image.array, atol=1e-5)  # percentile normalisation hides it
+
+
 def _copy_series(
     src: list[Path], dst: Path, *, n: int, series_number: int, modality: str = "DX"
 ) -> list[str]:

@@ -30,9 +30,10 @@ SERVICE_RULES: dict[str, set[str]] = {
     "outputs": {"config", "errors"},
     "routing": {"config", "errors", "storage", "outputs", "inference.card"},
     "jobs": {"config", "errors", "telemetry", "peers", "storage", "outputs", "fhir", "inference"},
-    # ops/api's STOW-RS route hands request bodies to ingest/stow.py (and nothing else of ingest/)
+    # ops/api's STOW-RS route hands request bodies to ingest/stow.py (and nothing else of ingest/); ops/drift.py
+    # reads the cards' drift references and computes PSI with inference/card (torch-free, like routing)
     "ops": {"config", "errors", "cliopts", "telemetry", "peers", "storage", "outputs", "routing", "jobs.queues",
-            "ingest.stow"},
+            "ingest.stow", "inference.card"},
     "demo": {"*"},
     "cli": {"*"},
     "server": {"*"},

@@ -18,6 +18,7 @@ from dicom_fusion.service.ops.api.deps import ApiContext, Authorized, ContextDep
 from dicom_fusion.service.ops.api.routes.queues import queues_out
 from dicom_fusion.service.ops.api.routes.studies import StudyUID, study_out
 from dicom_fusion.service.ops.api.templating import templates
+from dicom_fusion.service.ops.drift import model_drift
 from dicom_fusion.service.routing.reload import read_status
 from dicom_fusion.service.storage.models import utcnow
 
@@ -29,7 +30,8 @@ def _overview_context(ctx: ApiContext) -> dict[str, Any]:
     peak = max([1] + [b.instances for b in ov.throughput])
     peak_jobs = max([1] + [b.done + b.dead for b in ov.throughput])
     return {"ov": ov, "queues": queues_out(ctx, ov.queues), "now": ov.generated_at, "peak": peak,
-            "peak_jobs": peak_jobs, "settings": ctx.settings, "routes": read_status(ctx.settings.data_dir)}
+            "peak_jobs": peak_jobs, "settings": ctx.settings, "routes": read_status(ctx.settings.data_dir),
+            "drift": model_drift(ctx.ledger, ctx.settings)}
 
 
 def _study_context(ctx: ApiContext, study_uid: str) -> dict[str, Any]:
