@@ -57,8 +57,29 @@ def _read_json(path: Path) -> Any:
 
 def _job_files(rt: Any, job: JobRef) -> list[Path]:
     """The spooled files the job's model reads: those of the series its route selected (all when the job
-    predates routing)."""
-    return [p for p in rt.ledger.study_files(job.study_id, job.series_uids) if p.exists()]
+    predates routing).
+
+    The paths are the ledger's, written by whichever listener received the instance: a worker on another
+    host reads them only if `spool.dir` is the same shared folder there (README "Start each piece"). A file
+    the ledger holds but this host cannot see, or one outside this host's spool, is a deployment fault,
+    not a bad study: a transient error naming the file and the setting, so the job waits (retried with
+    backoff) instead of running on part of the study, writing its job files where the other stages never
+    look, or dying at once; it goes on once the spool is mounted (the worker restarted with it).
+    """
+    paths = rt.ledger.study_files(job.study_id, job.series_uids)
+    root = Path(rt.spool.root).resolve()
+    # outside this host's spool: the listener wrote to another spool.dir, so the files this job writes
+    # (image.npy, the SR) would land where the other workers never look
+    elsewhere = [p for p in paths if not (p.is_relative_to(root) or p.resolve().is_relative_to(root))]
+    missing = elsewhere or [p for p in paths if not p.exists()]
+    if missing:
+        where = "outside this host's spool" if elsewhere else "not on this host"
+        raise TransientError(
+            f"{len(missing)} of the study's {len(paths)} spooled instance file(s) are {where}, e.g. "
+            f"{missing[0]}: spool.dir ({rt.spool.root}) must be the spool every listener writes to (a shared "
+            "folder: NFS, a ReadWriteMany volume) mounted at the same path on every host"
+        )
+    return paths
 
 
 def prepare(rt: Any, job: JobRef) -> Stage:

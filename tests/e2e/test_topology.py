@@ -94,3 +94,48 @@ def test_production_topology(topology: Topology, cohort: list[SyntheticPatient],
     text = topo.logs_text()
     for phi in PHI + tuple(p.patient_id for p in cohort):
         assert phi not in text, f"{phi!r} leaked into a log"
+
+
+def test_a_worker_without_the_shared_spool_waits_and_says_why(
+        tmp_path: Path, postgres_server: PostgresServer, redis_server: RedisServer, orthanc: Pacs,
+        fhir_server: FhirServer, storescu: str) -> None:
+    """Issue 19 item 5. Every piece has its own data folder and shares only the spool path, the ledger and
+    the broker (two hosts). Here the cpu worker's `spool.dir` is a folder of its own (the shared volume
+    not mounted there): prepare refuses with the missing file and the setting named, the job is retried
+    (`failed`, never `dead`, never run on part of the study); once the worker restarts with the shared
+    spool, the job finishes with exactly one SR and one report."""
+    patient = generate_cohort(1, tmp_path / "cohort", seed=23, progress=False)[0]
+    upload_cohort(fhir_server, [patient])
+    not_shared = tmp_path / "worker-cpu-own-spool"
+    topo = Topology.start(tmp_path / "topology", postgres_server, redis_server, orthanc, fhir_server,
+                          extra_env={"DICOM_FUSION_WORKER__RETRY_BACKOFF_SECONDS": "1"},
+                          piece_env={"worker-cpu": {"DICOM_FUSION_SPOOL__DIR": str(not_shared)}})
+    try:
+        result = topo.storescu(storescu, study_files(patient))
+        assert result.returncode == 0 and acknowledged(result) == len(study_files(patient))
+        uid = patient.study_instance_uid
+        deadline, job, seen = time.monotonic() + 60, None, set()
+        while time.monotonic() < deadline:
+            jobs = topo.ledger.jobs_for_study(uid)
+            job = jobs[-1] if jobs else None
+            if job is not None:
+                seen.add(str(job.state))
+                if job.attempts >= 2 and job.state == "failed":
+                    break
+            time.sleep(0.2)
+        assert job is not None and job.attempts >= 2 and job.state == "failed", (job, seen)
+        assert "dead" not in seen and "done" not in seen, seen
+        assert "outside this host's spool" in (job.error or "") and "spool.dir" in (job.error or ""), job.error
+        assert str(tmp_path / "topology" / "spool") in (job.error or "")  # the ledger's path, as written
+        assert not (not_shared / "jobs").exists() or not any((not_shared / "jobs").iterdir())
+        worker = topo.pieces["worker-cpu"]
+        worker.stop()
+        worker.env["DICOM_FUSION_SPOOL__DIR"] = str(tmp_path / "topology" / "spool")  # the volume mounted
+        worker.start()
+        topo.wait_done([uid], timeout=180)
+        assert topo.job_states([uid]) == {uid: [(1, "done")]}
+        assert topo.sr_count(uid) == 1 and topo.report_count(patient) == 1
+        print(f"shared spool: {job.attempts} attempt(s) refused on the worker without the spool "
+              f"({(job.error or '')[:80]}...), done after its restart with the shared spool")
+    finally:
+        topo.stop()
