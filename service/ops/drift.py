@@ -62,12 +62,6 @@ class ModelDrift:
         """The window holds `window` observations: PSI is meaningful (see the module docstring)."""
         return self.observations >= self.window
 
-    @property
-    def worst(self) -> ItemDrift | None:
-        """The item with the highest PSI, None when no item has one."""
-        scored = [i for i in self.items if i.status is not None]
-        return max(scored, key=lambda i: i.psi) if scored else None
-
 
 @lru_cache(maxsize=32)
 def _card(path: str, mtime_ns: int) -> ModelCard:  # mtime in the key: a rewritten card is read again

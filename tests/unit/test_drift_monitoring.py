@@ -33,6 +33,7 @@ from dicom_fusion.service.jobs.resource_log import write_timeline_record
 from dicom_fusion.service.jobs.worker import WorkerRuntime
 from dicom_fusion.service.ops.api.main import create_app
 from dicom_fusion.service.ops.drift import model_drift
+from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.models import DriftObservation, InstanceRecord, JobRef, Stage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,3 +193,49 @@ def test_model_reference_command_writes_the_reference_into_the_card(tmp_path: Pa
     assert dataclasses.replace(written, drift=None) == card  # nothing else of the card changed
     missing = CliRunner().invoke(app, ["model", "reference", str(card.path), "--cohort", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "cohort.csv" in missing.output
+
+
+def test_psi_is_exported_only_once_the_window_is_full(tmp_path: Path) -> None:
+    """Before `window` jobs of the model were observed, the dashboard says it is collecting and /metrics holds
+    the count only: PSI on a handful of studies is noise. Cards without a reference are not listed."""
+    from opshelpers import add_study, complete
+
+    from dicom_fusion.inference.card.drift import build_reference
+    from dicom_fusion.inference.card.model import default_card, sha256_file
+
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"bytes")
+    card = default_card(weights=weights, sha256=sha256_file(weights), path=tmp_path / "card.toml")
+    settings = load_settings(data_dir=tmp_path / "var", model={"card": card.path}, api={"token": TOKEN})
+    write_card(card, card.path)  # no [drift] table yet
+    ledger = Ledger(settings.ledger_url)
+    assert model_drift(ledger, settings) == []
+    reference = build_reference({"image.mean": [float(v) for v in range(100)]}, bins=4, window=5)
+    write_card(dataclasses.replace(card, drift=reference), card.path)
+    client = TestClient(create_app(settings))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def observe(uid: str, mean: float) -> None:
+        add_study(ledger, uid)
+        assert ledger.record_drift(complete(ledger, uid), model_name=card.name, model_version=card.version,
+                                      items={"image.mean": mean})
+
+    def samples() -> dict[str, float]:
+        text = client.get("/metrics", headers=auth).text
+        return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name.startswith("dicom_fusion_model_drift")}
+
+    for i in range(4):
+        observe(f"9.{i}", 500.0)  # far beyond the reference
+    [drift] = model_drift(ledger, settings)
+    assert (drift.observations, drift.full) == (4, False) and drift.items[0].psi > DRIFT
+    assert samples() == {"dicom_fusion_model_drift_observations": 4.0}
+    frag = client.get("/dashboard/fragments/overview", headers=auth).text
+    assert "collecting: 4 of 5 jobs" in frag and "badge drift-drift" not in frag
+    observe("9.4", 500.0)
+    got = samples()
+    assert got["dicom_fusion_model_drift_observations"] == 5.0 and got["dicom_fusion_model_drift_psi"] > DRIFT
+    assert "badge drift-drift" in client.get("/dashboard/fragments/overview", headers=auth).text
+    for i, mean in enumerate((10.0, 35.0, 60.0, 85.0, 95.0)):  # the window moves on: the newest five are
+        observe(f"9.{5 + i}", mean)                             # spread over the reference again
+    assert samples()["dicom_fusion_model_drift_psi"] < DRIFT
