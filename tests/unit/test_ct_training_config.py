@@ -1,5 +1,6 @@
 """The CT model's training keys (TrainConfig modalities / spatial_dims / size / window / series_rule) reach
-the card and are validated before any image is decoded; a volume's Grad-CAM overlay shows the slice of
+the card and are validated before any image is decoded; the shipped CT model is the one its train.toml
+describes; a volume's Grad-CAM overlay shows the slice of
 the saliency peak, not the middle slice that may miss the finding."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_fusion.inference.card.model import DEFAULT_IMAGE, DEFAULT_INPUT
+from dicom_fusion.inference.card.model import DEFAULT_IMAGE, DEFAULT_INPUT, load_card, verify_weights
 from dicom_fusion.inference.serve.explain import save_overlay
 from dicom_fusion.inference.train.config import base_card, load_train_config
 from dicom_fusion.service.outputs.sc.build import peak_slice, render_overlay
@@ -23,6 +24,16 @@ def test_ct_train_toml_makes_a_3d_ct_only_card(tmp_path: Path) -> None:
     assert card.image.spatial_dims == 3 and len(card.image.size) == 3
     assert card.image.window == config.window and card.image.window[0] < card.image.window[1]
     assert card.name == config.name != "dfusion-hybrid-demo"
+
+
+def test_the_shipped_ct_model_is_what_its_train_toml_trains() -> None:
+    card = load_card(CT_TRAIN.parent / "card.toml")
+    verify_weights(card)
+    config = load_train_config(CT_TRAIN)
+    assert (card.name, card.version, card.input.modalities) == (config.name, config.version, ("CT",))
+    assert (card.image.spatial_dims, card.image.size, card.image.window) == (3, config.size, config.window)
+    assert card.metrics["cv_folds"] == config.folds and card.calibration is not None
+    assert card.weights.stat().st_size < 2 * 1024 * 1024  # package data: keep it small
 
 
 def test_default_config_keeps_the_radiograph_card(tmp_path: Path) -> None:
