@@ -253,6 +253,9 @@ class ModelSettings(_Section):
     # Lesion segmentation card (inference/card/segmenter.py): overrides the classifier card's `segmenter` key.
     # Unset = what the card says (absent there = no segmentation).
     segmenter: Path | None = None
+    # The chest CT model of the implicit route `chest-ct` (README "Routing"), used only when no route is
+    # configured: unset = the packaged one (inference/ct_model/), "" = no CT route.
+    ct_card: str | None = None
 
 
 class RoutingSettings(_Section):
@@ -448,6 +451,15 @@ class Settings(BaseSettings):
         from importlib.resources import files
 
         return Path(str(files("dicom_fusion.inference") / "default_model" / "card.toml"))
+
+    def ct_card_path(self) -> Path | None:
+        """The card of the implicit `chest-ct` route: `model.ct_card`, else the packaged chest CT model;
+        None when `model.ct_card` is empty (no CT route)."""
+        if self.model.ct_card is not None:
+            return Path(self.model.ct_card) if self.model.ct_card.strip() else None
+        from importlib.resources import files
+
+        return Path(str(files("dicom_fusion.inference") / "ct_model" / "card.toml"))
 
     def public_dict(self) -> dict[str, Any]:
         """Settings as a dict with secrets masked, for `dicom-fusion config` and logs: tokens and client

@@ -50,6 +50,12 @@ ROUTE_KEYS = frozenset({"name", "model", "series", "refuse_burned_in", "match", 
 RELEASE_MODES = ("auto", "review")  # README "Review"; unset = the global `release.mode`
 PRIORITIES = ("urgent", "normal", "background")  # README "Routing", "Priority"; jobs/queues.py queues them
 DEFAULT_ROUTE = "default"
+# With no route configured: `default` (the radiograph model on every series it reads), then `chest-ct`,
+# the packaged chest CT model (`model.ct_card`; "" = no such route) on the largest chest CT series of at
+# least CT_MIN_SLICES slices (a single CT slice is no volume for a 3D model).
+CT_ROUTE = "chest-ct"
+CT_MIN_SLICES = 16
+IMPLICIT_SOURCE = "implicit routes (no route configured)"
 
 # attribute -> (kind, value of a series/study). Kinds: text (exact, case-insensitive), pattern (regular
 # expression search), multi (every listed value present), number ({min, max}).
@@ -453,13 +459,25 @@ def route_entries(settings: Settings) -> tuple[list[Any], str, Path | None]:
     return routes, str(path), Path(path).parent
 
 
+def implicit_routes(settings: Settings) -> list[dict[str, Any]]:
+    """The route table in force when none is configured: `default` (the packaged radiograph model, or
+    `model.card`, on every series it reads), then `chest-ct` (`model.ct_card`, unless empty)."""
+    entries: list[dict[str, Any]] = [{"name": DEFAULT_ROUTE, "model": DEFAULT_ROUTE, "series": "all"}]
+    ct_card = settings.ct_card_path()
+    if ct_card is not None:
+        entries.append({"name": CT_ROUTE, "model": str(ct_card), "series": "largest", "match": {
+            "Modality": "CT", "slices": {"min": CT_MIN_SLICES},
+            "any": [{"BodyPartExamined": "CHEST"}, {"StudyDescription": "chest|thorax|lung"}]}})
+    return entries
+
+
 def load_routes(settings: Settings) -> RouteTable:
-    """The checked route table of the settings; with no route configured, one route `default` that sends
-    every study whose series the default model reads to it. Raises :class:`RouteError`."""
+    """The checked route table of the settings; with no route configured, :func:`implicit_routes`.
+    Raises :class:`RouteError`."""
     timeout = settings.routing.regex_timeout_ms / 1000.0
     entries, source, base = route_entries(settings)
     if not entries:
-        entries = [{"name": DEFAULT_ROUTE, "model": DEFAULT_ROUTE, "series": "all"}]
+        entries, source = implicit_routes(settings), IMPLICIT_SOURCE
     routes = [_route(raw, i, source, base, settings, timeout) for i, raw in enumerate(entries)]
     seen: set[str] = set()
     for r in routes:

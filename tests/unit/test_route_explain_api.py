@@ -36,6 +36,13 @@ def test_described_series_get_the_verdicts_serve_would_give(client: TestClient) 
     assert body["verdicts"][0]["matched"] is True and body["jobs"][0]["model"].startswith("dfusion-hybrid-demo")
     mr = client.post("/api/routes/explain", headers=AUTH, json={"series": [{"Modality": "MR"}]}).json()
     assert mr["jobs"] == [] and "reads DX, CR" in mr["ignored"] and mr["verdicts"][0]["matched"] is False
+    assert "route chest-ct: series 1 (MR): Modality MR is not CT" in mr["ignored"]
+    ct = client.post("/api/routes/explain", headers=AUTH,
+                     json={"series": [{"Modality": "CT", "BodyPartExamined": "CHEST", "instances": 32}]}).json()
+    assert [(j["route"], j["model"].split()[0]) for j in ct["jobs"]] == [("chest-ct", "dfusion-ct-demo")]
+    one_slice = client.post("/api/routes/explain", headers=AUTH,
+                            json={"series": [{"Modality": "CT", "BodyPartExamined": "CHEST"}]}).json()
+    assert one_slice["jobs"] == [] and "route chest-ct: series 1 (CT): slices 1 not ≥ 16" in one_slice["ignored"]
     sr = client.post("/api/routes/explain", headers=AUTH,
                      json={"series": [{"Modality": "SR", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.34"}]}).json()
     assert sr["jobs"] == [] and sr["ignored"]
@@ -64,7 +71,7 @@ def test_status_shows_the_routes_in_force(client: TestClient, settings: Settings
     ledger = Ledger(settings.ledger_url)
     LiveRouter(settings, ledger, status_path=settings.data_dir / STATUS_FILE)
     body = client.get("/api/routes/status", headers=AUTH).json()
-    assert body["routes"] == ["default"] and body["error"] is None
+    assert body["routes"] == ["default", "chest-ct"] and body["error"] is None
 
 
 def test_the_dashboard_says_when_a_reload_was_refused(client: TestClient, settings: Settings) -> None:

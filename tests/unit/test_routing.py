@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import write_instance
 from dicom_fusion.inference.card.model import load_card, write_card
+from dicom_fusion.inference.synth.generate import generate_patient
 from dicom_fusion.service.cli import app
 from dicom_fusion.service.config import Settings, load_settings
 from dicom_fusion.service.outputs.identity import MANUFACTURER
@@ -57,10 +58,10 @@ def _routes(tmp_path: Path, text: str) -> Settings:
     return load_settings(data_dir=tmp_path / "var", routing={"file": f})
 
 
-# ---- the default route: the radiograph model reads radiographs, nothing else ----------------------
+# ---- the implicit routes: radiographs to the radiograph model, chest CT to the CT model ------------
 def test_default_route_takes_radiographs_and_ignores_mr_and_ct(settings: Settings, tmp_path: Path) -> None:
     table = load_routes(settings)
-    assert [r.name for r in table.routes] == ["default"]
+    assert [r.name for r in table.routes] == ["default", "chest-ct"]
     dx = _file(tmp_path / "dx", study=generate_uid())
     plan = table.decide(_study([dx])).plan
     assert plan is not None and plan.route == "default" and plan.model.startswith(load_card(settings.model_card_path()).name)
@@ -69,6 +70,48 @@ def test_default_route_takes_radiographs_and_ignores_mr_and_ct(settings: Setting
         assert decision.plan is None
         modality = name[:2]
         assert f"({modality}): model" in (decision.ignored or "") and "reads DX, CR" in (decision.ignored or "")
+    # pydicom's CT slice is no chest CT volume: no body part, one slice
+    ignored = table.decide(_study([Path(get_testdata_file("CT_small.dcm"))])).ignored or ""
+    assert "route chest-ct: series 1 (CT): slices 1 not ≥ 16" in ignored
+
+
+def test_no_routes_configured_sends_chest_ct_to_the_packaged_ct_model(settings: Settings, tmp_path: Path) -> None:
+    table = load_routes(settings)
+    ct_card = load_card(settings.ct_card_path())  # type: ignore[arg-type]
+    assert ct_card.input.modalities == ("CT",) and ct_card.image.spatial_dims == 3
+    patient = generate_patient(1, tmp_path / "ct", seed=5, modality="CT")
+    ct_files = sorted(Path(patient.study_dir).glob("*.dcm"))
+    decision = table.decide(_study(ct_files))
+    assert decision.ignored is None and [p.route for p in decision.plans] == ["chest-ct"]
+    plan = decision.plans[0]
+    assert plan.model == f"{ct_card.name} {ct_card.version}" and plan.card_path == settings.ct_card_path()
+    assert plan.series_uids == (dcmread(ct_files[0]).SeriesInstanceUID,)
+
+    dx = _file(tmp_path / "dx", study=generate_uid())
+    assert [p.route for p in table.decide(_study([dx])).plans] == ["default"]
+
+    mr = table.decide(_study([Path(get_testdata_file("MR_small.dcm"))]))
+    assert mr.plan is None and (mr.ignored or "").startswith("no route matched")
+    assert "route default: series 1 (MR): model dfusion-hybrid-demo 0.1.0 reads DX, CR" in (mr.ignored or "")
+    assert "route chest-ct: series 1 (MR): Modality MR is not CT" in (mr.ignored or "")
+
+    # a CT series that is not of the chest: ignored, naming the condition that failed
+    head_study = generate_uid()
+    head = [_file(tmp_path / "head", study=head_study, series="1.2.3.4", modality="CT",
+                  sop_class="1.2.840.10008.5.1.4.1.1.2", BodyPartExamined="HEAD", StudyDescription="CT head")
+            for _ in range(16)]
+    ignored = table.decide(_study(head)).ignored or ""
+    assert "route chest-ct: series 1 (CT): none of: BodyPartExamined HEAD is not CHEST; StudyDescription does " \
+        "not match /chest|thorax|lung/" in ignored
+
+
+def test_an_empty_ct_card_setting_leaves_the_default_route_alone(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path / "var", model={"ct_card": ""})
+    assert settings.ct_card_path() is None
+    assert [r.name for r in load_routes(settings).routes] == ["default"]
+    missing = load_settings(data_dir=tmp_path / "var", model={"ct_card": str(tmp_path / "nowhere.toml")})
+    with pytest.raises(RouteError, match=r"route 'chest-ct': model: cannot load the model card .*nowhere.toml"):
+        load_routes(missing)
 
 
 def test_our_own_outputs_and_non_images_are_never_processed(settings: Settings, tmp_path: Path) -> None:
