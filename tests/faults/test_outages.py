@@ -79,6 +79,9 @@ def test_pacs_down_past_retry_budget_is_dead_then_redelivered(tmp_path: Path, pa
         wait_until(lambda: any(j.state == JobState.DEAD for j in ledger.jobs_for_study(study)), 60, "dead job")
         [job] = ledger.jobs_for_study(study)
         assert "retries exhausted" in (job.error or "")
+        # the worker marks the job dead, then its missing delivery sides (a moment later on a busy machine)
+        wait_until(lambda: [d.state for d in ledger.deliveries(job.id) if d.kind == "sr"] == [DeliveryState.DEAD],
+                   30, "dead SR delivery")
         [sr] = [d for d in ledger.deliveries(job.id) if d.kind == "sr"]
         assert sr.state == DeliveryState.DEAD and sr.last_error
         pacs.restart()
