@@ -40,11 +40,11 @@ model: venv
 		--out inference/default_model --report var/model-report
 
 # Train the packaged chest CT model (README "Model") on its own synthetic CT cohort (seed 2).
-# 160 patients, 4 folds and 8 epochs at most (train.toml) keep the run within about 15 minutes on a
+# 240 patients, 5 folds and 15 epochs at most (train.toml) keep the run within about 15 minutes on a
 # shared 2-core CPU machine; one torch thread (OMP_NUM_THREADS=1): two threads spin on each other's
 # barrier when the cores are shared, and the thread count is part of what reproduces the weights.
 ct-model: venv
-	$(VENV)/bin/dicom-fusion synth --patients 160 --out var/ct-cohort --seed 2 --modality CT
+	$(VENV)/bin/dicom-fusion synth --patients 240 --out var/ct-cohort --seed 2 --modality CT
 	OMP_NUM_THREADS=1 $(VENV)/bin/dicom-fusion train --cohort var/ct-cohort --config inference/ct_model/train.toml \
 		--out inference/ct_model --report docs/ct-model-report
 
