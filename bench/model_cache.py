@@ -1,6 +1,6 @@
 """Model cache: the infer stage of the first and later studies on each model, with the cache and without.
 
-    .venv/bin/python bench/model_cache.py [--studies 3] [--seed 17]
+    .venv/bin/python bench/model_cache.py [--studies 3] [--seed 17] [--ct]
 
 The full stack on loopback (as bench/latency.py, embedded broker): Orthanc, sekmet-fhir, ``dicom-fusion
 serve`` with its embedded worker. Two routes with `continue`, so every radiograph gets one job per model:
@@ -10,6 +10,10 @@ jobs are done. The infer stage's run time of each job comes from the ledger's au
 loading the model when the worker has not got it. Two runs: ``worker.max_loaded_models = 4`` (both
 models stay loaded after first use) and ``= 1`` (each job evicts the other model: every study loads).
 The first study of the first run also pays torch's import in the fresh worker.
+
+``--ct``: the two models are the shipped radiograph model and the shipped chest CT model, with no route
+file (the implicit routes `default` and `chest-ct`); the studies alternate radiograph and chest CT, each
+read by its own model (one job per study), so with one slot every study loads its model again.
 """
 from __future__ import annotations
 
@@ -65,14 +69,17 @@ def loads(log: Path) -> list[float]:
 
 
 def run(work: Path, cohort: list[object], fhir_url: str, pacs: object, max_loaded: int,
-        timeout: float) -> dict[str, list[float]]:
-    """model -> infer run seconds of its job on each study, in order."""
+        timeout: float, *, ct: bool = False) -> dict[str, list[float]]:
+    """model -> infer run seconds of its job on each study, in order. `ct`: the implicit routes (one job
+    per study, on the radiograph or the chest CT model), else the two radiograph routes (two jobs)."""
     from dicom_fusion.service.demo.components import free_port
     from dicom_fusion.service.server import wait_for_port
     from dicom_fusion.service.storage.ledger import Ledger
 
+    work.mkdir(parents=True, exist_ok=True)
     routes = work / "routes.toml"
-    routes.write_text(ROUTES.format(second=second_card(work / "second")))
+    routes.write_text("" if ct else ROUTES.format(second=second_card(work / "second")))  # "": implicit routes
+    jobs_per_study = 1 if ct else 2
     port = free_port()
     env = dict(os.environ, DICOM_FUSION_DATA_DIR=str(work / "var"), DICOM_FUSION_LISTENER__PORT=str(port),
                DICOM_FUSION_PACS__AE_TITLE=pacs.ae_title, DICOM_FUSION_PACS__PORT=str(pacs.dicom_port),  # type: ignore[attr-defined]
@@ -94,7 +101,7 @@ def run(work: Path, cohort: list[object], fhir_url: str, pacs: object, max_loade
             deadline = time.monotonic() + timeout
             while True:
                 jobs = ledger.jobs_for_study(p.study_instance_uid)  # type: ignore[attr-defined]
-                if len(jobs) == 2 and all(str(j.state) in ("done", "dead") for j in jobs):
+                if len(jobs) == jobs_per_study and all(str(j.state) in ("done", "dead") for j in jobs):
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"study not done in {timeout:.0f} s (see {work / 'serve.log'})")
@@ -120,23 +127,35 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--keep", type=Path, default=None, help="keep the work folder here (logs, ledgers)")
+    ap.add_argument("--ct", action="store_true",
+                    help="radiograph + chest CT model (implicit routes; studies alternate DX and CT)")
     args = ap.parse_args()
     if not Path(STORESCU).exists():
         print(f"{STORESCU} missing: run `make sysdeps`", file=sys.stderr)
         return 2
-    from dicom_fusion.inference.synth.generate import generate_cohort
+    from dicom_fusion.inference.synth.generate import generate_cohort, generate_patient
 
     with BenchStack(args.keep, "bench-model-cache-") as stack:
         work = stack.work
         cohort = generate_cohort(2 * args.studies, work / "cohort", args.seed, progress=False)
+        if args.ct:  # each DX study followed by a chest CT of its own patient number (FHIR ids after the DX ones)
+            cts = [generate_patient(2 * args.studies + k + 1, work / "cohort", args.seed, modality="CT")
+                   for k in range(2 * args.studies)]
+            cohort = [p for pair in zip(cohort, cts, strict=True) for p in pair]
         fhir, pacs = stack.peers(cohort)
+        per_run = 2 * args.studies if args.ct else args.studies  # studies sent per run
         results = {}
         for i, max_loaded in enumerate((4, 1)):
-            studies = cohort[i * args.studies:(i + 1) * args.studies]
+            studies = cohort[i * per_run:(i + 1) * per_run]
             results[max_loaded] = run(work / f"run-max{max_loaded}", studies, fhir.base_url, pacs, max_loaded,
-                                      args.timeout)
-        print(f"infer stage run time per job (s), from the ledger; {args.studies} DX studies sent one after the "
-              "other, each read by two models (routes with continue); embedded worker (solo × 1), CPU")
+                                      args.timeout, ct=args.ct)
+        if args.ct:
+            print(f"infer stage run time per job (s), from the ledger; {args.studies} DX and {args.studies} chest "
+                  "CT studies sent one after the other, alternating, each read by its own model (implicit "
+                  "routes); embedded worker (solo × 1), CPU")
+        else:
+            print(f"infer stage run time per job (s), from the ledger; {args.studies} DX studies sent one after "
+                  "the other, each read by two models (routes with continue); embedded worker (solo × 1), CPU")
         header = "".join(f"{f'study {k + 1}':>10}" for k in range(args.studies))
         for max_loaded, per_model in results.items():
             print(f"worker.max_loaded_models = {max_loaded}")
