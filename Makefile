@@ -53,7 +53,7 @@ faults: venv sysdeps
 	FAULT_ROUNDS=20 $(VENV)/bin/python -m pytest -q -p no:logging tests/faults
 
 # Benchmarks print ratios against a reference run in the same invocation (not part of the tests).
-# About 12 minutes on 2 cores (bench/priority.py ~2, bench/model_cache.py ~3, bench/stow.py ~1); smaller runs: make bench BENCH_INSTANCES=300 BENCH_MEMORY=2000 BENCH_STUDIES=10
+# About 14 minutes on 2 cores (bench/priority.py ~2, bench/model_cache.py ~3 + ~2 with --ct, bench/stow.py ~1); smaller runs: make bench BENCH_INSTANCES=300 BENCH_MEMORY=2000 BENCH_STUDIES=10
 BENCH_INSTANCES ?= 600
 BENCH_MEMORY ?= 10000
 BENCH_STUDIES ?= 20
@@ -66,6 +66,7 @@ bench: venv sysdeps
 	$(VENV)/bin/python bench/fhir_timeline.py
 	$(VENV)/bin/python bench/priority.py --normal $(BENCH_PRIORITY_NORMAL)
 	$(VENV)/bin/python bench/model_cache.py
+	$(VENV)/bin/python bench/model_cache.py --ct
 	$(VENV)/bin/python bench/stow.py
 
 # End-to-end throughput with 1, 2, 4 worker processes on PostgreSQL + Redis (README "Scaling"); about 15
