@@ -244,12 +244,14 @@ def test_transforms_default_card_helper_matches(tmp_path: Path) -> None:
     card = load_card(default_card_path())
     built = default_card(weights=card.weights, sha256=card.sha256, path=card.path)
     # The shipped model is trained (README "Model"): its timeline scaler was fitted on the training
-    # cohort, its card carries the cross-validated metrics, and it reads the segmenter's lesion channel
-    # (README "Model"); everything else is the helper's.
+    # cohort, its card carries the cross-validated metrics, the calibration and the threshold chosen on
+    # the out-of-fold predictions and the drift reference of a held-out cohort, and it reads the
+    # segmenter's lesion channel (README "Model"); everything else is the helper's.
     guided = dataclasses.replace(built.image, lesion_channel=True)
-    assert card.segmenter is not None
+    assert card.segmenter is not None and card.calibration is not None and card.drift is not None
     assert dataclasses.replace(
-        built, image=guided, timeline=card.timeline, metrics=card.metrics, segmenter=card.segmenter
+        built, image=guided, timeline=card.timeline, metrics=card.metrics, segmenter=card.segmenter,
+        calibration=card.calibration, threshold=card.threshold, drift=card.drift,
     ) == card
     assert dataclasses.replace(built.timeline, features=card.timeline.features) == card.timeline
     assert [(f.name, f.kind, f.system, f.code, f.unit) for f in built.timeline.features] == [

@@ -83,7 +83,13 @@ def test_modelcard_default_values() -> None:
         ("3898006", "http://snomed.info/sct"),
         ("363346000", "http://snomed.info/sct"),
     ]
-    assert card.positive_class == "malignant" and card.threshold == 0.5
+    assert card.positive_class == "malignant"
+    # the threshold was chosen on the calibrated out-of-fold predictions for 85 % sensitivity, inside its
+    # indeterminate band (README "Model": calibration)
+    assert card.calibration is not None and card.calibration.target_sensitivity == 0.85
+    assert card.calibration.indeterminate is not None
+    assert card.calibration.indeterminate[0] <= card.threshold <= card.calibration.indeterminate[1]
+    assert 0 < card.threshold < 0.5 and card.metrics["oof_sensitivity"] >= 0.85
     assert card.image == ImageSpec(
         spatial_dims=2, size=(128, 128), channels=1, window=None, encoder="smallcnn", lesion_channel=True
     )
