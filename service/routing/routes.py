@@ -376,24 +376,37 @@ def _match(raw: Any, where: str, timeout: float) -> _Node:
     return _All(tuple(nodes))
 
 
-def _route(raw: Any, index: int, source: str, base: Path | None, settings: Settings, timeout: float) -> Route:
-    where = f"{source}: route #{index + 1}"
-    if not isinstance(raw, dict):
-        raise RouteError(f"{where}: expected a table, got {type(raw).__name__}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise RouteError(f"{where}: name: every route needs a name")
-    where = f"{source}: route {name!r}"
-    unknown = set(raw) - ROUTE_KEYS
-    if unknown:
-        raise RouteError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: "
-                         f"{', '.join(sorted(ROUTE_KEYS))}")
+def route_card_path(raw: dict[str, Any], where: str, settings: Settings, base: Path | None) -> Path:
+    """The model card a route table names: `model = "default"` (or none) is `model.card`, any other value a
+    card path, relative to the route file when there is one (`base`). Raises :class:`RouteError`."""
     model = raw.get("model", DEFAULT_ROUTE)
     if not isinstance(model, str) or not model:
         raise RouteError(f"{where}: model: a model card path or \"default\", got {model!r}")
     card_path = settings.model_card_path() if model == DEFAULT_ROUTE else Path(model)
     if base is not None and not card_path.is_absolute():
         card_path = base / card_path  # relative to the route file
+    return card_path
+
+
+def route_where(raw: Any, index: int, source: str) -> str:
+    """How a message names a route table: by its name, else by its position. Raises :class:`RouteError` when
+    it is no table or has no name."""
+    where = f"{source}: route #{index + 1}"
+    if not isinstance(raw, dict):
+        raise RouteError(f"{where}: expected a table, got {type(raw).__name__}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RouteError(f"{where}: name: every route needs a name")
+    return f"{source}: route {name!r}"
+
+
+def _route(raw: Any, index: int, source: str, base: Path | None, settings: Settings, timeout: float) -> Route:
+    where = route_where(raw, index, source)
+    unknown = set(raw) - ROUTE_KEYS
+    if unknown:
+        raise RouteError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: "
+                         f"{', '.join(sorted(ROUTE_KEYS))}")
+    card_path = route_card_path(raw, where, settings, base)
     try:
         card = load_card(card_path)
         verify_weights(card)  # the worker would refuse these weights; refuse the route now
@@ -415,7 +428,7 @@ def _route(raw: Any, index: int, source: str, base: Path | None, settings: Setti
     if priority not in PRIORITIES:
         raise RouteError(f"{where}: priority: {priority!r} is unknown; use one of {', '.join(PRIORITIES)}")
     by_ae = _priority_table(raw.get("priority_by_calling_ae", {}), f"{where}: priority_by_calling_ae")
-    return Route(name=name.strip(), match=_match(raw.get("match", {}), f"{where}: match", timeout),
+    return Route(name=str(raw["name"]).strip(), match=_match(raw.get("match", {}), f"{where}: match", timeout),
                  series=series, card=card, refuse_burned_in=refuse, release=release, continues=continues,
                  priority=priority, priority_by_calling_ae=tuple(sorted(by_ae.items())))
 
@@ -471,13 +484,20 @@ def implicit_routes(settings: Settings) -> list[dict[str, Any]]:
     return entries
 
 
+def routes_in_force(settings: Settings) -> tuple[list[Any], str, Path | None]:
+    """:func:`route_entries`, or :func:`implicit_routes` when none is configured (unchecked raw tables;
+    `ops/served_models.py` lists their cards one by one). Raises :class:`RouteError`."""
+    entries, source, base = route_entries(settings)
+    if not entries:
+        return implicit_routes(settings), IMPLICIT_SOURCE, base
+    return entries, source, base
+
+
 def load_routes(settings: Settings) -> RouteTable:
     """The checked route table of the settings; with no route configured, :func:`implicit_routes`.
     Raises :class:`RouteError`."""
     timeout = settings.routing.regex_timeout_ms / 1000.0
-    entries, source, base = route_entries(settings)
-    if not entries:
-        entries, source = implicit_routes(settings), IMPLICIT_SOURCE
+    entries, source, base = routes_in_force(settings)
     routes = [_route(raw, i, source, base, settings, timeout) for i, raw in enumerate(entries)]
     seen: set[str] = set()
     for r in routes:
