@@ -17,6 +17,7 @@ from dicom_fusion.service.ops.api.routes import (
     dashboard,
     health,
     metrics,
+    model_cards,
     queues,
     review,
     review_pages,
@@ -31,7 +32,7 @@ TOKEN = "s3cret-token"
 PASSWORD = "a long enough password"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 OPEN = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/login"}
-PAGES = {"/dashboard", "/review", "/review/1"}  # HTML pages: redirect to /login instead of 401
+PAGES = {"/dashboard", "/review", "/review/1", "/models"}  # HTML pages: redirect to /login instead of 401
 
 
 @pytest.fixture
@@ -63,7 +64,8 @@ def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:
 
 
 def test_every_route_but_health_needs_the_token(client: TestClient) -> None:
-    routes = [r for module in (health, studies, queues, review, metrics, dashboard, review_pages, session)
+    routes = [r for module in (health, studies, queues, review, metrics, dashboard, review_pages, session,
+                               model_cards)
               for r in module.router.routes if isinstance(r, APIRoute) and r.path not in OPEN]
     assert len(routes) >= 16
     for r in routes:

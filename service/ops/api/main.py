@@ -18,6 +18,7 @@ from dicom_fusion.service.ops.api.routes import (
     health,
     me,
     metrics,
+    model_cards,
     queues,
     review,
     review_pages,
@@ -33,7 +34,7 @@ from dicom_fusion.service.ops.readiness import CachedReadiness
 from dicom_fusion.service.storage.ledger import Ledger
 from dicom_fusion.service.storage.schema import check_schema
 
-DESCRIPTION = """Operate dicom-fusion: queues, studies, job history, retries, replays, dead letters, metrics.
+DESCRIPTION = """Operate dicom-fusion: queues, studies, job history, retries, replays, dead letters, metrics, the models served.
 
 Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`: a named user's API
 token (`dicom-fusion users token`; the user's role — viewer, reviewer, operator, admin, sender — decides what it
@@ -82,7 +83,8 @@ def create_app(settings: Settings) -> FastAPI:
     docs_policies = install_docs(app, settings)
     app.add_middleware(SecurityHeaders, csp=content_security_policy(inline_hashes()), overrides=docs_policies)
     install_error_handler(app)
-    for module in (health, studies, queues, review, me, routing, metrics, session, dashboard, review_pages):
+    for module in (health, studies, queues, review, me, routing, metrics, session, dashboard, review_pages,
+                   model_cards):
         app.include_router(module.router)
     if stow is not None:
         app.include_router(dicomweb.router)

@@ -1,11 +1,12 @@
 """Response schemas of the REST API, built from the read models they serialise.
 
 Each schema is generated from its read model (the frozen dataclasses of :mod:`..monitoring`,
-:mod:`..operations` and :mod:`..readiness`): a field added to a read model appears in the API, and
-a field the API must not show is excluded here by name, so the two cannot drift apart field by field.
+:mod:`..operations`, :mod:`..readiness` and :mod:`..served_models`): a field added to a read model appears
+in the API, and a field the API must not show is excluded here by name, so the two cannot drift apart field
+by field.
 Properties of a read model that the API shows (``JobInfo.latency_seconds``) are named explicitly.
-They carry UIDs, counts, states, timestamps (UTC) and failure reasons only: no patient name, ID or
-birth date is ever part of a read model, hence of a response.
+They carry UIDs, counts, states, timestamps (UTC), failure reasons and what the model cards say only: no
+patient name, ID or birth date is ever part of a read model, hence of a response.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from dicom_fusion.service.ops import monitoring
+from dicom_fusion.service.ops import monitoring, served_models
 from dicom_fusion.service.ops.operations import ActionResult
 from dicom_fusion.service.ops.readiness import Check
 from dicom_fusion.service.storage.spool import SpoolSpace
@@ -94,6 +95,9 @@ BucketOut = schema_of(monitoring.Bucket, "BucketOut")
 SpoolSpaceOut = schema_of(SpoolSpace, "SpoolSpaceOut", properties=("low",))
 OverviewOut = schema_of(monitoring.Overview, "OverviewOut", exclude=("recent",),
                         properties=("done_last_hour", "instances_last_hour"))
+
+ServedModelOut = schema_of(served_models.ServedModel, "ServedModelOut")
+ServedModelsOut = schema_of(served_models.ServedModels, "ServedModelsOut")
 
 
 class RedeliverOut(_Out):

@@ -1,11 +1,12 @@
 """The Jinja2 environment of the dashboard pages, with the filters every template uses."""
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 templates = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
 
@@ -55,3 +56,41 @@ def sparkline(points: tuple[tuple[float, float], ...], width: int = 260, height:
 
 
 templates.env.globals["sparkline"] = sparkline
+
+
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _inline(text: str) -> str:
+    """One line of a card document as HTML: escaped, `code` spans kept as <code>."""
+    return _CODE.sub(r"<code>\1</code>", str(escape(text)))
+
+
+def card_html(document: str) -> Markup:
+    """A model card document (`inference/card/document.py`: `#`/`##` headings, `- ` items, two-space
+    continuation lines, paragraphs) as HTML for the models page. Every piece of text is escaped first."""
+    out: list[str] = []
+    in_list = False
+    for line in document.splitlines():
+        if line.startswith("- ") or (in_list and line.startswith("  ") and line.strip()):
+            if line.startswith("- "):
+                out.append(("</li>" if in_list else "<ul>") + "<li>" + _inline(line[2:]))
+            else:  # continues the item above
+                out.append("<br>" + _inline(line.strip()))
+            in_list = True
+            continue
+        if in_list:
+            out.append("</li></ul>")
+            in_list = False
+        if line.startswith("## "):
+            out.append(f"<h4>{_inline(line[3:])}</h4>")
+        elif line.startswith("# "):
+            out.append(f"<h3>{_inline(line[2:])}</h3>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    if in_list:
+        out.append("</li></ul>")
+    return Markup("\n".join(out))
+
+
+templates.env.filters["card_html"] = card_html
