@@ -6,7 +6,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 C := -c constraints.txt
 
-.PHONY: demo test venv sysdeps unit faults bench bench-scaling segmenter model ct-model clean
+.PHONY: demo test venv sysdeps unit faults bench bench-scaling segmenter model ensemble ct-model clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,16 @@ model: venv
 	$(VENV)/bin/dicom-fusion synth --patients 1000 --out var/cohort --seed 0
 	$(VENV)/bin/dicom-fusion train --cohort var/cohort --config inference/default_model/train.toml \
 		--out inference/default_model --report var/model-report
+
+# The fold ensemble written by `make model` (train.toml `ensemble = true`): measured against the single network on
+# a fresh seed (docs/model-report/ensemble.md; its members-disagree limit written into the card) and given its
+# drift reference (README "Model", "Fold ensemble"); about a minute.
+ensemble: venv
+	$(VENV)/bin/dicom-fusion synth --patients 400 --out var/ensemble-cohort --seed 11
+	$(VENV)/bin/dicom-fusion model compare --ensemble inference/default_model/ensemble/card.toml \
+		--cohort var/ensemble-cohort --out docs/model-report --write-max-spread
+	$(VENV)/bin/dicom-fusion synth --patients 400 --out var/drift-cohort --seed 4
+	$(VENV)/bin/dicom-fusion model reference inference/default_model/ensemble/card.toml --cohort var/drift-cohort
 
 # Train the packaged chest CT model (README "Model") on its own synthetic CT cohort (seed 2).
 # 240 patients, 5 folds and 15 epochs at most (train.toml) keep the run within about 15 minutes on a

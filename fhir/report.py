@@ -77,6 +77,8 @@ class ReportContent:
     interpreter: str | None = None  # the reviewer's name (DiagnosticReport.resultsInterpreter)
     review: tuple[str, ...] = ()  # the review decision and comment, one line each
     calibration: str = ""  # how the probabilities were calibrated (the model card's method); "" = not
+    uncertainty: str = ""  # an ensemble's agreement (networks averaged, spread); "" = a single network
+    indeterminate_reason: str = ""  # why the finding is indeterminate (band or members' disagreement)
 
     @property
     def indeterminate(self) -> bool:
@@ -310,6 +312,8 @@ def summary_lines(content: ReportContent) -> list[str]:
              f"Model: {content.model_name} {content.model_version}"]
     if content.calibration:
         lines.append(f"Calibration: {content.calibration}")
+    if content.uncertainty:
+        lines.append(f"Uncertainty: {content.uncertainty}")
     if content.image_only:
         lines.append(f"Image-only: {content.image_only_reason or 'EHR timeline not used'}")
     lines += [f"EHR timeline driver: {d}" for d in content.drivers]
@@ -325,8 +329,9 @@ def _finding_text(content: ReportContent) -> str:
     """The finding as the conclusion and the summary say it; an indeterminate one says why."""
     f = content.finding
     if content.indeterminate:
-        return (f"{f.display} (calibrated probability {f.probability:.2f} lies in the model's indeterminate "
-                "band around its decision threshold; no class decided, a clinician decides)")
+        why = content.indeterminate_reason or (f"calibrated probability {f.probability:.2f} lies in the model's "
+                                               "indeterminate band around its decision threshold")
+        return f"{f.display} ({why}; no class decided, a clinician decides)"
     return f"{f.display} (probability {f.probability:.2f})"
 
 

@@ -159,6 +159,53 @@ def model_reference(
                   f"{predictor.card.path} (window {reference.window} jobs)")
 
 
+@model_app.command("compare")
+def model_compare(
+        ensemble: Annotated[Path, typer.Option(help="The ensemble card (train.toml `ensemble = true` writes "
+                                               "<out>/ensemble/card.toml).")],
+        cohort: Annotated[Path, typer.Option(help="A cohort none of the networks saw (e.g. `dicom-fusion synth "
+                                             "--seed 11`), as `dicom-fusion synth` writes it.")],
+        out: Annotated[Path, typer.Option(help="Folder for ensemble.md and ensemble.json.")],
+        single: Annotated[Optional[Path], typer.Option(help="The single model's card; default: the packaged "
+                                                       "one.")] = None,
+        spread_quantile: Annotated[float, typer.Option(min=0.5, max=0.999, help="Quantile of the members' "
+                                                       "spread taken as the card's max_spread.")] = 0.95,
+        write_max_spread: Annotated[bool, typer.Option(help="Write the chosen max_spread into the ensemble "
+                                                       "card's [ensemble] table.")] = False,
+        device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu") -> None:
+    """Single network or fold ensemble, measured on a fresh cohort: ROC-AUC, ECE, time per study, the
+    members-disagree limit, and whether the ensemble should be the default (README "Model")."""
+    import dataclasses
+
+    from dicom_fusion.fhir.events import events_from_bundle
+    from dicom_fusion.inference.card.model import EnsembleSpec, default_card_path, write_card
+    from dicom_fusion.inference.data.cohort import load_cohort
+    from dicom_fusion.inference.errors import InferenceError
+    from dicom_fusion.inference.report.ensemble import compare_ensemble, write_comparison
+    from dicom_fusion.inference.serve.predict import Predictor
+
+    try:
+        one = Predictor.load(single if single is not None else default_card_path(), device=device)
+        many = Predictor.load(ensemble, device=device)
+        data = load_cohort(cohort, many.card, read_events=events_from_bundle, progress=True)
+        result = compare_ensemble(one, many, data, cohort_name=str(cohort), spread_quantile=spread_quantile)
+        page = write_comparison(result, out)
+        if write_max_spread:
+            spec = EnsembleSpec(members=many.card.ensemble.members,  # type: ignore[union-attr]
+                                max_spread=result.spread.max_spread)
+            write_card(dataclasses.replace(many.card, ensemble=spec), many.card.path)
+    except (InferenceError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    s, e = result.single, result.ensemble
+    console.print(f"single   ROC-AUC {s.roc_auc:.3f}  ECE {s.ece:.3f}  infer {s.infer_ms:.0f} ms/study")
+    console.print(f"ensemble ROC-AUC {e.roc_auc:.3f}  ECE {e.ece:.3f}  infer {e.infer_ms:.0f} ms/study "
+                  f"({e.networks} networks)")
+    console.print(f"decision: the ensemble is {result.decision}")
+    console.print(f"members disagree above spread {result.spread.max_spread:.4f}"
+                  + (" (written to the card)" if write_max_spread else "") + f"; report: {page}")
+
+
 TrainConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="Training TOML; keys are the fields of TrainConfig (folds, max_epochs, patience, "
     "seed, ...; see README 'Model').")]

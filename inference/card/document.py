@@ -112,6 +112,21 @@ def _band(card: ModelCard) -> list[str]:
     return [line + "."]
 
 
+def _ensemble(card: ModelCard) -> list[str]:
+    if card.ensemble is None:
+        return ["- A single network."]
+    members = 1 + len(card.ensemble.members)
+    lines = [f"- {members} networks (this card's weights and {', '.join(card.ensemble.members)}), the fold models of "
+             "one cross-validation; their raw probabilities are averaged, then calibrated; the spread (standard "
+             "deviation of their calibrated probabilities) is reported with every result."]
+    if card.ensemble.max_spread is not None:
+        lines.append(f"- Members disagree above a spread of {card.ensemble.max_spread}: such a result is reported "
+                     f"\"{INDETERMINATE.name}\" whatever the mean.")
+    lines.append("- The performance figures above are those of the members on their held-out folds; the ensemble "
+                 "itself is measured on a fresh cohort by `dicom-fusion model compare`.")
+    return lines
+
+
 def _drift(card: ModelCard) -> list[str]:
     if card.drift is None:
         return ["- No reference: the service cannot tell when its inputs move away from the validation cohort; "
@@ -130,7 +145,10 @@ def _limitations(card: ModelCard) -> list[str]:
     if "prevalence" in card.metrics:
         lines.append(f"- Calibration and threshold hold at the training prevalence ({card.metrics['prevalence']:.0%}); "
                      "another population shifts both.")
-    if card.calibration is not None:
+    if card.calibration is not None and card.ensemble is not None:
+        lines.append("- The calibrator was fitted on the members' out-of-fold predictions one network at a time and "
+                     "is applied to their average, which is a little less extreme than one network.")
+    elif card.calibration is not None:
         lines.append("- The calibrator was fitted on the fold models' out-of-fold predictions and is applied to the "
                      "final model trained on every patient, which may be slightly more or less confident.")
     else:
@@ -167,6 +185,7 @@ def card_document(card: ModelCard) -> str:
         ("Calibration", _calibration(card)),
         ("Decision threshold", _threshold(card)),
         ("Indeterminate band", _band(card)),
+        ("Ensemble", _ensemble(card)),
         ("Drift monitoring", _drift(card)),
         ("Limitations", _limitations(card)),
     ]

@@ -186,6 +186,37 @@ class CalibrationSpec(Calibrator):
         return self.no_ehr if image_only and self.no_ehr is not None else self
 
 
+@card_value
+class EnsembleSpec:
+    """The `[ensemble]` table: the card's own weights are the first member, `members` names the cards of
+    the others (paths relative to this card; each a full card of the same network, with its own weights,
+    sha256 and timeline scaling: the k fold models of one cross-validation, `train/ensemble.py`).
+
+    The predictor averages the members' raw positive-class probabilities and calibrates the mean with this
+    card's `[calibration]`; the spread is the standard deviation of the members' calibrated probabilities.
+    `max_spread`: a spread above it makes the finding "indeterminate" (the members disagree), whatever the
+    mean; None = spread reported, never decisive.
+    """
+
+    members: tuple[Text, ...]
+    max_spread: Finite | None = None
+
+    @model_validator(mode="after")
+    def _members(self) -> EnsembleSpec:
+        if not self.members:
+            raise ModelCardError("ensemble.members must name at least one member card (the card's own weights "
+                                 "are the first member)")
+        for member in self.members:
+            if Path(member).is_absolute():
+                raise ModelCardError(f"ensemble member {member!r} must be a path relative to the card, so the "
+                                     "ensemble folder can be moved as a whole")
+        if len(set(self.members)) != len(self.members):
+            raise ModelCardError(f"ensemble.members lists a card twice: {list(self.members)}")
+        if self.max_spread is not None and not 0 < self.max_spread < 0.5:
+            raise ModelCardError(f"ensemble.max_spread must be in (0, 0.5), got {self.max_spread}")
+        return self
+
+
 # --------------------------------------------------------------------------- the card
 
 
@@ -379,6 +410,8 @@ class ModelCard:
     drift: DriftReference | None = None
     """Reference distributions of the model's inputs and outputs on its validation cohort (card/drift.py,
     `dicom-fusion model reference`); None = no drift monitoring (cards written before it existed)."""
+    ensemble: EnsembleSpec | None = None
+    """Further members averaged with this card's weights (`EnsembleSpec`); None = a single network."""
 
     @field_validator("threshold")
     @classmethod
@@ -421,6 +454,13 @@ class ModelCard:
             return np.asarray(prob, dtype=np.float64).copy()
         return self.calibration.for_path(image_only).apply(prob)
 
+    @property
+    def member_paths(self) -> tuple[Path, ...]:
+        """The cards of the further ensemble members, absolute; () for a single network."""
+        if self.ensemble is None:
+            return ()
+        return tuple((self.path.parent / m).resolve() for m in self.ensemble.members)
+
     def is_indeterminate(self, calibrated_prob: float) -> bool:
         """True when a calibrated positive-class probability lies in the card's indeterminate band."""
         band = self.calibration.indeterminate if self.calibration is not None else None
@@ -457,6 +497,8 @@ def verify_weights(card: ModelCard) -> None:
             f"the file was replaced or corrupted. Restore the matching checkpoint, or {REGENERATE_HINT}. "
             "If the new weights are intended, set sha256 in the card to the value above."
         )
+    for member in getattr(card, "member_paths", ()):  # an ensemble: every member's card and weights too
+        verify_weights(load_card(member))
 
 
 # --------------------------------------------------------------------------- TOML reading and writing
@@ -636,6 +678,7 @@ __all__ = [
     "CalibrationSpec",
     "Calibrator",
     "ClassSpec",
+    "EnsembleSpec",
     "ImageSpec",
     "InputSelection",
     "ModelCard",

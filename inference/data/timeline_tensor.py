@@ -161,4 +161,30 @@ def encode_timeline(
     return TimelineTensor(values=values, mask=mask, deltas=out_deltas, length=length)
 
 
-__all__ = ["EventLike", "TimelineTensor", "encode_timeline", "read_by"]
+def rescale_timeline(tensor: TimelineTensor, source: TimelineSpec, target: TimelineSpec) -> TimelineTensor:
+    """The tensor `encode_timeline` would have made with `target`'s scaling from the events it made
+    `tensor` from with `source`'s: each value carried back to its raw unit and scaled again.
+
+    Why: the members of an ensemble were trained with the scaler of their own fold (same features, other
+    means and standard deviations), while the timeline stage encodes once, with the ensemble card's. A
+    value before the feature's first observation is the imputed mean (0) under either scaling and stays
+    0; counts are always observed. Raises ValueError when the two specs do not describe the same
+    features and bins (a member of another model).
+    """
+    same = (source.window_days, source.bin_days, [(f.name, f.kind, f.unit) for f in source.features]) == (
+        target.window_days, target.bin_days, [(f.name, f.kind, f.unit) for f in target.features])
+    if not same:
+        raise ValueError("the two timeline specs differ in window, bins or features; a tensor can only be "
+                         "rescaled between scalers of the same features (ensemble members of one model)")
+    s_mean, s_std = (np.array([getattr(f, k) for f in source.features]) for k in ("mean", "std"))
+    t_mean, t_std = (np.array([getattr(f, k) for f in target.features]) for k in ("mean", "std"))
+    is_count = np.array([f.is_count for f in source.features])
+    n = tensor.length
+    seen = np.maximum.accumulate(tensor.mask[:n] > 0, axis=0) | is_count  # measured at or before this row
+    raw = tensor.values[:n].astype(np.float64) * s_std + s_mean
+    values = np.zeros_like(tensor.values)
+    values[:n] = np.where(seen, (raw - t_mean) / t_std, 0.0)
+    return TimelineTensor(values=values, mask=tensor.mask.copy(), deltas=tensor.deltas.copy(), length=n)
+
+
+__all__ = ["EventLike", "TimelineTensor", "encode_timeline", "read_by", "rescale_timeline"]

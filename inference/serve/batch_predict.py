@@ -26,10 +26,12 @@ from dicom_fusion.inference.nets.hybrid import collate_timelines
 from dicom_fusion.inference.serve.predict import (
     NO_TIMELINE,
     InferenceResult,
+    Member,
     Predictor,
     calibrated_probabilities,
     calibration_label,
     choose_finding,
+    uncertainty_line,
 )
 
 
@@ -53,7 +55,8 @@ class BatchOptions:
 def prepare_model(predictor: Predictor, options: BatchOptions) -> None:
     """Put the loaded model in the memory format the options ask for (once, before predicting)."""
     if options.channels_last and predictor.card.image.spatial_dims == 2:
-        predictor.model.to(memory_format=torch.channels_last)
+        for member in predictor.members:
+            member.model.to(memory_format=torch.channels_last)
 
 
 def _image_batch(predictor: Predictor, images: Sequence[PreparedImage | np.ndarray],
@@ -66,6 +69,28 @@ def _image_batch(predictor: Predictor, images: Sequence[PreparedImage | np.ndarr
     if options.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def _member_probabilities(predictor: Predictor, member: Member, x: torch.Tensor,
+                          timelines: Sequence[TimelineTensor | None], opts: BatchOptions) -> np.ndarray:
+    """Softmax probabilities [N, classes] of one network of the predictor for the whole batch."""
+    tl = collate_timelines([predictor.member_timeline(member, t) for t in timelines], member.card.timeline)
+    cuda = predictor.device.type == "cuda"
+    if cuda and opts.pin_memory:
+        values, mask, deltas = (t.pin_memory().to(predictor.device, non_blocking=True)
+                                for t in (tl.values, tl.mask, tl.deltas))
+        has = tl.has_timeline.to(predictor.device)
+    else:
+        moved = tl.to(predictor.device)
+        values, mask, deltas, has = moved.values, moved.mask, moved.deltas, moved.has_timeline
+    lengths = tl.lengths  # stays on the CPU (pack_padded_sequence)
+    with torch.inference_mode():
+        if cuda and opts.autocast_dtype is not None:
+            with torch.autocast("cuda", dtype=opts.autocast_dtype):
+                logits = member.model(x, values, mask, deltas, lengths, has)
+        else:
+            logits = member.model(x, values, mask, deltas, lengths, has)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
 def predict_batch(
@@ -86,38 +111,31 @@ def predict_batch(
     opts = options or BatchOptions()
     card = predictor.card
     x = _image_batch(predictor, images, opts)
-    tl = collate_timelines(list(timelines), card.timeline)
-    cuda = predictor.device.type == "cuda"
-    if cuda and opts.pin_memory:
-        values, mask, deltas = (t.pin_memory().to(predictor.device, non_blocking=True)
-                                for t in (tl.values, tl.mask, tl.deltas))
-        has = tl.has_timeline.to(predictor.device)
-    else:
-        moved = tl.to(predictor.device)
-        values, mask, deltas, has = moved.values, moved.mask, moved.deltas, moved.has_timeline
-    lengths = tl.lengths  # stays on the CPU (pack_padded_sequence)
-    with torch.inference_mode():
-        if cuda and opts.autocast_dtype is not None:
-            with torch.autocast("cuda", dtype=opts.autocast_dtype):
-                logits = predictor.model(x, values, mask, deltas, lengths, has)
-        else:
-            logits = predictor.model(x, values, mask, deltas, lengths, has)
-        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    per_member = [_member_probabilities(predictor, member, x, timelines, opts) for member in predictor.members]
+    probs = np.mean(per_member, axis=0)
     # `positive_class` is newer than some InferenceResult versions this module meets: set it when present.
     extra = ({"positive_class": card.classes[card.positive_index].name}
              if "positive_class" in {f.name for f in fields(InferenceResult)} else {})
     results = []
-    for row, timeline, reason in zip(probs, timelines, reasons, strict=True):
+    for i, (row, timeline, reason) in enumerate(zip(probs, timelines, reasons, strict=True)):
         image_only = timeline is None
         probabilities = calibrated_probabilities(card, row.tolist(), image_only=image_only)
+        spread = None
+        if len(per_member) > 1:
+            members = card.calibrated([m[i, card.positive_index] for m in per_member], image_only=image_only)
+            spread = float(np.std(members))
+        finding, why = choose_finding(card, probabilities, spread)
         results.append(InferenceResult(
             model_name=card.name,
             model_version=card.version,
             probabilities=probabilities,
-            finding=choose_finding(card, probabilities),
+            finding=finding,
             image_only=image_only,
             image_only_reason=(reason or NO_TIMELINE) if image_only else None,
             calibration=calibration_label(card, image_only),
+            uncertainty="" if spread is None else uncertainty_line(card, len(per_member), spread),
+            spread=spread,
+            indeterminate_reason=why,
             **extra,
         ))
     return results

@@ -21,6 +21,7 @@ CPU worker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +206,25 @@ def explain(
     return Explanation(probability=probability, saliency=saliency, attributions=attributions)
 
 
+def average_explanations(explanations: Sequence[Explanation]) -> Explanation:
+    """An ensemble's explanation: the members' mean probability, their mean saliency scaled back to [0, 1]
+    (peak 1, as one network's map) and their mean attribution per feature. Raises ValueError for no
+    explanation or maps of different shapes."""
+    if not explanations:
+        raise ValueError("no explanation to average; an ensemble has at least one member")
+    maps = np.stack([e.saliency for e in explanations])  # ValueError when the shapes differ
+    mean = maps.mean(axis=0)
+    peak = float(mean.max())
+    saliency = (mean / peak if peak > 0 else mean).astype(np.float32)
+    attributions: tuple[FeatureAttribution, ...] = ()
+    if all(e.attributions for e in explanations):
+        names = [a.name for a in explanations[0].attributions]
+        values = np.mean([[a.attribution for a in e.attributions] for e in explanations], axis=0)
+        attributions = tuple(FeatureAttribution(n, float(v)) for n, v in zip(names, values, strict=True))
+    return Explanation(probability=float(np.mean([e.probability for e in explanations])), saliency=saliency,
+                       attributions=attributions)
+
+
 def save_overlay(
     image: np.ndarray,
     saliency: np.ndarray,
@@ -265,6 +285,7 @@ __all__ = [
     "TARGET_LAYERS",
     "Explanation",
     "FeatureAttribution",
+    "average_explanations",
     "explain",
     "grad_cam",
     "integrated_gradients",

@@ -23,7 +23,7 @@ from dicom_fusion.inference.card.model import (
     verify_weights,
 )
 from dicom_fusion.inference.data.images import PreparedImage
-from dicom_fusion.inference.data.timeline_tensor import TimelineTensor
+from dicom_fusion.inference.data.timeline_tensor import TimelineTensor, rescale_timeline
 from dicom_fusion.inference.errors import InferenceError, WeightsMismatchError
 from dicom_fusion.inference.nets.hybrid import HybridNet, build_model, collate_timelines
 from dicom_fusion.inference.serve.lesion_channel import load_guide, with_lesion_channel
@@ -87,6 +87,12 @@ class InferenceResult:
     positive_class: str = ""
     calibration: str = ""
     """How the probabilities were calibrated (`Calibrator.describe()`), "" = not calibrated (older cards)."""
+    uncertainty: str = ""
+    """An ensemble's agreement in words (`uncertainty_line`), "" for a single network."""
+    spread: float | None = None
+    """An ensemble's spread: standard deviation of its members' calibrated positive-class probabilities."""
+    indeterminate_reason: str = ""
+    """Why the finding is indeterminate, as the SR and the reports say it (`choose_finding`); "" otherwise."""
 
     @property
     def indeterminate(self) -> bool:
@@ -104,6 +110,9 @@ class InferenceResult:
             "drivers": [asdict(d) for d in self.drivers],
             "positive_class": self.positive_class,
             "calibration": self.calibration,
+            "uncertainty": self.uncertainty,
+            "spread": self.spread,
+            "indeterminate_reason": self.indeterminate_reason,
         }
 
     def driver_lines(self) -> tuple[str, ...]:
@@ -125,6 +134,9 @@ class InferenceResult:
             ),
             positive_class=str(data.get("positive_class", "")),
             calibration=str(data.get("calibration", "")),
+            uncertainty=str(data.get("uncertainty", "")),
+            spread=None if data.get("spread") is None else float(data["spread"]),
+            indeterminate_reason=str(data.get("indeterminate_reason", "")),
         )
 
 
@@ -161,18 +173,39 @@ def calibrated_probabilities(
     )
 
 
-def choose_finding(card: ModelCard, probabilities: tuple[ClassProbability, ...]) -> ClassProbability:
-    """"indeterminate" (SNOMED CT 82334004) when the positive class's probability lies in the card's
-    indeterminate band, else the positive class if it reaches the card's threshold, else the likeliest
-    other class. The indeterminate finding carries the positive class's probability."""
+def choose_finding(
+    card: ModelCard, probabilities: tuple[ClassProbability, ...], spread: float | None = None
+) -> tuple[ClassProbability, str]:
+    """The finding and, when it is "indeterminate" (SNOMED CT 82334004), why, in words for the reports.
+
+    Indeterminate when the positive class's probability lies in the card's indeterminate band, or when an
+    ensemble's members disagree: their `spread` exceeds the card's `ensemble.max_spread`. Otherwise the
+    positive class if it reaches the card's threshold, else the likeliest other class. The indeterminate
+    finding carries the positive class's probability.
+    """
     positive = probabilities[card.positive_index]
+    max_spread = card.ensemble.max_spread if card.ensemble is not None else None
+    reason = ""
     if card.is_indeterminate(positive.probability):
+        reason = (f"the calibrated probability of {positive.name} ({positive.probability:.2f}) lies in the model's "
+                  "indeterminate band around its decision threshold")
+    elif spread is not None and max_spread is not None and spread > max_spread:
+        reason = (f"the ensemble's members disagree: the spread of their calibrated probabilities of "
+                  f"{positive.name} is {spread:.2f}, above the model's limit of {max_spread:.2f}")
+    if reason:
         return ClassProbability(name=INDETERMINATE.name, code=INDETERMINATE.code, system=INDETERMINATE.system,
-                                display=INDETERMINATE.display, probability=positive.probability)
+                                display=INDETERMINATE.display, probability=positive.probability), reason
     if positive.probability >= card.threshold:
-        return positive
+        return positive, ""
     others = [p for i, p in enumerate(probabilities) if i != card.positive_index]
-    return max(others, key=lambda p: p.probability)  # max keeps the first of equals: deterministic
+    return max(others, key=lambda p: p.probability), ""  # max keeps the first of equals: deterministic
+
+
+def uncertainty_line(card: ModelCard, members: int, spread: float) -> str:
+    """The ensemble's agreement as the SR and the reports print it."""
+    positive = card.classes[card.positive_index].name
+    return (f"ensemble of {members} networks; spread {spread:.3f} (standard deviation of their calibrated "
+            f"probabilities of {positive})")
 
 
 def calibration_label(card: ModelCard, image_only: bool) -> str:
@@ -182,39 +215,87 @@ def calibration_label(card: ModelCard, image_only: bool) -> str:
     return card.calibration.for_path(image_only).describe()
 
 
-class Predictor:
-    """A loaded model ready to predict single studies; build it with `Predictor.load`."""
+@dataclass(frozen=True)
+class Member:
+    """One network of a predictor: its card (the timeline scaling it was trained with) and its weights."""
 
-    def __init__(self, card: ModelCard, model: HybridNet, device: torch.device) -> None:
+    card: ModelCard
+    model: HybridNet
+
+
+def load_network(card: ModelCard, target: torch.device) -> HybridNet:
+    """The card's weights checked (sha256) and loaded strictly into the network the card describes."""
+    verify_weights(card)
+    try:
+        state = torch.load(card.weights, map_location=target, weights_only=True)
+    except Exception as exc:  # unpickling / zip errors: the file is not a state_dict we can use
+        raise WeightsMismatchError(
+            f"weights file {card.weights} could not be loaded as a state_dict ({exc}); {REGENERATE_HINT}"
+        ) from exc
+    model = build_model(card)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise WeightsMismatchError(
+            f"weights file {card.weights} does not fit the network described by card {card.path} "
+            f"(encoder {card.image.encoder}, {card.image.network_channels} input channel(s), "
+            f"{len(card.timeline.features)} timeline features, {len(card.classes)} classes): "
+            f"{str(exc).splitlines()[0]}; write the card from the same training run as the weights, or "
+            f"{REGENERATE_HINT}"
+        ) from exc
+    return model
+
+
+def check_member(card: ModelCard, member: ModelCard) -> None:
+    """Refuse an ensemble member that does not read and say the same as the ensemble's card."""
+    differences = [
+        what for what, a, b in (
+            ("classes", card.classes, member.classes),
+            ("positive_class", card.positive_class, member.positive_class),
+            ("image", card.image, member.image),
+            ("input", card.input, member.input),
+            ("timeline features", [(f.name, f.kind, f.unit) for f in card.timeline.features],
+             [(f.name, f.kind, f.unit) for f in member.timeline.features]),
+            ("timeline bins", (card.timeline.window_days, card.timeline.bin_days),
+             (member.timeline.window_days, member.timeline.bin_days)),
+        ) if a != b
+    ]
+    if differences:
+        raise InferenceError(
+            f"ensemble member {member.path} differs from card {card.path} in {', '.join(differences)}; members "
+            "must be networks of one model (write them with one training run: train.toml `ensemble = true`)"
+        )
+
+
+class Predictor:
+    """A loaded model ready to predict single studies; build it with `Predictor.load`.
+
+    An ensemble card (`[ensemble]`) loads every member; `predict` averages their raw probabilities before
+    the card's calibration and reports their spread, `explain` averages their explanations.
+    """
+
+    def __init__(self, card: ModelCard, model: HybridNet, device: torch.device,
+                 members: Sequence[Member] = ()) -> None:
         self.card = card
         self.device = device
         self.model = model.to(device).eval()
+        self.members = (Member(card, self.model),
+                        *(Member(m.card, m.model.to(device).eval()) for m in members))
         self.guide = load_guide(card, device)  # the lesion-channel segmenter, if the card has one
 
     @classmethod
     def load(cls, card_path: Path, device: str = "auto") -> Predictor:
-        """Read the card, check the weights' sha256, load them strictly and switch to eval mode."""
+        """Read the card (and its ensemble members'), check each weights' sha256, load them strictly and
+        switch to eval mode."""
         card = load_card(card_path)
-        verify_weights(card)
         target = resolve_device(device)
-        try:
-            state = torch.load(card.weights, map_location=target, weights_only=True)
-        except Exception as exc:  # unpickling / zip errors: the file is not a state_dict we can use
-            raise WeightsMismatchError(
-                f"weights file {card.weights} could not be loaded as a state_dict ({exc}); {REGENERATE_HINT}"
-            ) from exc
-        model = build_model(card)
-        try:
-            model.load_state_dict(state, strict=True)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            raise WeightsMismatchError(
-                f"weights file {card.weights} does not fit the network described by card {card.path} "
-                f"(encoder {card.image.encoder}, {card.image.network_channels} input channel(s), "
-                f"{len(card.timeline.features)} timeline features, {len(card.classes)} classes): "
-                f"{str(exc).splitlines()[0]}; write the card from the same training run as the weights, or "
-                f"{REGENERATE_HINT}"
-            ) from exc
-        return cls(card, model, target)
+        model = load_network(card, target)
+        members = []
+        for path in card.member_paths:
+            member = load_card(path)
+            check_member(card, member)
+            members.append(Member(member, load_network(member, target)))
+        return cls(card, model, target, members)
 
     def network_input(self, images: Sequence[PreparedImage | np.ndarray]) -> np.ndarray:
         """Prepared images -> the network's input batch [N, network_channels, *size] (lesion channel added
@@ -235,6 +316,22 @@ class Predictor:
     def _image_tensor(self, image: PreparedImage | np.ndarray) -> torch.Tensor:
         return torch.as_tensor(self.network_input([image]), device=self.device)
 
+    def member_timeline(self, member: Member, timeline: TimelineTensor | None) -> TimelineTensor | None:
+        """`timeline` (encoded with this predictor's card) as `member` was trained to read it."""
+        if timeline is None or member.card is self.card:
+            return timeline
+        return rescale_timeline(timeline, self.card.timeline, member.card.timeline)
+
+    def raw_probabilities(self, x: torch.Tensor, timeline: TimelineTensor | None) -> list[list[float]]:
+        """Uncalibrated class probabilities of every member for one network input [1, C, *size]."""
+        out = []
+        with torch.inference_mode():
+            for member in self.members:
+                tl = collate_timelines([self.member_timeline(member, timeline)], member.card.timeline).to(self.device)
+                logits = member.model(x, tl.values, tl.mask, tl.deltas, tl.lengths, tl.has_timeline)
+                out.append(torch.softmax(logits.float(), dim=1)[0].cpu().tolist())
+        return out
+
     def predict(
         self,
         image: PreparedImage | np.ndarray,
@@ -247,11 +344,8 @@ class Predictor:
         "no_timeline"; the service passes e.g. the FHIR timeline status). The reason is ignored when a
         timeline is given. Same inputs give the same result (eval mode, no sampling).
         """
-        x = self._image_tensor(image)
-        tl = collate_timelines([timeline], self.card.timeline).to(self.device)
-        with torch.inference_mode():
-            logits = self.model(x, tl.values, tl.mask, tl.deltas, tl.lengths, tl.has_timeline)
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
+        per_member = self.raw_probabilities(self._image_tensor(image), timeline)
+        probs = np.mean(np.asarray(per_member, dtype=np.float64), axis=0).tolist()
         if not all(math.isfinite(p) for p in probs):
             # e.g. an absurd but finite input value that overflowed in the network: never a finding
             # without a probability; retrying the same inputs gives the same numbers
@@ -263,28 +357,39 @@ class Predictor:
             )
         image_only = timeline is None
         probabilities = calibrated_probabilities(self.card, probs, image_only=image_only)
+        spread = None
+        if len(per_member) > 1:
+            k = self.card.positive_index
+            calibrated = self.card.calibrated([p[k] for p in per_member], image_only=image_only)
+            spread = float(np.std(calibrated))
+        finding, reason = choose_finding(self.card, probabilities, spread)
         return InferenceResult(
             model_name=self.card.name,
             model_version=self.card.version,
             probabilities=probabilities,
-            finding=choose_finding(self.card, probabilities),
+            finding=finding,
             image_only=image_only,
             image_only_reason=(image_only_reason or NO_TIMELINE) if image_only else None,
             positive_class=self.card.classes[self.card.positive_index].name,
             calibration=calibration_label(self.card, image_only),
+            uncertainty="" if spread is None else uncertainty_line(self.card, len(per_member), spread),
+            spread=spread,
+            indeterminate_reason=reason,
         )
 
     def explain(self, image: PreparedImage | np.ndarray, timeline: TimelineTensor | None) -> Explanation:
         """Grad-CAM saliency map [*size] of the image branch and, with a timeline, integrated-gradients
-        attributions per timeline feature (`Explanation.top_features()` for the report text).
+        attributions per timeline feature (`Explanation.top_features()` for the report text); for an
+        ensemble the mean of its members' (what the averaged prediction looked at).
 
         A separate call rather than a flag on `predict`, so `InferenceResult` stays a plain JSON value;
-        costs about one extra forward/backward pass (see explain.py).
+        costs about one extra forward/backward pass per member (see explain.py).
         """
-        from dicom_fusion.inference.serve.explain import explain
+        from dicom_fusion.inference.serve.explain import average_explanations, explain
 
         array = self._image_tensor(image)[0].cpu().numpy()
-        return explain(self.model, self.card, array, timeline)
+        explanations = [explain(m.model, m.card, array, self.member_timeline(m, timeline)) for m in self.members]
+        return explanations[0] if len(explanations) == 1 else average_explanations(explanations)
 
 
 __all__ = [
@@ -292,9 +397,13 @@ __all__ = [
     "ClassProbability",
     "Driver",
     "InferenceResult",
+    "Member",
     "Predictor",
     "calibrated_probabilities",
     "calibration_label",
+    "check_member",
     "choose_finding",
+    "load_network",
     "resolve_device",
+    "uncertainty_line",
 ]

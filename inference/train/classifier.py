@@ -15,19 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from dicom_fusion.inference.card.model import ModelCard, sha256_file, write_card
+from dicom_fusion.inference.card.model import ModelCard
 from dicom_fusion.inference.data.cohort import BundleEventReader, Cohort, load_cohort
 from dicom_fusion.inference.nets.hybrid import HybridNet
+from dicom_fusion.inference.train.calibrate import CALIBRATED, CVCalibration, calibrate_cv
+from dicom_fusion.inference.train.checkpoint import save_state
 from dicom_fusion.inference.train.config import TrainConfig, base_card, load_train_config
 from dicom_fusion.inference.train.crossval import (
     NO_EHR,
@@ -44,8 +43,8 @@ from dicom_fusion.inference.train.crossval import (
     new_model,
     progress_bar,
 )
+from dicom_fusion.inference.train.ensemble import write_ensemble
 from dicom_fusion.inference.train.fitloop import EpochStats, fit
-from dicom_fusion.inference.train.calibrate import CALIBRATED, CVCalibration, calibrate_cv
 from dicom_fusion.inference.train.scores import bootstrap_auc_ci, summarise
 
 
@@ -96,19 +95,7 @@ def card_metrics(cv: CVResult, final_epochs: int) -> dict[str, float]:
 def save_model(model: HybridNet, card: ModelCard, metrics: dict[str, float]) -> ModelCard:
     """Write the weights (temp file, fsync, rename), then the card naming their sha256: never a card
     that points at missing or other weights."""
-    out_dir = card.weights.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".weights-", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, card.weights)
-    final = dataclasses.replace(card, sha256=sha256_file(card.weights), metrics=metrics)
-    write_card(final, card.path)
-    return final
+    return save_state(model.state_dict(), card, metrics)
 
 
 @dataclass(eq=False)
@@ -162,6 +149,8 @@ def train_model(
             on_epoch=lambda s: bar.update(task, advance=1, status=f"train {s.train_loss:.3f}"),
         )
     saved = save_model(model, final_card, card_metrics(cv, epochs))
+    if config.ensemble:
+        write_ensemble(cv, calibration, out_dir / "ensemble", saved.metrics)
     seconds = time.monotonic() - started
     summary = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
@@ -206,5 +195,6 @@ __all__ = [
     "make_folds",
     "new_model",
     "save_model",
+    "save_state",
     "train_model",
 ]

@@ -62,6 +62,9 @@ class TrainConfig:
     predictions; None = the fixed 0.5."""
     indeterminate_half_width: float = 0.0
     """Calibrated probabilities within threshold ± this are reported "indeterminate"; 0 = no band."""
+    ensemble: bool = False
+    """Also write the k fold models of the cross-validation as one ensemble card (`<out>/ensemble/card.toml`,
+    train/ensemble.py); the single final model stays the card in `<out>`."""
     modalities: tuple[str, ...] = DEFAULT_INPUT.modalities
     """DICOM Modality values the card accepts (its `[input]`); the cohort's studies must have one."""
     series_rule: str = DEFAULT_INPUT.series_rule

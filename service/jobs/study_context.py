@@ -124,4 +124,6 @@ def report_content(result: InferenceResult, facts: StudyFacts, *, sr_uid: str, p
         interpreter=verified.observer_name if verified else None,
         review=tuple(review_lines(verified, result)) if verified else (),
         calibration=getattr(result, "calibration", ""),
+        uncertainty=getattr(result, "uncertainty", ""),
+        indeterminate_reason=getattr(result, "indeterminate_reason", ""),
     )

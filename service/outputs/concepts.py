@@ -25,6 +25,8 @@ __all__ = [
     "INDETERMINATE_FINDING",
     "INDETERMINATE_NAME",
     "INDETERMINATE_PREFIX",
+    "UNCERTAINTY_COMMENT",
+    "UNCERTAINTY_PREFIX",
     "LESION_AREA",
     "LESION_CENTER",
     "LESION_CENTROID_COMMENT",
@@ -108,6 +110,10 @@ INDETERMINATE_PREFIX = "Indeterminate"
 #: `[calibration]`), placed next to the algorithm name and version; its value starts with the prefix.
 CALIBRATION_COMMENT: Code = codes.DCM.Comment
 CALIBRATION_PREFIX = "Probability calibration"
+#: An ensemble model's agreement: how many networks were averaged and the spread of their calibrated
+#: probabilities (model card `[ensemble]`; absent for a single network).
+UNCERTAINTY_COMMENT: Code = codes.DCM.Comment
+UNCERTAINTY_PREFIX = "Ensemble uncertainty"
 
 #: Concept name of the IMAGE item that references the Grad-CAM Secondary Capture (DCM 130404).
 SALIENCY_IMAGE: Code = Code("130404", "DCM", "Saliency")

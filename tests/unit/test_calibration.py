@@ -180,14 +180,15 @@ def test_card_calibration_errors_name_the_key(tmp_path: Path, table: str, messag
 def test_finding_is_indeterminate_inside_the_band(tmp_path: Path) -> None:
     card = _calibrated_card(tmp_path)
     inside = calibrated_probabilities(card, [0.5, 0.5], image_only=False)  # T = 2 keeps 0.5 at 0.5
-    finding = choose_finding(card, inside)
+    finding, why = choose_finding(card, inside)
     assert finding.name == INDETERMINATE.name and finding.code == "82334004"
+    assert "indeterminate band" in why
     assert finding.probability == pytest.approx(0.5)
     outside = calibrated_probabilities(card, [0.02, 0.98], image_only=False)
-    assert choose_finding(card, outside).name == card.positive_class
+    assert choose_finding(card, outside) == (outside[card.positive_index], "")
     assert sum(p.probability for p in outside) == pytest.approx(1.0)
     below = calibrated_probabilities(card, [0.98, 0.02], image_only=False)
-    assert choose_finding(card, below).name != card.positive_class != INDETERMINATE.name
+    assert choose_finding(card, below)[0].name != card.positive_class != INDETERMINATE.name
 
 
 def test_predictor_applies_the_card_calibration(tmp_path: Path) -> None:

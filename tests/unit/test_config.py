@@ -67,3 +67,15 @@ def test_secrets_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     d = load_settings().public_dict()
     assert d["fhir"]["client_secret"] == "***"
     assert "s3cret" not in str(d)
+
+
+def test_model_ensemble_selects_the_packaged_ensemble(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DICOM_FUSION_CONFIG", raising=False)
+    assert load_settings().model_card_path().parent.name == "default_model"
+    monkeypatch.setenv("DICOM_FUSION_MODEL__ENSEMBLE", "true")
+    path = load_settings().model_card_path()
+    assert path.parent.name == "ensemble" and path.parent.parent.name == "default_model" and path.is_file()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\ncard = "{tmp_path / "card.toml"}"\nensemble = true\n')
+    with pytest.raises(ConfigError, match="set only one"):
+        load_settings(cfg)

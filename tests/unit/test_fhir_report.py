@@ -128,6 +128,22 @@ def test_conclusion_and_summary_name_finding_probability_and_model():
     assert report["extension"] == [{"url": codes.IMAGE_ONLY_EXTENSION_URL, "valueBoolean": False}]
 
 
+def test_an_ensemble_states_its_spread_and_why_it_left_the_decision_open():
+    undecided = ReportFinding(codes.INDETERMINATE_FINDING[0], codes.SNOMED_CT, codes.INDETERMINATE_FINDING[1], 0.88)
+    why = ("the ensemble's members disagree: the spread of their calibrated probabilities of malignant is 0.21, "
+           "above the model's limit of 0.14")
+    report = report_of(build_report_bundle(content(
+        finding=undecided, indeterminate_reason=why,
+        uncertainty="ensemble of 5 networks; spread 0.210 (standard deviation of their calibrated probabilities "
+                    "of malignant)"), issued=ISSUED))
+    text = base64.b64decode(report["presentedForm"][0]["data"]).decode()
+    assert f"Finding: Indeterminate ({why}; no class decided, a clinician decides)" in text
+    assert "Uncertainty: ensemble of 5 networks; spread 0.210" in text
+    assert report["conclusion"].startswith(f"Indeterminate ({why}")
+    plain = base64.b64decode(report_of(build_report_bundle(content(), issued=ISSUED))["presentedForm"][0]["data"])
+    assert b"Uncertainty" not in plain  # a single network says nothing about members
+
+
 def test_image_only_results_are_flagged():
     report = report_of(build_report_bundle(
         content(image_only=True, image_only_reason="no Patient matched the DICOM PatientID"), issued=ISSUED))

@@ -111,7 +111,7 @@ def test_predict_finding_uses_threshold(
     predictor: Predictor, threshold: float, benign: float, finding: str
 ) -> None:
     card = dataclasses.replace(predictor.card, threshold=threshold, calibration=None)  # no indeterminate band
-    assert choose_finding(card, _probs(benign)).name == finding
+    assert choose_finding(card, _probs(benign))[0].name == finding
 
 
 def _copy_default(tmp_path: Path) -> Path:

@@ -136,6 +136,24 @@ def test_bytes_are_deterministic(sources: list[Dataset]) -> None:
     assert str(later.ContentTime) == local.strftime("%H%M%S.%f")
 
 
+def test_an_ensemble_result_states_its_spread_and_why_it_is_indeterminate(sources: list[Dataset]) -> None:
+    result = make_result()
+    undecided = ClassProbability("indeterminate", "82334004", SNOMED, "Indeterminate", 0.8125)
+    why = ("the ensemble's members disagree: the spread of their calibrated probabilities of malignant is 0.21, "
+           "above the model's limit of 0.14")
+    result = replace(result, finding=undecided, positive_class="malignant", spread=0.21,
+                                 uncertainty="ensemble of 5 networks; spread 0.210", indeterminate_reason=why)
+    sr = build(sources, result)
+    check_sr(sr, result)
+    reading = read_sr(sr)
+    assert reading.indeterminate
+    texts = [str(el.value) for el in sr.iterall() if el.keyword == "TextValue"]
+    assert f"{concepts.INDETERMINATE_PREFIX}: {why}; no class is reported, a clinician decides" in texts
+    assert f"{concepts.UNCERTAINTY_PREFIX}: ensemble of 5 networks; spread 0.210" in texts
+    plain = build(sources, make_result())
+    assert not [el for el in plain.iterall() if el.keyword == "TextValue" and concepts.UNCERTAINTY_PREFIX in str(el.value)]
+
+
 def test_image_only_flag(sources: list[Dataset]) -> None:
     result = make_result(image_only=True, reason="no Patient match in FHIR")
     sr = build(sources, result)

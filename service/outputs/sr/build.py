@@ -193,13 +193,19 @@ def build_sr(
     if isinstance(calibration, str) and calibration.strip():
         content.insert(_after_algorithm(content),
                        _text_item(concepts.CALIBRATION_COMMENT, f"{concepts.CALIBRATION_PREFIX}: {calibration}"))
+    uncertainty = getattr(result, "uncertainty", "")
+    if isinstance(uncertainty, str) and uncertainty.strip():
+        content.append(_text_item(concepts.UNCERTAINTY_COMMENT, f"{concepts.UNCERTAINTY_PREFIX}: {uncertainty}"))
     if _is_indeterminate(finding):
         positive = getattr(result, "positive_class", "") or "the positive class"
         p = float(getattr(result.finding, "probability", math.nan))
+        why = getattr(result, "indeterminate_reason", "")
+        if not (isinstance(why, str) and why.strip()):
+            why = (f"the calibrated probability of {positive} ({p:.2f}) lies in the model's indeterminate band "
+                   "around its decision threshold")
         content.append(_text_item(
             concepts.INDETERMINATE_COMMENT,
-            f"{concepts.INDETERMINATE_PREFIX}: the calibrated probability of {positive} ({p:.2f}) lies in the "
-            "model's indeterminate band around its decision threshold; no class is reported, a clinician decides",
+            f"{concepts.INDETERMINATE_PREFIX}: {why}; no class is reported, a clinician decides"[:1024],
         ))
     for line in getattr(result, "driver_lines", lambda: ())():
         content.append(
