@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,3 +194,29 @@ def test_study_in_sr_and_report_out(stack: Stack, cohort: list[SyntheticPatient]
     text = stack.log.read_text()
     for phi in PHI_STRINGS:
         assert phi not in text, f"{phi!r} leaked into serve.log"
+
+
+def test_the_fold_ensemble_runs_the_spine_and_states_its_spread(
+        cohort: list[SyntheticPatient], storescu: str, orthanc: Pacs, fhir_server: FhirServer,
+        tmp_path: Path) -> None:
+    """`model.ensemble = true`: the worker loads the five members, the SR and the report name the ensemble
+    model and carry its spread (issue 20 item 2)."""
+    import base64
+
+    patient = cohort[2]
+    with running_serve(tmp_path, orthanc, fhir_server, {"DICOM_FUSION_MODEL__ENSEMBLE": "true"}) as stack:
+        _storescu(storescu, stack, sorted(Path(patient.study_dir).glob("*.dcm")))
+        job = stack.wait_done(patient.study_instance_uid)
+        assert job.state == JobState.DONE, job.error
+        srs = _sr_instances(stack.pacs, patient.study_instance_uid)
+        assert len(srs) == 1
+        sr = dcmread(BytesIO(_orthanc(stack.pacs, f"/instances/{srs[0]}/file")))  # type: ignore[arg-type]
+        reading = read_sr(sr)
+        assert reading.model_name == "dfusion-hybrid-demo-ensemble"
+        texts = [str(el.value) for el in sr.iterall() if el.keyword == "TextValue"]
+        assert any(t.startswith("Ensemble uncertainty: ensemble of 5 networks; spread ") for t in texts), texts
+        with FhirClient(stack.fhir.base_url) as client:
+            reports = list(client.search("DiagnosticReport", {"subject": f"Patient/{patient.fhir_id}"}))
+        assert len(reports) == 1
+        summary = base64.b64decode(reports[0]["presentedForm"][0]["data"]).decode()
+        assert "Uncertainty: ensemble of 5 networks" in summary and "dfusion-hybrid-demo-ensemble" in summary
