@@ -48,7 +48,9 @@ class BundleEventReader(Protocol):
     """Reads one patient's FHIR Bundle (parsed JSON) into timeline events, the way serving reads the server.
 
     `resource_types` are the card's (`TimelineSpec.resource_types`); `target_units` maps `system|code` to
-    the unit the card expects, values are converted to it or left out. Raises ValueError for a JSON
+    the unit the card expects, values are converted to it or left out; `value_bounds` maps `system|code` to
+    the card's plausible (min, max), values outside are left out (as the timeline stage does). Raises
+    ValueError for a JSON
     document that is not a Bundle. `dicom_fusion.fhir.events.events_from_bundle` is the implementation.
     """
 
@@ -59,6 +61,7 @@ class BundleEventReader(Protocol):
         *,
         resource_types: Sequence[str],
         target_units: Mapping[str, str],
+        value_bounds: Mapping[str, tuple[float | None, float | None]],
     ) -> Sequence[EventLike]: ...
 
 
@@ -147,7 +150,8 @@ def read_bundle_events(
                           "as one Bundle or remove the file")
     try:
         events = read_events(
-            bundle, resource_types=spec.resource_types, target_units=spec.target_units
+            bundle, resource_types=spec.resource_types, target_units=spec.target_units,
+            value_bounds=spec.value_bounds,
         )
     except ValueError as exc:
         raise CohortError(f"{path}: {exc}") from exc

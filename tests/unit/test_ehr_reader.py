@@ -238,8 +238,9 @@ def test_cohort_reader_passes_the_cards_types_and_units(tmp_path: Path) -> None:
     """The loader hands the card's resource types and feature units to the injected reader."""
     seen: dict[str, Any] = {}
 
-    def reader(bundle: Any, /, *, resource_types: Any, target_units: Any) -> list[TimelineEvent]:
-        seen.update(resource_types=tuple(resource_types), target_units=dict(target_units))
+    def reader(bundle: Any, /, *, resource_types: Any, target_units: Any, value_bounds: Any) -> list[TimelineEvent]:
+        seen.update(resource_types=tuple(resource_types), target_units=dict(target_units),
+                    value_bounds=dict(value_bounds))
         return []
 
     path = tmp_path / "bundle.json"
@@ -249,6 +250,31 @@ def test_cohort_reader_passes_the_cards_types_and_units(tmp_path: Path) -> None:
     assert seen["target_units"] == {"http://loinc.org|2345-7": "mg/dL", "http://loinc.org|4548-4": "%",
                                     "http://loinc.org|1988-5": "mg/L", "http://loinc.org|39156-5": "kg/m2",
                                     "http://loinc.org|8480-6": "mm[Hg]"}
+    assert seen["value_bounds"] == DEFAULT_TIMELINE.value_bounds
+
+
+def test_training_drops_implausible_values_as_serving_does(tmp_path: Path) -> None:
+    """A feature's plausible bounds (card `min` / `max`) apply to the training cohort too: a value the timeline
+    stage would drop never reaches the model during training either."""
+    spec = dataclasses.replace(SPEC, features=tuple(
+        dataclasses.replace(f, min=20.0, max=1000.0) if f.name == "glucose" else f for f in SPEC.features))
+
+    def glucose(rid: str, value: float) -> dict[str, Any]:
+        return {"resourceType": "Observation", "id": rid, "status": "final",
+                "code": {"coding": [{"system": codes.LOINC, "code": "2345-7"}]},
+                "effectiveDateTime": "2024-05-01T10:00:00Z",
+                "valueQuantity": {"value": value, "unit": "mg/dL", "system": "http://unitsofmeasure.org",
+                                  "code": "mg/dL"}}
+
+    resources = [glucose("ok", 110.0), glucose("absurd", 50000.0)]
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
+                                "entry": [{"resource": r} for r in resources]}))
+    trained = read_bundle_events(path, spec, read_events=events_from_bundle)
+    served = extract_events(resources, resource_types=spec.resource_types, target_units=spec.target_units,
+                            value_bounds=spec.value_bounds)
+    assert [e.value for e in trained] == [e.value for e in served.events] == [110.0]
+    assert served.out_of_range_values == 1
 
 
 # ---- fhir/events.py, one rule at a time --------------------------------------------------------------------
