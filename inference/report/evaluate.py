@@ -480,6 +480,12 @@ def evaluate_cv(
     rel = {alt: p.name for alt, p in figures.items()}
     blocks = _blocks(cohort, cv, summary, explanation, rel, str(cohort_dir or "(in memory)"), cis,
                      {alt: p.name for alt, p in calibration_figures.items()})
+    if (out_dir / "ensemble.md").is_file():  # `dicom-fusion model compare` wrote its decision beside this report
+        at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Explanations")
+        blocks[at:at] = [Heading(2, "Single network or fold ensemble"), Paragraph(
+            "Measured on a fresh cohort none of the networks saw (`dicom-fusion model compare`, `make ensemble`): "
+            "ROC-AUC and ECE with 95 % intervals, time per study, the decision and the members-disagree limit are "
+            "in [ensemble.md](ensemble.md).")]
     report = out_dir / "report.md"
     report.write_text(to_markdown(blocks), encoding="utf-8")
     (out_dir / "report.html").write_text(to_html(blocks, "dicom-fusion evaluation report"), encoding="utf-8")
