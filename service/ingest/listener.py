@@ -42,6 +42,7 @@ from dicom_fusion.service.config import ListenerSettings
 from dicom_fusion.service.errors import MalformedInstanceError, SpoolError
 from dicom_fusion.service.ingest.committer import GroupCommitter
 from dicom_fusion.service.ingest.connections import ConnectionGate, GatedAssociationServer
+from dicom_fusion.service.ingest.filemeta import received_file
 from dicom_fusion.service.ingest.lowwater import LowWaterMark
 from dicom_fusion.service.ingest.wellformed import check_part10
 from dicom_fusion.service.storage.ledger import Ledger
@@ -115,7 +116,9 @@ class StoreHandler:
             return STATUS_OUT_OF_RESOURCES  # before the disk is full; logged once a minute there
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         try:
-            data = event.encoded_dataset()
+            requested = str(event.request.AffectedSOPInstanceUID or "")
+            # the bytes pynetdicom's encoded_dataset() gives, at a fraction of its CPU (filemeta.py)
+            data = received_file(event, requested) if requested else event.encoded_dataset()
         except Exception as exc:
             log.warning("C-STORE from %s: could not read the dataset stream: %s", calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
@@ -125,7 +128,6 @@ class StoreHandler:
             where = self.spool.quarantine(data, str(exc), calling_ae=calling_ae)
             log.warning("C-STORE from %s rejected (0xC000): %s; quarantined at %s", calling_ae, exc, where)
             return STATUS_CANNOT_UNDERSTAND
-        requested = str(event.request.AffectedSOPInstanceUID or "")
         if requested and requested != header.sop_uid:
             reason = f"SOPInstanceUID {header.sop_uid} differs from the request's {requested}"
             where = self.spool.quarantine(data, reason, calling_ae=calling_ae)

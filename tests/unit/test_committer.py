@@ -5,11 +5,14 @@ decides which stores end up in the same batch.
 """
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import write_instance
@@ -178,13 +181,17 @@ def test_failed_batch_answers_out_of_resources_to_every_association(
     gate.fail_next = OperationalError("INSERT", {}, Exception("disk I/O error"))
 
     class Event:
-        def __init__(self, data: bytes) -> None:
-            self._data = data
-            self.assoc = type("A", (), {"requestor": type("R", (), {"ae_title": "PACS"})()})()
-            self.request = type("Q", (), {"AffectedSOPInstanceUID": parse_header(data).sop_uid})()
+        """What the handler reads of a pynetdicom C-STORE event: the request's UIDs and data set (without
+        the file meta, as it came over the wire) and the context's transfer syntax."""
 
-        def encoded_dataset(self) -> bytes:
-            return self._data
+        def __init__(self, data: bytes) -> None:
+            meta_end = 144 + struct.unpack("<I", data[140:144])[0]  # after the meta group (its length at 140)
+            header = parse_header(data)
+            self.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
+            self.request = SimpleNamespace(AffectedSOPInstanceUID=header.sop_uid,
+                                           AffectedSOPClassUID=header.sop_class_uid,
+                                           DataSet=BytesIO(data[meta_end:]))
+            self.context = SimpleNamespace(transfer_syntax=header.transfer_syntax)
 
     def data(i: int) -> bytes:
         return write_instance(tmp_path / f"{i}.dcm", study_uid=STUDY, series_uid=SERIES,
