@@ -1,14 +1,16 @@
 """Ingest benchmark: our listener vs DCMTK storescp (tuned) on the same files, same run.
 
     .venv/bin/python bench/ingest.py [--instances 600] [--rows 512] [--memory 10000]
-                                     [--receivers pynetdicom,ours,ours-2p] [--assocs 1,4]
+                                     [--receivers pynetdicom,pynetdicom-sync,ours,ours-2p] [--assocs 1,4]
 
 Sender: DCMTK storescu with TCP_NODELAY=1 (one process per association). Reference receiver:
 storescp with TCP_NODELAY=1, +B (bit-preserving write), --fork. Ours: `dicom-fusion serve --no-worker`
 with the full durability contract (fsync file + dir, ledger commit before the ack), in the variants of
 ``OURS`` (defaults, 2 listener processes, no group commit, syncfs, and — not durable, to show what the
 syncs cost — fsync off). ``pynetdicom``: a bare pynetdicom SCP that only writes the received bytes
-(no fsync, no ledger), the floor of any Python listener. Prints inst/s, MB/s, peak RSS and CPU per
+(no fsync, no ledger), the floor of any Python listener; ``pynetdicom-sync``: the same SCP made durable
+the simplest way (temp file, fdatasync, rename, directory fsync before the ack; no hash, no ledger),
+the floor of a durable Python listener. Prints inst/s, MB/s, peak RSS and CPU per
 instance of the receiver (all its processes; CPU/instance is the figure least disturbed by other
 load on a shared machine), the ratio to storescp for each association count, and with ``--memory N``
 the listener's RSS growth over N small instances.
@@ -173,25 +175,45 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def start_bare(out: Path) -> tuple[subprocess.Popen[bytes], int]:
+BARE = ("pynetdicom", "pynetdicom-sync")
+
+
+def start_bare(out: Path, *, durable: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     """The floor of the Python stack: a bare pynetdicom SCP (max PDU 0, TCP_NODELAY) writing
-    `event.encoded_dataset()` to a file — no fsync, no header parse, no ledger."""
+    `event.encoded_dataset()` to a file — no header parse, no ledger; fsync'ed only when `durable`."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--bare-scp", str(port), str(out)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, __file__, "--bare-scp", str(port), str(out),
+                             *(["--bare-durable"] if durable else [])], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_port("127.0.0.1", port, timeout=60)
     return proc, port
 
 
-def bare_scp(port: int, out: Path) -> None:
+def bare_scp(port: int, out: Path, durable: bool = False) -> None:
     import socket
 
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
     from pynetdicom.sop_class import _STORAGE_CLASSES
 
     def store(event: evt.Event) -> int:
-        (out / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(event.encoded_dataset())
+        final = out / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        if not durable:
+            final.write_bytes(event.encoded_dataset())
+            return 0
+        tmp = final.with_suffix(f".{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.write(fd, event.encoded_dataset())
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        dfd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
         return 0
 
     def nodelay(event: evt.Event) -> None:
@@ -210,8 +232,8 @@ def run_one(name: str, files: list[Path], associations: int, tmp: Path) -> tuple
     work = tmp / f"{name}-{associations}"
     if name in OURS:
         proc, port = start_ours(work, OURS[name])
-    elif name == "pynetdicom":
-        proc, port = start_bare(work)
+    elif name in BARE:
+        proc, port = start_bare(work, durable=name == "pynetdicom-sync")
     else:
         proc, port = start_storescp(work)
     sampler = RssSampler(proc.pid)
@@ -271,18 +293,19 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=600)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--memory", type=int, default=0, help="also send N small instances and report RSS growth")
-    ap.add_argument("--receivers", default="pynetdicom,ours,ours-2p",
-                    help=f"comma-separated receivers besides storescp, from pynetdicom,{','.join(OURS)}")
+    ap.add_argument("--receivers", default="pynetdicom,pynetdicom-sync,ours,ours-2p",
+                    help=f"comma-separated receivers besides storescp, from {','.join(BARE)},{','.join(OURS)}")
     ap.add_argument("--assocs", default="1,4", help="association counts to run, e.g. 1,4")
     ap.add_argument("--bare-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--bare-durable", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_scp:
-        bare_scp(int(args.bare_scp[0]), Path(args.bare_scp[1]))
+        bare_scp(int(args.bare_scp[0]), Path(args.bare_scp[1]), durable=args.bare_durable)
         return 0
     receivers = ["storescp", *[r for r in args.receivers.split(",") if r]]
-    unknown = [r for r in receivers[1:] if r not in OURS and r != "pynetdicom"]
+    unknown = [r for r in receivers[1:] if r not in OURS and r not in BARE]
     if unknown:
-        ap.error(f"unknown receiver(s) {unknown}; choose from pynetdicom, {', '.join(OURS)}")
+        ap.error(f"unknown receiver(s) {unknown}; choose from {', '.join(BARE)}, {', '.join(OURS)}")
     assoc_counts = [int(a) for a in args.assocs.split(",")]
     for tool in (STORESCU, STORESCP):
         if not Path(tool).exists():
@@ -309,6 +332,11 @@ def main() -> int:
             for name in receivers[1:]:
                 print(f"ratio {name}/storescp, {assocs} association(s): "
                       f"{rates[(name, assocs)] / rates[('storescp', assocs)]:.2f}")
+            # the issue's target: ours against the bare Python floor, and against its durable form
+            for ref in (r for r in BARE if r in receivers):
+                for name in (r for r in receivers if r in OURS):
+                    print(f"ratio {name}/{ref}, {assocs} association(s): "
+                          f"{rates[(name, assocs)] / rates[(ref, assocs)]:.2f}")
         if args.memory:
             start, end = memory_growth(args.memory, tmp)
             print(f"listener RSS over {args.memory} instances: {start / 1024:.0f} MB → {end / 1024:.0f} MB "
