@@ -4,12 +4,11 @@ spread and the members-disagree rule, the same numbers in batch, and the shippin
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from timeline_events import SPEC, STUDY, condition, glucose
 
 from dicom_fusion.fhir.events import events_from_bundle
 from dicom_fusion.inference.card.model import (
@@ -31,34 +30,6 @@ from dicom_fusion.inference.serve.predict import Predictor, calibrated_probabili
 from dicom_fusion.inference.synth.generate import generate_cohort
 from dicom_fusion.inference.train.classifier import TrainConfig, TrainResult, train_model
 from dicom_fusion.inference.train.crossval import encode_timelines
-
-STUDY = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-SPEC = TimelineSpec(
-    resource_types=("Observation", "Condition"), window_days=90, bin_days=30,
-    features=(
-        TimelineFeature("glucose", "observation", LOINC, "2345-7", "mg/dL", mean=100.0, std=10.0),
-        TimelineFeature("conditions", "condition", "*", "*", None, mean=0.5, std=0.5),
-    ),
-)
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: str
-    system: str
-    code: str
-    time: datetime
-    value: float | None = None
-    unit: str | None = None
-
-
-def glucose(days_before: float, value: float) -> Event:
-    return Event("observation", LOINC, "2345-7", STUDY - timedelta(days=days_before), value, "mg/dL")
-
-
-def condition(days_before: float) -> Event:
-    return Event("condition", "http://snomed.info/sct", "44054006", STUDY - timedelta(days=days_before))
-
 
 TINY = TrainConfig(folds=3, max_epochs=2, patience=1, batch_size=16, seed=3, ensemble=True,
                    indeterminate_half_width=0.05)

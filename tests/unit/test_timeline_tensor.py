@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from timeline_events import SPEC, STUDY, Event, condition, glucose
 
-from dicom_fusion.inference.card.model import DEFAULT_TIMELINE, LOINC, TimelineFeature, TimelineSpec
+from dicom_fusion.inference.card.model import DEFAULT_TIMELINE, LOINC
 from dicom_fusion.inference.data.timeline_tensor import EventLike, TimelineTensor, encode_timeline, read_by
-
-STUDY = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-SPEC = TimelineSpec(
-    resource_types=("Observation", "Condition"),
-    window_days=90,
-    bin_days=30,
-    features=(
-        TimelineFeature("glucose", "observation", LOINC, "2345-7", "mg/dL", mean=100.0, std=10.0),
-        TimelineFeature("conditions", "condition", "*", "*", None, mean=0.5, std=0.5),
-    ),
-)
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: str
-    system: str
-    code: str
-    time: datetime
-    value: float | None = None
-    unit: str | None = None
-
-
-def glucose(days_before: float, value: float, unit: str | None = "mg/dL") -> Event:
-    return Event("observation", LOINC, "2345-7", STUDY - timedelta(days=days_before), value, unit)
-
-
-def condition(days_before: float) -> Event:
-    return Event("condition", "http://snomed.info/sct", "44054006", STUDY - timedelta(days=days_before))
 
 
 def test_timeline_event_dataclass_is_eventlike() -> None:
