@@ -58,8 +58,12 @@ def test_two_listener_processes_share_the_port_and_die_with_serve(tmp_path: Path
                                                                   raw_send: None) -> None:
     port = free_port()
     data = tmp_path / "var"
+    # 12 associations from one address: with the default per-peer limit of 8 *per process*, the kernel's
+    # spread put 9 or more on one process in ~15 % of runs and that one refused the rest (a flake seen in a
+    # clean-clone run); the per-peer limit has its own tests (test_connections.py, the port-scan fault).
     env = base_env(data, port, DICOM_FUSION_LISTENER__PROCESSES="2",
-                   DICOM_FUSION_COMPLETION__QUIET_SECONDS="3600")
+                   DICOM_FUSION_COMPLETION__QUIET_SECONDS="3600",
+                   DICOM_FUSION_LISTENER__MAX_ASSOCIATIONS_PER_PEER="16")
     serve = Proc(["serve", "--no-worker"], env, tmp_path / "serve.log", tmp_path)
     serve.start(wait_port=port)
     try:
