@@ -33,7 +33,8 @@ segmenter: venv
 	$(VENV)/bin/dicom-fusion segment train --cohort var/segcohort --out inference/default_segmenter \
 		--report docs/segmentation-report --arch unet --folds 5 --seed 0
 
-# Retrain the packaged model (README "Model"): synthetic cohort, 5-fold CV report, final checkpoint + card.
+# Retrain the packaged model (README "Model"): synthetic cohort, 5-fold CV report, final checkpoint + card, and
+# (train.toml `ensemble = true`) the fold ensemble in inference/default_model/ensemble/; then `make ensemble`.
 model: venv
 	$(VENV)/bin/dicom-fusion synth --patients 1000 --out var/cohort --seed 0
 	$(VENV)/bin/dicom-fusion train --cohort var/cohort --config inference/default_model/train.toml \
