@@ -9,8 +9,9 @@ this gate first, in its own thread, before any :class:`~pynetdicom.association.A
 ==============================================  =================================================
 the peer ...                                    the gate
 ==============================================  =================================================
-has ``max_associations_per_peer`` connections   answers A-ASSOCIATE-RJ (transient, local limit
-open already (pending or associated)            exceeded) and closes, at once
+has ``max_associations_per_peer`` connections   takes no slot; answers A-ASSOCIATE-RJ (transient,
+open already (pending or associated)            local limit exceeded) once its request is in, closes
+                                                when the peer has read it (`LingeringCloser`, <= 1 s)
 closes before sending a whole request           closes at once (a TCP probe: not logged)
 sends something that is not an A-ASSOCIATE-RQ   closes at once
 (another PDU type, a bad length, undecodable)
@@ -28,6 +29,7 @@ reason only (never the bytes received).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -55,6 +57,9 @@ _AE_TITLES = slice(10, 42)  # called and calling AE title in the PDU
 MAX_RQ_LENGTH = 1 << 20  # a request proposing every storage class in many transfer syntaxes is ~100 KiB
 MAX_PENDING = 256  # connections in the gate at once, all peers together; more are closed at once
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+LINGER_SECONDS = 1.0  # how long a refused connection may keep sending (its request) before it is closed
+REQUEST_WAIT_SECONDS = 0.25  # of which, for its A-ASSOCIATE-RQ before the RJ goes out anyway
+MAX_LINGERING = 64  # refused connections lingering at once; beyond, they are closed at once (a flood)
 _CLOSED_QUIETLY = "closed before sending anything"
 
 
@@ -101,6 +106,7 @@ class ConnectionGate:
         self.seen = 0  # connections the accept loop has handed to the gate so far (admitted or refused)
 
     # ---- counts (the accept loop admits, the connection's thread releases) ----------------------
+    # A connection `admit` refused is closed by `LingeringCloser` (the server's shutdown_request), not here.
 
     def admit(self, sock: socket.socket, peer: str, *, tls: bool) -> bool:
         """Called in the accept loop: take a connection slot of `peer`, or refuse at once."""
@@ -115,12 +121,8 @@ class ConnectionGate:
                 self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
                 self._pending += 1
                 return True
-        if not tls:  # over TLS the peer could not read a plain PDU
-            try:
-                sock.setblocking(False)
-                sock.send(ASSOCIATE_RJ_LOCAL_LIMIT)
-            except OSError:
-                pass
+        # The A-ASSOCIATE-RJ is sent by the server's LingeringCloser once the request is in (not over TLS:
+        # the peer could not read a plain PDU there).
         self.refusals.refused(peer, reason)
         return False
 
@@ -253,6 +255,77 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
+class LingeringCloser:
+    """Refuses a connection the gate did not admit so that the peer reads "rejected, transient, local limit
+    exceeded" (which a PACS retries later) and not an abort.
+
+    Two races turn a refusal into an abort on the peer's side: an A-ASSOCIATE-RJ that arrives before the
+    peer has sent its request is an unexpected PDU there (pynetdicom's requestor aborts), and a close
+    with unread bytes in the socket (the request) makes the kernel answer with RST, which can drop the
+    RJ before the peer reads it. So, in a short-lived thread (never in the accept loop), the closer reads
+    the peer's request (one whole PDU, for at most ``REQUEST_WAIT_SECONDS``), answers the RJ, then reads and
+    drops whatever comes until the peer closes, and only then closes; all of it within ``LINGER_SECONDS``. Under a flood, at most
+    ``MAX_LINGERING`` connections linger at once; the rest get the RJ and are closed at once.
+    """
+
+    def __init__(self, seconds: float = LINGER_SECONDS, limit: int = MAX_LINGERING) -> None:
+        self.seconds = seconds
+        self.limit = limit
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def close(self, sock: socket.socket, *, reply: bytes | None) -> None:
+        """Refuse `sock`, answering `reply` (None over TLS) once the peer's request is in."""
+        with self._lock:
+            linger = self.active < self.limit
+            if linger:
+                self.active += 1
+        if not linger:
+            if reply is not None:
+                try:
+                    sock.setblocking(False)
+                    sock.send(reply)
+                except OSError:
+                    pass
+            _close(sock)
+            return
+        threading.Thread(target=self._linger, args=(sock, reply), name="refused-linger", daemon=True).start()
+
+    def _linger(self, sock: socket.socket, reply: bytes | None) -> None:
+        deadline = time.monotonic() + self.seconds
+        try:
+            if reply is not None:
+                with contextlib.suppress(TimeoutError):  # a peer that sends no whole request in time: answer now
+                    _read_pdu(sock, min(deadline, time.monotonic() + REQUEST_WAIT_SECONDS))
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                sock.sendall(reply)
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv(65536):
+                    break
+        except OSError:  # reset, timeout: nothing more to do for this peer
+            pass
+        finally:
+            sock.close()
+            with self._lock:
+                self.active -= 1
+
+
+def _read_pdu(sock: socket.socket, deadline: float) -> None:
+    """Read and drop one PDU (6-byte header, then its length), or what arrives before `deadline` or EOF."""
+    need, got, header = _PDU_HEADER, 0, b""
+    while got < need:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        chunk = sock.recv(min(65536, need - got))
+        if not chunk:
+            return
+        if len(header) < _PDU_HEADER:
+            header += chunk[:_PDU_HEADER - len(header)]
+            if len(header) == _PDU_HEADER:
+                need = _PDU_HEADER + min(struct.unpack(">I", header[2:6])[0], MAX_RQ_LENGTH)
+        got += len(chunk)
+
+
 class GatedRequestHandler(RequestHandler):
     """pynetdicom's request handler, run behind the :class:`ConnectionGate`: the association is
     created only for a connection that passed it, and this thread stays with it until it ends (so
@@ -290,6 +363,8 @@ class GatedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, gate: ConnectionGate, **kwargs: Any) -> None:
         self.gate = gate
+        self.closer = LingeringCloser()
+        self._refused: set[Any] = set()  # sockets verify_request refused, until shutdown_request takes them
         kwargs.setdefault("request_handler", GatedRequestHandler)
         super().__init__(*args, **kwargs)
 
@@ -298,4 +373,16 @@ class GatedAssociationServer(ThreadedAssociationServer):
         return self.socket.accept()  # not wrapped here: a silent TLS peer must not stall the loop
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        return self.gate.admit(request, str(client_address[0]), tls=self.ssl_context is not None)
+        admitted = self.gate.admit(request, str(client_address[0]), tls=self.ssl_context is not None)
+        if not admitted:
+            self._refused.add(request)
+        return admitted
+
+    def shutdown_request(self, request: Any) -> None:
+        """A refused connection lingers until the peer has read its A-ASSOCIATE-RJ (`LingeringCloser`);
+        every other one closes as socketserver closes it."""
+        if request in self._refused:
+            self._refused.discard(request)
+            self.closer.close(request, reply=None if self.ssl_context is not None else ASSOCIATE_RJ_LOCAL_LIMIT)
+            return
+        super().shutdown_request(request)

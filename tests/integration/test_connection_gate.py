@@ -138,8 +138,12 @@ def test_per_peer_limit(start) -> None:
     port = lst.settings.port
     held = [_associate(port, SCANNER) for _ in range(2)]
     assert all(a.is_established for a in held)  # type: ignore[attr-defined]
-    over = _associate(port, SCANNER)
-    assert over.is_rejected  # type: ignore[attr-defined]
+    # Every one over the limit reads the rejection, never an abort: the RJ goes out once the request is in
+    # and the socket closes after the peer has read it (LingeringCloser; an RJ sent at accept was an
+    # unexpected PDU to pynetdicom's requestor in ~1 of 10 tries, so try ten).
+    for _ in range(10):
+        over = _associate(port, SCANNER)
+        assert over.is_rejected, (over.is_established, over.is_aborted)  # type: ignore[attr-defined]
     # the refusal is pynetdicom's own answer over max_associations: transient, local limit exceeded
     assert struct.unpack(">BBB", ASSOCIATE_RJ_LOCAL_LIMIT[7:]) == (0x02, 0x03, 0x02)
     assert _echo(port, PACS)  # other peers are served
