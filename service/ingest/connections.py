@@ -57,8 +57,8 @@ _AE_TITLES = slice(10, 42)  # called and calling AE title in the PDU
 MAX_RQ_LENGTH = 1 << 20  # a request proposing every storage class in many transfer syntaxes is ~100 KiB
 MAX_PENDING = 256  # connections in the gate at once, all peers together; more are closed at once
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
-LINGER_SECONDS = 1.0  # how long a refused connection may keep sending (its request) before it is closed
-REQUEST_WAIT_SECONDS = 0.25  # of which, for its A-ASSOCIATE-RQ before the RJ goes out anyway
+LINGER_SECONDS = 2.0  # how long a refused connection is waited for (its request, then its close) at most
+REQUEST_WAIT_SECONDS = 0.25  # once the first bytes of the request are in, for the rest of it
 MAX_LINGERING = 64  # refused connections lingering at once; beyond, they are closed at once (a flood)
 _CLOSED_QUIETLY = "closed before sending anything"
 
@@ -263,8 +263,10 @@ class LingeringCloser:
     peer has sent its request is an unexpected PDU there (pynetdicom's requestor aborts), and a close
     with unread bytes in the socket (the request) makes the kernel answer with RST, which can drop the
     RJ before the peer reads it. So, in a short-lived thread (never in the accept loop), the closer reads
-    the peer's request (one whole PDU, for at most ``REQUEST_WAIT_SECONDS``), answers the RJ, then reads and
-    drops whatever comes until the peer closes, and only then closes; all of it within ``LINGER_SECONDS``. Under a flood, at most
+    the peer's request (one whole PDU: its first bytes within ``LINGER_SECONDS``, a loaded peer may take a
+    while to send it; the rest within ``REQUEST_WAIT_SECONDS`` of them), answers the RJ, then reads and
+    drops whatever comes until the peer closes, and only then closes, at most ``LINGER_SECONDS`` (and half
+    a second past the RJ) in all. Under a flood, at most
     ``MAX_LINGERING`` connections linger at once; the rest get the RJ and are closed at once.
     """
 
@@ -295,8 +297,10 @@ class LingeringCloser:
         deadline = time.monotonic() + self.seconds
         try:
             if reply is not None:
-                with contextlib.suppress(TimeoutError):  # a peer that sends no whole request in time: answer now
-                    _read_pdu(sock, min(deadline, time.monotonic() + REQUEST_WAIT_SECONDS))
+                # a peer that sends no whole request in time is answered all the same
+                with contextlib.suppress(TimeoutError):
+                    _read_pdu(sock, deadline, rest=REQUEST_WAIT_SECONDS)
+                deadline = max(deadline, time.monotonic() + 0.5)  # time for the peer to read the RJ and close
                 sock.settimeout(max(deadline - time.monotonic(), 0.01))
                 sock.sendall(reply)
             while (left := deadline - time.monotonic()) > 0:
@@ -311,14 +315,17 @@ class LingeringCloser:
                 self.active -= 1
 
 
-def _read_pdu(sock: socket.socket, deadline: float) -> None:
-    """Read and drop one PDU (6-byte header, then its length), or what arrives before `deadline` or EOF."""
+def _read_pdu(sock: socket.socket, deadline: float, *, rest: float) -> None:
+    """Read and drop one PDU (6-byte header, then its length): the first bytes before `deadline`, the rest
+    within `rest` seconds of them; stops at EOF. Raises TimeoutError when a deadline passes."""
     need, got, header = _PDU_HEADER, 0, b""
     while got < need:
         sock.settimeout(max(deadline - time.monotonic(), 0.01))
         chunk = sock.recv(min(65536, need - got))
         if not chunk:
             return
+        if not got:
+            deadline = min(deadline, time.monotonic() + rest)
         if len(header) < _PDU_HEADER:
             header += chunk[:_PDU_HEADER - len(header)]
             if len(header) == _PDU_HEADER:
@@ -383,6 +390,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
         every other one closes as socketserver closes it."""
         if request in self._refused:
             self._refused.discard(request)
-            self.closer.close(request, reply=None if self.ssl_context is not None else ASSOCIATE_RJ_LOCAL_LIMIT)
+            plain = self.ssl_context is None  # over TLS the peer could not read a plain PDU
+            self.closer.close(request, reply=ASSOCIATE_RJ_LOCAL_LIMIT if plain else None)
             return
         super().shutdown_request(request)
