@@ -31,6 +31,7 @@ from dicom_fusion.inference.serve.predict import (
     calibrated_probabilities,
     calibration_label,
     choose_finding,
+    member_spread,
     uncertainty_line,
 )
 
@@ -120,10 +121,8 @@ def predict_batch(
     for i, (row, timeline, reason) in enumerate(zip(probs, timelines, reasons, strict=True)):
         image_only = timeline is None
         probabilities = calibrated_probabilities(card, row.tolist(), image_only=image_only)
-        spread = None
-        if len(per_member) > 1:
-            members = card.calibrated([m[i, card.positive_index] for m in per_member], image_only=image_only)
-            spread = float(np.std(members))
+        raw = [float(m[i, card.positive_index]) for m in per_member]
+        spread = member_spread(card, raw, image_only=image_only)
         finding, why = choose_finding(card, probabilities, spread)
         results.append(InferenceResult(
             model_name=card.name,

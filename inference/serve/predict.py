@@ -201,6 +201,14 @@ def choose_finding(
     return max(others, key=lambda p: p.probability), ""  # max keeps the first of equals: deterministic
 
 
+def member_spread(card: ModelCard, raw_positive: Sequence[float], *, image_only: bool) -> float | None:
+    """An ensemble's spread: the standard deviation of its members' calibrated positive-class probabilities
+    (`raw_positive`, one per member); None for a single network."""
+    if len(raw_positive) < 2:
+        return None
+    return float(np.std(card.calibrated(list(raw_positive), image_only=image_only)))
+
+
 def uncertainty_line(card: ModelCard, members: int, spread: float) -> str:
     """The ensemble's agreement as the SR and the reports print it."""
     positive = card.classes[card.positive_index].name
@@ -357,11 +365,8 @@ class Predictor:
             )
         image_only = timeline is None
         probabilities = calibrated_probabilities(self.card, probs, image_only=image_only)
-        spread = None
-        if len(per_member) > 1:
-            k = self.card.positive_index
-            calibrated = self.card.calibrated([p[k] for p in per_member], image_only=image_only)
-            spread = float(np.std(calibrated))
+        raw = [p[self.card.positive_index] for p in per_member]
+        spread = member_spread(self.card, raw, image_only=image_only)
         finding, reason = choose_finding(self.card, probabilities, spread)
         return InferenceResult(
             model_name=self.card.name,
@@ -404,6 +409,7 @@ __all__ = [
     "check_member",
     "choose_finding",
     "load_network",
+    "member_spread",
     "resolve_device",
     "uncertainty_line",
 ]
