@@ -104,6 +104,10 @@ def serve(tmp_path: Path, routes: Path) -> Iterator[Serve]:
                                 stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         wait_for_port("127.0.0.1", port, timeout=60)
+        # serve opens its port before it installs its SIGHUP handler and then writes its pid file
+        deadline = time.monotonic() + 30
+        while not (data / PID_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         yield Serve(proc, port, data, log, env, Ledger(f"sqlite:///{data / 'ledger.sqlite'}"))
     finally:
         stop_process(proc)
