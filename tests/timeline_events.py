@@ -1,4 +1,5 @@
-"""Small timeline events and a two-feature spec for the encoder's tests (test_timeline_tensor, test_ensemble)."""
+"""Small timeline events (a stand-in for fhir.events.TimelineEvent that also allows a naive time, which the
+encoder must handle) and a two-feature spec for the encoder's tests (test_timeline_tensor, test_ensemble, test_synth)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, RLELossless
+from timeline_events import Event
 
 from dicom_fusion.inference.card.model import DEFAULT_TIMELINE
 from dicom_fusion.inference.data.timeline_tensor import encode_timeline
@@ -103,15 +103,6 @@ def test_synth_bundle_validates_as_fhir_r4(cohort: tuple[Path, list[SyntheticPat
     for p in patients:
         bundle_model.Bundle.model_validate(_bundle(p))
 
-
-@dataclass(frozen=True)
-class Event:
-    kind: str
-    system: str
-    code: str
-    time: datetime
-    value: float | None
-    unit: str | None = None
 
 
 def _events(bundle: dict) -> list[Event]:
