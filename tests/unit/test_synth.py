@@ -104,7 +104,6 @@ def test_synth_bundle_validates_as_fhir_r4(cohort: tuple[Path, list[SyntheticPat
         bundle_model.Bundle.model_validate(_bundle(p))
 
 
-
 def _events(bundle: dict) -> list[Event]:
     out = []
     for entry in bundle["entry"]:
